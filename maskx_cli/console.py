@@ -1,0 +1,147 @@
+"""Shared rich console, progress bars with rate and ETA, error guard and result tables."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from typing import Any, Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from pipelines.errors import MaskxError
+
+console = Console(width=int(os.environ["MASKX_CONSOLE_WIDTH"]) if "MASKX_CONSOLE_WIDTH" in os.environ else None)
+err_console = Console(stderr=True, width=console.width if "MASKX_CONSOLE_WIDTH" in os.environ else None)
+
+STATE = {"verbose": False}
+
+
+class RateColumn(ProgressColumn):
+    """Items per second (or seconds per item when slower than one a second)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("  -  it/s", style="progress.data.speed")
+        if speed >= 1:
+            return Text(f"{speed:6.1f} it/s", style="progress.data.speed")
+        return Text(f"{1 / speed:6.1f} s/it", style="progress.data.speed")
+
+
+class _RichTask:
+    def __init__(self, progress: Progress, task_id: Any):
+        self._p, self._id = progress, task_id
+
+    def advance(self, n: int = 1, **fields: object) -> None:
+        info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        if info:
+            self._p.update(self._id, advance=n, info=info)
+        else:
+            self._p.update(self._id, advance=n)
+
+    def close(self) -> None:
+        self._p.stop_task(self._id)
+
+
+class RichProgress:
+    """The library's :class:`pipelines.progress.Progress`, drawn as rich bars."""
+
+    def __init__(self, progress: Progress):
+        self._p = progress
+
+    def task(self, description: str, total: int | None) -> _RichTask:
+        return _RichTask(self._p, self._p.add_task(description, total=total, info=""))
+
+    def log(self, message: str) -> None:
+        self._p.console.print(message)
+
+
+@contextlib.contextmanager
+def progress_bars() -> Iterator[RichProgress]:
+    columns = [
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}", style="dim"),
+    ]
+    with Progress(*columns, console=err_console, transient=False) as p:
+        yield RichProgress(p)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn MaskxError (and a few OS errors) into one ``error:`` line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MaskxError as exc:
+            if STATE["verbose"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc.line()}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            if STATE["verbose"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc.filename}: {exc.strerror}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> Table:
+    """A table with one row per entry of ``rows`` (name -> {column: value}); values shown x100."""
+    columns = columns or sorted({k for r in rows.values() for k in r})
+    table = Table(title=title, title_justify="left")
+    table.add_column("", style="bold")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, vals in rows.items():
+        table.add_row(name, *[_fmt(vals.get(c)) for c in columns])
+    return table
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "-" if v < 0 else f"{100 * v:.1f}"
+    return str(v)
+
+
+def print_paths(**paths: Any) -> None:
+    for k, v in paths.items():
+        console.print(f"[dim]{k}:[/] {v}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    """Exit with one error line (for checks the CLI itself makes)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

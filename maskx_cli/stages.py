@@ -1,0 +1,1 @@
+"""Commands of the four stages; filled in below."""

@@ -1,0 +1,1 @@
+"""Data sets in one internal format: COCO-style dicts (images, annotations, categories)."""

@@ -1,0 +1,94 @@
+"""Class splits: set A (classes with masks) and set B (boxes only), as in the paper §3.1.
+
+Specs: ``voc`` (the 20 PASCAL VOC classes by their COCO category ids), ``nonvoc`` (the other
+COCO classes, and every class that is not a COCO class), ``all``, ``random:N:SEED`` (N classes
+drawn reproducibly from SEED), ``ids:1,2,3`` (explicit category ids).
+
+A category's COCO id is its ``coco_id`` field when it has one (Visual Genome classes and the
+synthetic world carry it; ``null`` for classes that are not in COCO), else its ``id``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.errors import MaskxError
+
+# COCO 2017 category ids and names, in order (instances_*.json).
+COCO_CATEGORIES: list[tuple[int, str]] = [
+    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
+    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
+    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"), (18, "dog"),
+    (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"), (24, "zebra"),
+    (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"), (32, "tie"),
+    (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"), (37, "sports ball"),
+    (38, "kite"), (39, "baseball bat"), (40, "baseball glove"), (41, "skateboard"), (42, "surfboard"),
+    (43, "tennis racket"), (44, "bottle"), (46, "wine glass"), (47, "cup"), (48, "fork"),
+    (49, "knife"), (50, "spoon"), (51, "bowl"), (52, "banana"), (53, "apple"), (54, "sandwich"),
+    (55, "orange"), (56, "broccoli"), (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"),
+    (61, "cake"), (62, "chair"), (63, "couch"), (64, "potted plant"), (65, "bed"),
+    (67, "dining table"), (70, "toilet"), (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"),
+    (76, "keyboard"), (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"),
+    (81, "sink"), (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"),
+    (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
+]
+
+# The 20 PASCAL VOC classes among COCO's 80, by COCO category id (Pinheiro et al. 2015; paper §3.1).
+VOC_COCO_IDS: frozenset[int] = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 62, 63, 64, 67, 72})
+
+SPLIT_HELP = "voc | nonvoc | all | random:N:SEED | ids:1,2,3"
+
+
+def coco_id_of(category: dict) -> int | None:
+    """The COCO category id of a category dict (its ``coco_id`` if present, else its ``id``)."""
+    if "coco_id" in category:
+        return category["coco_id"]
+    return category["id"]
+
+
+def resolve_split(spec: str, categories: list[dict]) -> list[int]:
+    """Category ids of the classes that ``spec`` selects, in the order of ``categories``.
+
+    Raises MaskxError for an unknown spec or a spec that selects no class.
+    """
+    spec = (spec or "").strip()
+    ids = [c["id"] for c in categories]
+    if spec == "all":
+        chosen = ids
+    elif spec in ("voc", "nonvoc"):
+        in_voc = [c["id"] for c in categories if coco_id_of(c) in VOC_COCO_IDS]
+        if not in_voc:
+            raise MaskxError(f"split '{spec}': none of the {len(ids)} categories is a PASCAL VOC class by COCO id")
+        chosen = in_voc if spec == "voc" else [i for i in ids if i not in set(in_voc)]
+    elif spec.startswith("random:"):
+        parts = spec.split(":")
+        try:
+            n, seed = int(parts[1]), int(parts[2])
+            assert len(parts) == 3
+        except (ValueError, IndexError, AssertionError):
+            raise MaskxError(f"split '{spec}' is not of the form random:N:SEED") from None
+        if not 0 < n <= len(ids):
+            raise MaskxError(f"split '{spec}': N must be between 1 and the number of classes ({len(ids)})")
+        rng = np.random.default_rng(seed)
+        picked = set(rng.choice(sorted(ids), size=n, replace=False).tolist())
+        chosen = [i for i in ids if i in picked]
+    elif spec.startswith("ids:"):
+        try:
+            wanted = {int(x) for x in spec[4:].split(",") if x.strip()}
+        except ValueError:
+            raise MaskxError(f"split '{spec}': ids must be integers") from None
+        missing = sorted(wanted - set(ids))
+        if missing:
+            raise MaskxError(f"split '{spec}': category id {missing[0]} is not in the category list")
+        chosen = [i for i in ids if i in wanted]
+    else:
+        raise MaskxError(f"unknown class split '{spec}' (expected {SPLIT_HELP})")
+    if not chosen:
+        raise MaskxError(f"split '{spec}' selects no class")
+    return chosen
+
+
+def complement(selected: list[int], categories: list[dict]) -> list[int]:
+    """Category ids not in ``selected``, in category order."""
+    s = set(selected)
+    return [c["id"] for c in categories if c["id"] not in s]

@@ -1,0 +1,21 @@
+"""The one error type that the command line turns into a single clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MaskxError(Exception):
+    """A problem with the user's input or environment, reported as one line.
+
+    ``path`` names the file the problem is in (if any); the CLI prints ``error: <path>: <message>``
+    and exits with status 2, without a traceback unless ``--verbose`` is given.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.message = message
+        self.path = None if path is None else str(path)
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
