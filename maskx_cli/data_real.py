@@ -1,1 +1,126 @@
-"""``maskx data prepare-*``: real data sets (filled in with the Visual Genome / LVIS preparation)."""
+"""``maskx data prepare-vg`` and ``maskx data check``: real data sets (COCO 2017, Visual Genome, LVIS v1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from maskx_cli.console import console, err_console, guarded, print_paths, progress_bars
+from maskx_cli.data import data_app
+
+
+def _warn(message: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+@data_app.command("prepare-vg")
+@guarded
+def prepare_vg_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (vg_{train,val}.json, coco_masks_{train,val}.json, classes.tsv).")],
+    vg: Annotated[Optional[Path], typer.Option("--vg", help="Visual Genome folder: image_data.json, objects.json, VG_100K/, VG_100K_2/.")] = None,
+    coco: Annotated[Optional[Path], typer.Option("--coco", help="COCO 2017 folder holding annotations/instances_{train,val}2017.json.")] = None,
+    image_data: Annotated[Optional[Path], typer.Option(help="VG image_data.json (default: VG/image_data.json).")] = None,
+    objects: Annotated[Optional[Path], typer.Option(help="VG objects.json (default: VG/objects.json).")] = None,
+    coco_train: Annotated[Optional[Path], typer.Option(help="COCO instances_train2017.json (default: COCO/annotations/...).")] = None,
+    coco_val: Annotated[Optional[Path], typer.Option(help="COCO instances_val2017.json (default: COCO/annotations/...).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="VG image root to check every image against (default: VG, if given).")] = None,
+    no_image_check: Annotated[bool, typer.Option("--no-image-check", help="Do not check that the VG images exist.")] = False,
+    allow_missing_images: Annotated[bool, typer.Option(help="Leave out (and count) images that are missing instead of failing.")] = False,
+    num_classes: Annotated[int, typer.Option(help="Keep this many most frequent synsets as classes.")] = 3000,
+    hand_map: Annotated[Optional[Path], typer.Option(help='JSON {"coco name": ["synset.n.01", ...]} overriding entries of the built-in COCO-to-VG hand map.')] = None,
+) -> None:
+    """Build Visual Genome 3k (paper §4): VG boxes of the most frequent synsets + COCO masks on VG class ids."""
+    from pipelines.data.visual_genome import VGPrepareConfig, prepare_vg
+    from pipelines.errors import MaskxError
+
+    def pick(explicit: Optional[Path], base: Optional[Path], rel: str, flag: str) -> str:
+        if explicit is not None:
+            return str(explicit)
+        if base is None:
+            folder = "--coco" if rel.startswith("annotations/") else "--vg"
+            raise MaskxError(f"give {flag} (or {folder}, the folder it defaults from)")
+        return str(base / rel)
+
+    cfg = VGPrepareConfig(
+        image_data=pick(image_data, vg, "image_data.json", "--image-data"),
+        objects=pick(objects, vg, "objects.json", "--objects"),
+        coco_train=pick(coco_train, coco, "annotations/instances_train2017.json", "--coco-train"),
+        coco_val=pick(coco_val, coco, "annotations/instances_val2017.json", "--coco-val"),
+        out=str(out),
+        images="" if no_image_check else str(images or vg or ""),
+        num_classes=num_classes,
+        hand_map=str(hand_map) if hand_map else "",
+        allow_missing_images=allow_missing_images,
+    )
+    with progress_bars() as progress:
+        result = prepare_vg(cfg, progress=progress)
+    for w in result.warnings:
+        _warn(w)
+
+    table = Table(title=f"Visual Genome {result.num_classes} classes", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("count", justify="right")
+    labels = [
+        ("vg_images", "VG images"),
+        ("vg_objects", "VG objects (distinct ids)"),
+        ("duplicate_object_ids_dropped", "repeated object ids dropped"),
+        ("objects_without_synset", "objects without synset"),
+        ("objects_with_several_synsets", "objects with several synsets"),
+        ("distinct_synsets", "distinct synsets"),
+        ("classes", "classes kept"),
+        ("coco_classes_matched", "COCO classes matched"),
+        ("coco_classes_matched_by_hand", "  of which by the hand map"),
+        ("objects_not_in_classes", "objects of other synsets"),
+        ("degenerate_boxes_dropped", "degenerate boxes dropped"),
+        ("boxes_clipped_to_image", "boxes clipped to the image"),
+        ("missing_images_dropped", "missing images left out"),
+        ("train_images", "train images"),
+        ("train_boxes", "train boxes"),
+        ("val_images", "val images (in COCO val2017)"),
+        ("val_boxes", "val boxes"),
+        ("images_without_boxes", "images without boxes"),
+        ("coco_mask_train_annotations", "COCO train masks (VG ids)"),
+        ("coco_mask_val_annotations", "COCO val masks (VG ids)"),
+        ("coco_masks_of_unmatched_classes_dropped", "COCO masks of unmatched classes"),
+        ("coco_degenerate_boxes_skipped", "COCO degenerate boxes skipped"),
+    ]
+    for key, label in labels:
+        table.add_row(label, f"{result.stats.get(key, 0):,}")
+    console.print(table)
+    print_paths(**result.files)
+
+
+@data_app.command("check")
+@guarded
+def check_cmd(
+    annotations: Annotated[Path, typer.Argument(help="COCO or LVIS v1 instances file.")],
+    images: Annotated[Optional[Path], typer.Option(help="Image root: check that every listed image exists.")] = None,
+    masks: Annotated[bool, typer.Option("--masks", help="Require a segmentation on every annotation.")] = False,
+) -> None:
+    """Validate a COCO / LVIS annotation file (and its images) the way training will read it."""
+    from pipelines.data.coco import is_lvis, load_coco, missing_images
+    from pipelines.errors import MaskxError
+
+    data, report = load_coco(annotations, require_masks=masks)
+    for w in report.warnings(annotations):
+        _warn(w)
+    table = Table(title=f"{annotations.name} ({'LVIS' if is_lvis(data) else 'COCO'} format)", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("count", justify="right")
+    table.add_row("images", f"{len(data['images']):,}")
+    table.add_row("images without annotations", f"{report.images_without_annotations:,}")
+    table.add_row("categories", f"{len(data['categories']):,}")
+    table.add_row("annotations kept", f"{len(data['annotations']):,}")
+    table.add_row("crowd regions (eval only)", f"{report.crowd_annotations:,}")
+    table.add_row("degenerate boxes skipped", f"{report.degenerate_boxes:,}")
+    if images is not None:
+        missing = missing_images(data, images)
+        table.add_row("missing image files", f"{len(missing):,}")
+        console.print(table)
+        if missing:
+            raise MaskxError(f"{len(missing)} image file(s) listed in {annotations.name} are missing, first: {missing[0]}", images)
+        return
+    console.print(table)

@@ -1,1 +1,175 @@
-"""Commands of the four stages; filled in below."""
+"""The four stages: ``detect-train``, ``export-embeddings``, ``mask-train``, ``eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from maskx_cli.console import console, err_console, guarded, metrics_table, print_paths, progress_bars
+from maskx_cli.main import app
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set solver.lr=0.01 (repeatable)."),
+]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe: a path or a shipped name (synthetic, coco_voc_r50, ...).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")]
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+
+@app.command("detect-train")
+@guarded
+def detect_train_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    config: ConfigOpt = None,
+    iterations: Annotated[Optional[int], typer.Option(help="Training iterations (overrides the recipe).")] = None,
+    device: DeviceOpt = None,
+    resume: ResumeOpt = False,
+    set_: SetOpt = None,
+) -> None:
+    """Stage 1: train Faster R-CNN (FPN) on the boxes of every class."""
+    from pipelines.config import DetectTrainConfig, load_config, resolve_config_path
+    from pipelines.io import read_yaml, write_yaml
+    from pipelines.stages.detect_train import detect_train
+
+    overrides = list(set_ or [])
+    if iterations is not None:
+        overrides.append(f"solver.iterations={iterations}")
+    if device:
+        overrides.append(f"solver.device={device}")
+    cfg = load_config(DetectTrainConfig, config, overrides, section="detect_train")
+    with progress_bars() as progress:
+        result = detect_train(cfg, out, progress=progress, resume=resume)
+    if config:
+        write_yaml(out / "recipe.yaml", read_yaml(resolve_config_path(config)))
+    console.print(f"[green]detector trained[/] {result.num_classes} classes, {result.train_images} images, "
+                  f"{result.stats.iterations} iterations in {result.stats.seconds:.0f} s, final loss {result.stats.mean_loss_last_window:.3f}")
+    if result.degenerate_boxes:
+        _warn([f"{cfg.data.train_json}: skipped {result.degenerate_boxes} annotation(s) with degenerate boxes"])
+    print_paths(checkpoint=result.checkpoint, config=out / "config.yaml", metrics=out / "metrics.jsonl")
+
+
+@app.command("export-embeddings")
+@guarded
+def export_embeddings_cmd(
+    run: Annotated[Path, typer.Argument(help="Detector run folder (or its model_final.pth).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HDF5 file to write.")],
+    mask_classes: Annotated[Optional[str], typer.Option(help="Set A to record (default: the detector run's data.mask_classes).")] = None,
+) -> None:
+    """Stage 2a: write the frozen per-class detection weights w_cls, w_box to HDF5."""
+    from pipelines.stages.export_embeddings import export_embeddings
+
+    r = export_embeddings(run, out, mask_classes)
+    console.print(f"[green]embeddings[/] {r.num_classes} classes (set A: {r.set_a}), w_cls {r.dim_cls}-d, w_box {r.dim_box}-d")
+    print_paths(embeddings=r.path)
+
+
+@app.command("mask-train")
+@guarded
+def mask_train_cmd(
+    detector: Annotated[Path, typer.Option("--detector", "-d", help="Detector run folder (stage 1).")],
+    embeddings: Annotated[Path, typer.Option("--embeddings", "-e", help="Embeddings file from export-embeddings.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    config: ConfigOpt = None,
+    head: Annotated[Optional[str], typer.Option(help="transfer | agnostic | oracle")] = None,
+    input_: Annotated[Optional[str], typer.Option("--input", help="Input of T: randn | glove | cls | box | cls+box")] = None,
+    mlp: Annotated[Optional[bool], typer.Option("--mlp/--no-mlp", help="Fuse the class-agnostic MLP mask branch.")] = None,
+    mask_classes: Annotated[Optional[str], typer.Option(help="Set A: voc | nonvoc | random:N:SEED | ids:...")] = None,
+    transfer_layers: Annotated[Optional[int], typer.Option(help="Layers of T: 1, 2 or 3.")] = None,
+    transfer_activation: Annotated[Optional[str], typer.Option(help="none | relu | leaky_relu")] = None,
+    glove: Annotated[Optional[Path], typer.Option(help="GloVe text file, for --input glove.")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="Training iterations.")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Train from the cached frozen-detector state.")] = True,
+    device: DeviceOpt = None,
+    resume: ResumeOpt = False,
+    set_: SetOpt = None,
+) -> None:
+    """Stage 2: train the mask side (T + mask head) on set-A masks, detector frozen."""
+    from pipelines.config import MaskTrainConfig, load_config
+    from pipelines.stages.mask_train import mask_train
+
+    recipe = config or _detector_recipe(detector)
+    overrides = list(set_ or [])
+    for key, value in [("head.head", head), ("head.input", input_), ("head.mlp", mlp), ("data.mask_classes", mask_classes),
+                       ("head.transfer_layers", transfer_layers), ("head.transfer_activation", transfer_activation),
+                       ("head.glove", glove), ("solver.iterations", iterations), ("solver.device", device)]:
+        if value is not None:
+            overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if not cache:
+        overrides.append("cache.enabled=false")
+    cfg = load_config(MaskTrainConfig, recipe, overrides, section="mask_train")
+    if not cfg.data.train_json:
+        cfg.data = _detector_data(detector, cfg.data)
+    with progress_bars() as progress:
+        r = mask_train(cfg, detector, embeddings, out, progress=progress, resume=resume)
+    if r.missing_glove:
+        _warn([f"{len(r.missing_glove)} class name(s) have no GloVe vector (zero rows): {', '.join(r.missing_glove[:5])}"])
+    cache_note = "" if r.cache_path is None else (" (cache built)" if r.cache_built else " (cache reused)")
+    console.print(f"[green]mask head trained[/] {r.head}, set A = {len(r.set_a)} classes, {r.train_rois} training RoIs{cache_note}, "
+                  f"{r.stats.iterations} iterations in {r.stats.seconds:.0f} s, final loss {r.stats.mean_loss_last_window:.3f}")
+    print_paths(checkpoint=r.checkpoint, config=out / "config.yaml", cache=r.cache_path)
+
+
+def _detector_recipe(detector: Path) -> str | None:
+    recipe = Path(detector) / "recipe.yaml"
+    return str(recipe) if recipe.is_file() else None
+
+
+def _detector_data(detector: Path, data):
+    """The detector run's data section (train/val files), keeping this run's set A."""
+    from pipelines.config import DataConfig, from_dict
+    from pipelines.io import read_yaml
+
+    cfg_path = Path(detector) / "config.yaml"
+    if not cfg_path.is_file():
+        return data
+    det_data = from_dict(DataConfig, read_yaml(cfg_path).get("data", {}))
+    det_data.mask_classes = data.mask_classes
+    return det_data
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Mask run folder(s) trained on the same detector.")],
+    split: Annotated[str, typer.Option(help="Set B, the classes reported as unseen: nonvoc | voc | random:N:SEED | ...")] = "nonvoc",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics file (default: <first run>/metrics_<split>.json).")] = None,
+    detector: Annotated[Optional[Path], typer.Option(help="Detector run (default: the one the mask run names).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="COCO-format validation annotations (default: the run's data.val_json).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder of --data.")] = None,
+    max_images: Annotated[int, typer.Option(help="Evaluate on the first N images only (0 = all).")] = 0,
+    backend: Annotated[str, typer.Option(help="faster | pycocotools (identical numbers).")] = "faster",
+) -> None:
+    """Mask and box AP on set B, set A and all classes (pycocotools COCOeval)."""
+    from pipelines.config import EvalConfig
+    from pipelines.stages.evaluate import evaluate_heads
+
+    names = _unique_names(runs)
+    json_out = json_out or runs[0] / f"metrics_{split.replace(':', '_')}.json"
+    cfg = EvalConfig(split=split, max_images=max_images, backend=backend)
+    with progress_bars() as progress:
+        r = evaluate_heads(dict(zip(names, runs)), cfg, data, images, detector, progress, json_out)
+    for iou in ("segm", "bbox"):
+        rows = {f"{name} · {s}": r.metrics[name][iou][s] for name in names for s in r.sets}
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split})", rows,
+                                    ["AP", "AP50", "AP75", "APs", "APm", "APl"]))
+    print_paths(metrics=json_out)
+
+
+def _unique_names(runs: list[Path]) -> list[str]:
+    names = [Path(r).name or str(r) for r in runs]
+    if len(set(names)) < len(names):
+        names = [str(r) for r in runs]
+    return names
+
+
+def results_overview(rows: dict[str, dict[str, float]]) -> Table:
+    return metrics_table("results", rows)

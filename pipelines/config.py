@@ -109,6 +109,7 @@ class HeadConfig:
     mask_dim: int = 256  # channels of the FCN mask head
     num_convs: int = 4  # 3x3 convs of the FCN mask head (8 = a heavier head)
     mlp_hidden: int = 1024
+    mlp_input_size: int = 28  # the MLP branch reads the FCN features average-pooled to this size
     roi_size: int = 14  # RoIAlign output; masks are predicted at 2x this
 
 
@@ -145,7 +146,7 @@ class EvalConfig:
     split: str = "nonvoc"  # which classes are reported as set B: voc | nonvoc | all | random:N:SEED
     score_thresh: float = 0.05
     max_images: int = 0
-    backend: str = "pycocotools"  # pycocotools | faster
+    backend: str = "faster"  # faster (faster-coco-eval, same numbers as pycocotools) | pycocotools
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,12 +2,25 @@
 
 The internal data format of maskx is the COCO dict: ``{"images": [...], "annotations": [...],
 "categories": [...]}``. Masks may be polygons, uncompressed or compressed RLE. Crowd regions
-(``iscrowd=1``) are kept for evaluation but never used as training targets.
+(``iscrowd=1``) are kept in the dict (evaluation needs them, COCOeval ignores detections that
+fall on them) but never become training targets.
+
+What loading does with each quirk of real files:
+
+- truncated or corrupt JSON, a missing key, a duplicate id, an annotation whose image or category
+  is not listed, a malformed box or segmentation: one :class:`MaskxError` naming the file and
+  the record;
+- boxes of zero or negative width or height, or lying wholly outside their image: skipped and
+  counted in :class:`LoadReport` (the CLI prints a counted warning);
+- images without annotations: kept (they are negatives) and counted;
+- LVIS v1 files (``coco_url`` instead of ``file_name``, ``frequency`` per category) are
+  recognised and normalised by :func:`pipelines.data.lvis.normalize_lvis`, so every stage reads
+  them like COCO files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +34,37 @@ from pipelines.io import read_json
 
 @dataclass
 class LoadReport:
-    """What validation skipped, so that it can be counted in a warning rather than silently."""
+    """What validation skipped or noticed, so that it can be counted in a warning rather than silently."""
 
-    degenerate_boxes: int = 0
-    images_without_annotations: int = 0
+    degenerate_boxes: int = 0  # annotations dropped: width or height <= 0, or box outside the image
+    images_without_annotations: int = 0  # images kept with no (remaining) annotation
+    crowd_annotations: int = 0  # iscrowd=1 regions: kept for evaluation, never training targets
+    first_degenerate: list = field(default_factory=list)  # up to 5 ids of dropped annotations
+
+    def warnings(self, path: str | Path | None = None) -> list[str]:
+        """One-line, counted warnings for the CLI (empty when there is nothing to say)."""
+        where = f"{path}: " if path else ""
+        out = []
+        if self.degenerate_boxes:
+            ids = ", ".join(str(i) for i in self.first_degenerate)
+            out.append(
+                f"{where}skipped {self.degenerate_boxes} annotation(s) with a zero-area, negative or "
+                f"out-of-image box (annotation id {ids}{', ...' if self.degenerate_boxes > len(self.first_degenerate) else ''})"
+            )
+        return out
+
+
+def is_lvis(data: dict) -> bool:
+    """True for an LVIS-style dict (``neg_category_ids`` per image, or ``frequency`` r/c/f per category)."""
+    images, cats = data.get("images") or [], data.get("categories") or []
+    return bool(
+        (images and isinstance(images[0], dict) and "neg_category_ids" in images[0])
+        or (cats and isinstance(cats[0], dict) and cats[0].get("frequency") in ("r", "c", "f"))
+    )
 
 
 def load_coco(path: str | Path, require_masks: bool = False) -> tuple[dict, LoadReport]:
-    """Read and validate a COCO instances file.
+    """Read and validate a COCO (or LVIS v1) instances file.
 
     Returns the dataset dict (annotations with degenerate boxes removed) and a report of what was
     skipped. Raises MaskxError naming the file and record for structural problems: missing keys,
@@ -38,24 +74,64 @@ def load_coco(path: str | Path, require_masks: bool = False) -> tuple[dict, Load
     data = read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise MaskxError("not a COCO annotation file (top level is not an object)", path)
+    if is_lvis(data):
+        from pipelines.data.lvis import normalize_lvis
+
+        normalize_lvis(data, path)
+    return validate_coco(data, path, require_masks=require_masks)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+
+def _check_segmentation(seg, aid, img: dict, path: Path) -> None:
+    if isinstance(seg, list):
+        for poly in seg:
+            # Checking the first number only keeps loading COCO train (860k annotations) fast.
+            if not (isinstance(poly, list) and len(poly) % 2 == 0 and (not poly or _is_number(poly[0]))):
+                raise MaskxError(f"annotation {aid} has a malformed polygon (expected lists of x, y numbers)", path)
+    elif isinstance(seg, dict):
+        if "counts" not in seg or "size" not in seg:
+            raise MaskxError(f"annotation {aid} has an RLE segmentation without 'counts' and 'size'", path)
+        size = seg["size"]
+        if list(size) != [img["height"], img["width"]]:
+            raise MaskxError(
+                f"annotation {aid} has an RLE mask of size {list(size)} but its image {img['id']} is "
+                f"{img['height']}x{img['width']} (height x width)",
+                path,
+            )
+    else:
+        raise MaskxError(f"annotation {aid} has a segmentation of type {type(seg).__name__} (expected polygons or RLE)", path)
+
+
+def validate_coco(data: dict, path: str | Path, require_masks: bool = False) -> tuple[dict, LoadReport]:
+    """Validate a COCO dict in place (``path`` names it in errors); see :func:`load_coco`."""
+    path = Path(path)
     for key in ("images", "categories"):
-        if key not in data:
+        if not isinstance(data.get(key), list):
             raise MaskxError(f"not a COCO annotation file: no '{key}' list", path)
     data.setdefault("annotations", [])
+    if not isinstance(data["annotations"], list):
+        raise MaskxError("not a COCO annotation file: 'annotations' is not a list", path)
     report = LoadReport()
 
-    image_ids: set = set()
-    for img in data["images"]:
+    images: dict = {}
+    for n, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            raise MaskxError(f"image record #{n} is not an object", path)
         for k in ("id", "file_name", "width", "height"):
             if k not in img:
-                raise MaskxError(f"image record {img.get('id', '?')} has no '{k}'", path)
-        if img["id"] in image_ids:
+                raise MaskxError(f"image record {img.get('id', f'#{n}')} has no '{k}'", path)
+        if img["id"] in images:
             raise MaskxError(f"duplicate image id {img['id']}", path)
-        image_ids.add(img["id"])
+        if not (isinstance(img["width"], int) and isinstance(img["height"], int) and img["width"] > 0 and img["height"] > 0):
+            raise MaskxError(f"image record {img['id']} has a bad size {img['width']!r}x{img['height']!r}", path)
+        images[img["id"]] = img
     cat_ids: set = set()
-    for cat in data["categories"]:
-        if "id" not in cat or "name" not in cat:
-            raise MaskxError(f"category record {cat} has no 'id' or 'name'", path)
+    for n, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            raise MaskxError(f"category record #{n} ({cat!r:.80}) has no 'id' or 'name'", path)
         if cat["id"] in cat_ids:
             raise MaskxError(f"duplicate category id {cat['id']}", path)
         cat_ids.add(cat["id"])
@@ -64,32 +140,42 @@ def load_coco(path: str | Path, require_masks: bool = False) -> tuple[dict, Load
 
     kept = []
     ann_ids: set = set()
-    for ann in data["annotations"]:
-        aid = ann.get("id", "?")
+    for n, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise MaskxError(f"annotation record #{n} is not an object", path)
+        aid = ann.get("id", f"#{n}")
         for k in ("id", "image_id", "category_id", "bbox"):
             if k not in ann:
                 raise MaskxError(f"annotation {aid} has no '{k}'", path)
         if ann["id"] in ann_ids:
             raise MaskxError(f"duplicate annotation id {ann['id']}", path)
         ann_ids.add(ann["id"])
-        if ann["image_id"] not in image_ids:
+        img = images.get(ann["image_id"])
+        if img is None:
             raise MaskxError(f"annotation {aid} points at image {ann['image_id']}, which is not in the image list", path)
         if ann["category_id"] not in cat_ids:
             raise MaskxError(f"annotation {aid} has category {ann['category_id']}, which is not in the category list", path)
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise MaskxError(f"annotation {aid} has a malformed bbox {bbox!r} (expected [x, y, w, h])", path)
-        if require_masks and "segmentation" not in ann:
+        if "segmentation" in ann:
+            _check_segmentation(ann["segmentation"], aid, img, path)
+        elif require_masks:
             raise MaskxError(f"annotation {aid} has no 'segmentation'", path)
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(bbox[2] * bbox[3]))
-        if bbox[2] <= 0 or bbox[3] <= 0:
+        x, y, w, h = bbox
+        if w <= 0 or h <= 0 or x >= img["width"] or y >= img["height"] or x + w <= 0 or y + h <= 0:
             report.degenerate_boxes += 1
+            if len(report.first_degenerate) < 5:
+                report.first_degenerate.append(ann["id"])
             continue
+        if ann["iscrowd"]:
+            report.crowd_annotations += 1
         kept.append(ann)
     data["annotations"] = kept
     with_anns = {a["image_id"] for a in kept}
-    report.images_without_annotations = len(image_ids - with_anns)
+    report.images_without_annotations = len(set(images) - with_anns)
     return data, report
 
 
@@ -113,30 +199,56 @@ def check_same_categories(a: list[dict], b: list[dict], a_name: str, b_name: str
 
 
 def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
-    """Binary mask ``uint8[H, W]`` of one annotation (polygon, RLE or compressed RLE)."""
+    """Binary mask ``uint8[H, W]`` of one annotation (polygon, RLE or compressed RLE).
+
+    Polygons with fewer than 3 points are dropped (pycocotools would read a 4-number polygon as a
+    box); an annotation with no valid polygon gives an empty mask.
+    """
     seg = ann["segmentation"]
     if isinstance(seg, list):
-        if not seg:
+        polys = [p for p in seg if len(p) >= 6]
+        if not polys:
             return np.zeros((height, width), np.uint8)
-        rles = mask_utils.frPyObjects(seg, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+    elif isinstance(seg.get("counts"), list):
         rle = mask_utils.frPyObjects(seg, height, width)
     else:
         rle = seg
+        if isinstance(rle["counts"], str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
     return mask_utils.decode(rle).astype(np.uint8)
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """An RGB image as ``float32[3, H, W]`` in [0, 1] (grayscale, palette and CMYK converted)."""
+    """An RGB image as ``float32[3, H, W]`` in [0, 1] (grayscale, palette and CMYK converted).
+
+    EXIF orientation is not applied: COCO's annotations refer to the stored pixel grid.
+    """
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise MaskxError("image file not found", path) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise MaskxError(f"image cannot be read ({exc.__class__.__name__})", path) from None
+    except IsADirectoryError:
+        raise MaskxError("is a folder, not an image file", path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MaskxError(f"image cannot be read ({exc.__class__.__name__}: {exc})", path) from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def missing_images(data: dict, image_root: str | Path, limit: int = 0) -> list[str]:
+    """File names (relative to ``image_root``) of the images in ``data`` that do not exist.
+
+    ``limit`` > 0 stops after that many; a quick check before a long run.
+    """
+    root = Path(image_root)
+    out = []
+    for img in data["images"]:
+        if not (root / img["file_name"]).is_file():
+            out.append(img["file_name"])
+            if limit and len(out) >= limit:
+                break
+    return out
 
 
 class CocoDataset(torch.utils.data.Dataset):
@@ -183,12 +295,16 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         info = self.images[index]
-        image = read_image(self.image_path(index))
+        path = self.image_path(index)
+        try:
+            image = read_image(path)
+        except MaskxError as exc:
+            raise MaskxError(f"{exc.message} (image id {info['id']}, file_name '{info['file_name']}')", path) from None
         h, w = image.shape[1:]
         if (h, w) != (info["height"], info["width"]):
             raise MaskxError(
                 f"image is {w}x{h} but its record (id {info['id']}) says {info['width']}x{info['height']}",
-                self.image_path(index),
+                path,
             )
         anns = self.anns_by_image.get(info["id"], [])
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -212,4 +328,5 @@ class CocoDataset(torch.utils.data.Dataset):
 
 
 def collate(batch):
+    """Batch of ``(image, target)`` pairs -> ``(tuple of images, tuple of targets)`` (sizes differ)."""
     return tuple(zip(*batch))

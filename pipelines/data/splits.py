@@ -36,7 +36,7 @@ COCO_CATEGORIES: list[tuple[int, str]] = [
 # The 20 PASCAL VOC classes among COCO's 80, by COCO category id (Pinheiro et al. 2015; paper §3.1).
 VOC_COCO_IDS: frozenset[int] = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 62, 63, 64, 67, 72})
 
-SPLIT_HELP = "voc | nonvoc | all | random:N:SEED | ids:1,2,3"
+SPLIT_HELP = "voc | nonvoc | all | random:N:SEED | ids:1,2,3 | coco | noncoco | frequency:f|fc|cr (LVIS)"
 
 
 def coco_id_of(category: dict) -> int | None:
@@ -72,6 +72,10 @@ def resolve_split(spec: str, categories: list[dict]) -> list[int]:
         rng = np.random.default_rng(seed)
         picked = set(rng.choice(sorted(ids), size=n, replace=False).tolist())
         chosen = [i for i in ids if i in picked]
+    elif spec.startswith("frequency:") or spec in ("coco", "noncoco"):
+        from pipelines.data.lvis import resolve_lvis_split
+
+        return resolve_lvis_split(spec, categories)
     elif spec.startswith("ids:"):
         try:
             wanted = {int(x) for x in spec[4:].split(",") if x.strip()}

@@ -1,0 +1,451 @@
+"""The built-in synthetic world: a COCO-format data set that maskx generates instead of downloading.
+
+Every class has a *look* made of two factors, a colour (10 well-separated hues) and a texture
+(8 patterns: solid, horizontal / vertical / diagonal stripes, checker, dots, rings, grid). The 80
+COCO-named classes are the 80 (colour, texture) pairs, assigned so that the 20 PASCAL VOC classes
+(set A of the voc->nonvoc split) cover every colour twice and every texture two or three times,
+and the 60 others cover every factor too. Object *shapes* are random blobs, unrelated to the
+class, and objects overlap heavily: inside a box, the target's pixels and a distractor's differ
+only by their look. So a class-agnostic mask head cannot tell them apart on classes it never saw
+masks of, a class-specific one can, and a weight transfer function can learn from set A how a
+look (as the detector encodes it in ``w_det``) maps to mask weights, factor by factor, and apply
+that to set B. See ``docs/synthetic_world.md`` for the design, the reasons and probe results.
+
+Output of :func:`generate` in ``out_dir``::
+
+    world.json                 manifest: format, version, config, counts
+    instances_train.json       COCO instances (compressed RLE masks, bbox tight on the visible mask)
+    instances_val.json
+    train/000000000001.png     RGB uint8 [S, S, 3] images
+    val/000000000001.png
+
+The world is a function of :class:`SynthConfig` alone: the same config gives byte-identical JSON.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipelines.data.splits import COCO_CATEGORIES, VOC_COCO_IDS
+from pipelines.errors import MaskxError
+from pipelines.progress import NULL_PROGRESS, Progress
+
+FORMAT = "maskx-synthetic-world"
+# Bump whenever the generated content changes for a given config (a cached world is then rebuilt
+# only if its folder is removed: a mismatching world.json makes generate() refuse the folder).
+VERSION = 2
+
+# The colour factor: 10 hues picked by hand to stay apart under jitter and dark texture marks.
+PALETTE: list[tuple[str, tuple[int, int, int]]] = [
+    ("red", (220, 40, 40)),
+    ("orange", (245, 145, 20)),
+    ("yellow", (235, 225, 45)),
+    ("green", (50, 185, 60)),
+    ("cyan", (40, 210, 215)),
+    ("blue", (45, 85, 235)),
+    ("purple", (145, 60, 215)),
+    ("pink", (240, 110, 200)),
+    ("white", (240, 240, 240)),
+    ("brown", (150, 95, 45)),
+]
+# The texture factor: where the pattern is on, the colour is darkened (see _texture).
+TEXTURES: list[str] = ["solid", "hstripes", "vstripes", "diagonal", "checker", "dots", "rings", "grid"]
+DARKEN = 0.6  # pattern pixels get colour * (1 - DARKEN)
+BASE_PERIOD = 6.0  # texture period in pixels at image_size 128
+NUM_FACTOR_CLASSES = len(PALETTE) * len(TEXTURES)  # 80
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SynthConfig:
+    num_classes: int = 80
+    train_images: int = 2000
+    val_images: int = 300
+    image_size: int = 128
+    min_objects: int = 2
+    max_objects: int = 5
+    seed: int = 0
+
+
+@dataclass
+class SynthResult:
+    out_dir: Path
+    train_json: Path
+    val_json: Path
+    train_dir: Path
+    val_dir: Path
+    num_classes: int
+    train_images: int
+    val_images: int
+    train_instances: int
+    val_instances: int
+
+
+def _check_config(cfg: SynthConfig) -> None:
+    if cfg.num_classes < 2:
+        raise MaskxError(f"synthetic world: num_classes must be at least 2, got {cfg.num_classes}")
+    if cfg.image_size < 32:
+        raise MaskxError(f"synthetic world: image_size must be at least 32 pixels, got {cfg.image_size}")
+    if cfg.min_objects < 1:
+        raise MaskxError(f"synthetic world: min_objects must be at least 1, got {cfg.min_objects}")
+    if cfg.min_objects > cfg.max_objects:
+        raise MaskxError(f"synthetic world: min_objects ({cfg.min_objects}) is larger than max_objects ({cfg.max_objects})")
+    if cfg.train_images < 1 or cfg.val_images < 1:
+        raise MaskxError(
+            f"synthetic world: needs at least 1 training and 1 validation image, got {cfg.train_images} and {cfg.val_images}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Classes and their looks
+def _factor_pairs() -> list[tuple[int, int]]:
+    """(colour index, texture index) of each of the 80 COCO-named classes, in COCO order.
+
+    VOC class number j (0..19 in COCO order) gets (j mod 10, j mod 8): 20 distinct pairs (by the
+    Chinese remainder theorem, j mod 40 is determined) covering every colour twice and every
+    texture 2-3 times. The other 60 pairs go to the non-VOC classes in a fixed shuffled order.
+    """
+    voc_pairs = [(j % len(PALETTE), j % len(TEXTURES)) for j in range(len(VOC_COCO_IDS))]
+    rest = [(h, t) for h in range(len(PALETTE)) for t in range(len(TEXTURES)) if (h, t) not in set(voc_pairs)]
+    order = np.random.default_rng(2018).permutation(len(rest))
+    rest = [rest[i] for i in order]
+    pairs, vi, ri = [], 0, 0
+    for cid, _ in COCO_CATEGORIES:
+        if cid in VOC_COCO_IDS:
+            pairs.append(voc_pairs[vi])
+            vi += 1
+        else:
+            pairs.append(rest[ri])
+            ri += 1
+    return pairs
+
+
+def _extra_look(index: int) -> dict:
+    """Look of a class beyond the 80 factor classes: a colour drawn from the whole colour space."""
+    rng = np.random.default_rng([7919, index])
+    h, s, v = rng.uniform(0, 1), rng.uniform(0.45, 1.0), rng.uniform(0.55, 1.0)
+    rgb = [int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v)]
+    return {
+        "color": rgb,
+        "color_name": None,
+        "texture": TEXTURES[int(rng.integers(len(TEXTURES)))],
+        "period": float([4.5, 6.0, 8.0][int(rng.integers(3))]),
+    }
+
+
+def synth_categories(num_classes: int) -> list[dict]:
+    """The category list of a world with ``num_classes`` classes.
+
+    The first ``min(80, num_classes)`` are COCO's categories (ids and names in COCO order, with
+    ``coco_id`` = id); further ones have ids 91, 92, ... named ``synth_0081``, ... and
+    ``coco_id`` None. Each carries ``look``: ``color`` [r, g, b], ``color_name``, ``texture``,
+    ``period`` (pixels at image size 128).
+    """
+    pairs = _factor_pairs()
+    cats = []
+    for i in range(num_classes):
+        if i < len(COCO_CATEGORIES):
+            cid, name = COCO_CATEGORIES[i]
+            h, t = pairs[i]
+            look = {"color": list(PALETTE[h][1]), "color_name": PALETTE[h][0], "texture": TEXTURES[t], "period": BASE_PERIOD}
+            cats.append({"id": cid, "name": name, "supercategory": "synthetic", "coco_id": cid, "look": look})
+        else:
+            cats.append(
+                {"id": 91 + i - 80, "name": f"synth_{i + 1:04d}", "supercategory": "synthetic", "coco_id": None, "look": _extra_look(i)}
+            )
+    return cats
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+def _texture(name: str, u: np.ndarray, v: np.ndarray, period: float, angle: float, phase: float) -> np.ndarray:
+    """Pattern mask ``float32[h, w]`` in {0, 1} at object-centred coordinates ``u, v`` (pixels)."""
+    if name == "solid":
+        return np.zeros_like(u)
+    c, s = np.cos(angle), np.sin(angle)
+    ru, rv = c * u - s * v, s * u + c * v  # small per-instance rotation
+    if name == "hstripes":
+        return (np.mod(rv / period + phase, 1.0) < 0.5).astype(np.float32)
+    if name == "vstripes":
+        return (np.mod(ru / period + phase, 1.0) < 0.5).astype(np.float32)
+    if name == "diagonal":
+        return (np.mod((ru + rv) / (period * 1.41421356) + phase, 1.0) < 0.5).astype(np.float32)
+    if name == "checker":
+        p = period * 0.75
+        return (np.mod(np.floor(ru / p + phase) + np.floor(rv / p + phase), 2) == 1).astype(np.float32)
+    if name == "dots":
+        du = np.mod(ru / period + phase, 1.0) - 0.5
+        dv = np.mod(rv / period + phase, 1.0) - 0.5
+        return (du * du + dv * dv < 0.09).astype(np.float32)
+    if name == "rings":
+        return (np.mod(np.sqrt(u * u + v * v) / period + phase, 1.0) < 0.5).astype(np.float32)
+    if name == "grid":
+        return ((np.mod(ru / period + phase, 1.0) < 0.3) | (np.mod(rv / period + phase, 1.0) < 0.3)).astype(np.float32)
+    raise ValueError(name)
+
+
+def _blob(rng: np.random.Generator, radius: float) -> np.ndarray:
+    """A random blob ``bool[n, n]`` (n = 2*ceil(1.5*radius)+1) centred in its square.
+
+    Radius as a function of angle: ``radius * (1 + sum_k a_k cos(k theta + phi_k))`` for k = 2..4,
+    on coordinates stretched by a random aspect ratio and rotated.
+    """
+    half = int(np.ceil(radius * 1.5))
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
+    rot = rng.uniform(0, np.pi)
+    aspect = rng.uniform(0.6, 1.0)
+    c, s = np.cos(rot), np.sin(rot)
+    xr, yr = c * xx + s * yy, (-s * xx + c * yy) / aspect
+    theta = np.arctan2(yr, xr)
+    r = np.sqrt(xr * xr + yr * yr)
+    bound = np.ones_like(theta)
+    for k in (2, 3, 4):
+        bound += rng.uniform(0.0, 0.45 / k) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    return r <= radius * bound
+
+
+def _background(rng: np.random.Generator, size: int, palette: np.ndarray, clutter: bool = True) -> np.ndarray:
+    """Background ``float32[S, S, 3]``: dim low-saturation gradient plus thin clutter lines."""
+    base = rng.uniform(45, 105) + rng.normal(0, 8, size=3)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    grad = rng.normal(0, 18, size=(2, 3))
+    img = base[None, None, :] + xx[..., None] * grad[0] + yy[..., None] * grad[1]
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    for _ in range(int(rng.integers(2, 7)) if clutter else 0):  # clutter: thin lines of object colours, never annotated
+        p0 = tuple(int(x) for x in rng.integers(0, size, 2))
+        p1 = tuple(int(x) for x in rng.integers(0, size, 2))
+        color = tuple(float(x) for x in palette[rng.integers(len(palette))] * rng.uniform(0.5, 0.9))
+        cv2.line(img, p0, p1, color, thickness=1, lineType=cv2.LINE_8)
+    return img
+
+
+def render_image(
+    rng: np.random.Generator,
+    cfg: SynthConfig,
+    looks: list[dict],
+    min_area: int,
+    overlap: float = 0.75,
+    clutter: bool = True,
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """One image: ``uint8[S, S, 3]`` and its instances ``(class index, visible mask bool[S, S])``.
+
+    Objects are painted back to front; each new object lands, with probability ``overlap``, on top
+    of an existing one (centre within about one radius of it), else anywhere. A placement is
+    accepted only if every object keeps at least 35% of its pixels and ``min_area`` visible.
+    ``overlap`` and ``clutter`` exist for the design probes (benchmarks/world_probe.py).
+    """
+    size = cfg.image_size
+    scale = size / 128.0
+    palette = np.array([c for _, c in PALETTE], np.float32)
+    img = _background(rng, size, palette, clutter)
+    n_obj = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    full: list[np.ndarray] = []  # full (unoccluded) masks, in paint order
+    areas: list[int] = []  # their full areas
+    classes: list[int] = []
+    centres: list[tuple[float, float, float]] = []
+    for _ in range(n_obj):
+        cls = int(rng.integers(len(looks)))
+        radius = rng.uniform(9.0, 24.0) * scale
+        blob = _blob(rng, radius)
+        half = blob.shape[0] // 2
+        placed = None
+        for attempt in range(25):
+            if centres and attempt < 20 and rng.uniform() < overlap:
+                cy, cx, cr = centres[int(rng.integers(len(centres)))]
+                ang = rng.uniform(0, 2 * np.pi)
+                dist = rng.uniform(0.3, 1.0) * (cr + radius) * 0.8
+                y, x = cy + dist * np.sin(ang), cx + dist * np.cos(ang)
+            else:
+                y, x = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
+            yi, xi = int(round(y)), int(round(x))
+            m = np.zeros((size, size), bool)
+            y0, y1, x0, x1 = yi - half, yi + half + 1, xi - half, xi + half + 1
+            sy0, sx0 = max(0, -y0), max(0, -x0)
+            sy1, sx1 = blob.shape[0] - max(0, y1 - size), blob.shape[1] - max(0, x1 - size)
+            if sy1 <= sy0 or sx1 <= sx0:
+                continue
+            m[max(0, y0) : min(size, y1), max(0, x0) : min(size, x1)] = blob[sy0:sy1, sx0:sx1]
+            area = int(m.sum())
+            if area < max(min_area, 0.6 * blob.sum()):  # mostly inside the image
+                continue
+            ok = True
+            for f, a0 in zip(full, areas):  # objects already placed lose what m covers
+                vis = int((f & ~m).sum())
+                if vis < min_area or vis < 0.35 * a0:
+                    ok = False
+                    break
+            if ok:
+                placed = (m, yi, xi)
+                break
+        if placed is None:
+            continue
+        m, yi, xi = placed
+        full = [f & ~m for f in full]  # from now on `full` holds visible masks
+        full.append(m)
+        areas.append(area)
+        classes.append(cls)
+        centres.append((float(yi), float(xi), float(radius)))
+        # paint
+        look = looks[cls]
+        ys, xs = np.nonzero(m)
+        period = max(3.0, look["period"] * scale * rng.uniform(0.85, 1.15))
+        pattern = _texture(
+            look["texture"], (xs - xi).astype(np.float32), (ys - yi).astype(np.float32), period, rng.uniform(-0.15, 0.15), rng.uniform(0, 1)
+        )
+        color = np.asarray(look["color"], np.float32) * rng.uniform(0.85, 1.08) + rng.normal(0, 8, 3)
+        img[ys, xs] = color[None, :] * (1.0 - DARKEN * pattern[:, None])
+    img += rng.normal(0, 5.0, img.shape).astype(np.float32)
+    out = np.clip(img, 0, 255).astype(np.uint8)
+    return out, [(c, v) for c, v in zip(classes, full) if v.sum() >= min_area]
+
+
+def _encode(mask: np.ndarray) -> tuple[dict, list[int], int]:
+    """Compressed RLE (``counts`` as str), tight bbox [x, y, w, h] and area of ``bool[H, W]``."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    ys, xs = np.nonzero(mask)
+    bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": rle["counts"]}, bbox, int(mask.sum())
+
+
+def min_visible_area(image_size: int) -> int:
+    """Instances with fewer visible pixels than this are not annotated (and not kept)."""
+    return max(12, int(round(40 * (image_size / 128.0) ** 2)))
+
+
+def _make_split(cfg: SynthConfig, split: str, n_images: int, cats: list[dict], root: Path, task) -> dict:
+    split_id = {"train": 0, "val": 1}[split]
+    (root / split).mkdir()
+    looks = [c["look"] for c in cats]
+    min_area = min_visible_area(cfg.image_size)
+    images, anns = [], []
+    for i in range(1, n_images + 1):
+        rng = np.random.default_rng([cfg.seed, split_id, i])
+        img, inst = render_image(rng, cfg, looks, min_area)
+        name = f"{i:012d}.png"
+        Image.fromarray(img).save(root / split / name, compress_level=1)
+        images.append({"id": i, "file_name": name, "width": cfg.image_size, "height": cfg.image_size})
+        for cls, vis in inst:
+            seg, bbox, area = _encode(vis)
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": cats[cls]["id"],
+                    "bbox": bbox,
+                    "area": area,
+                    "iscrowd": 0,
+                    "segmentation": seg,
+                }
+            )
+        task.advance()
+    return {
+        "info": {"description": f"maskx synthetic world ({split})", "version": VERSION, "seed": cfg.seed},
+        "images": images,
+        "annotations": anns,
+        "categories": cats,
+    }
+
+
+def _result(out: Path, manifest: dict) -> SynthResult:
+    counts = manifest["counts"]
+    return SynthResult(
+        out_dir=out,
+        train_json=out / "instances_train.json",
+        val_json=out / "instances_val.json",
+        train_dir=out / "train",
+        val_dir=out / "val",
+        num_classes=manifest["config"]["num_classes"],
+        train_images=counts["train_images"],
+        val_images=counts["val_images"],
+        train_instances=counts["train_instances"],
+        val_instances=counts["val_instances"],
+    )
+
+
+def _existing(out: Path, cfg: SynthConfig) -> SynthResult | None:
+    """The world already in ``out`` if it is complete and made with ``cfg``; None if ``out`` is empty
+    or absent. Raises MaskxError for any other content."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise MaskxError("exists and is not a folder; choose another output folder for the synthetic world", out)
+    if not any(out.iterdir()):
+        return None
+    manifest_path = out / "world.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if (
+        isinstance(manifest, dict)
+        and manifest.get("format") == FORMAT
+        and manifest.get("version") == VERSION
+        and manifest.get("config") == dataclasses.asdict(cfg)
+        and all((out / p).exists() for p in ("instances_train.json", "instances_val.json", "train", "val"))
+    ):
+        return _result(out, manifest)
+    what = "a synthetic world made with another config or version" if isinstance(manifest, dict) and manifest.get("format") == FORMAT else "other files"
+    raise MaskxError(f"folder is not empty (holds {what}); remove it or choose another output folder", out)
+
+
+def generate(cfg: SynthConfig, out_dir: str | Path, progress: Progress = NULL_PROGRESS) -> SynthResult:
+    """Generate the synthetic world into ``out_dir`` (see the module docstring for the layout).
+
+    Built in a temporary folder beside ``out_dir`` and renamed into place when complete. If
+    ``out_dir`` already holds a complete world of the same config and version, it is returned as is;
+    if it holds anything else, MaskxError is raised.
+    """
+    _check_config(cfg)
+    out = Path(out_dir)
+    found = _existing(out, cfg)
+    if found is not None:
+        return found
+    cats = synth_categories(cfg.num_classes)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise MaskxError(f"cannot write here: {exc.strerror or exc}", out.parent) from exc
+    task = progress.task("synthetic world", total=cfg.train_images + cfg.val_images)
+    try:
+        train = _make_split(cfg, "train", cfg.train_images, cats, tmp, task)
+        val = _make_split(cfg, "val", cfg.val_images, cats, tmp, task)
+        for name, data in (("instances_train.json", train), ("instances_val.json", val)):
+            (tmp / name).write_text(json.dumps(data, separators=(",", ":")))
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": dataclasses.asdict(cfg),
+            "counts": {
+                "train_images": cfg.train_images,
+                "val_images": cfg.val_images,
+                "train_instances": len(train["annotations"]),
+                "val_instances": len(val["annotations"]),
+            },
+        }
+        (tmp / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename needs the name free
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MaskxError(f"could not write the synthetic world: {exc.strerror or exc}", out) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        task.close()
+    return _result(out, manifest)

@@ -1,0 +1,1 @@
+"""Training loop, checkpoints, run folders, devices and the stage-2 feature cache."""

@@ -1,0 +1,1 @@
+"""Model parts: the torchvision detector, the weight transfer function T, mask heads, assembly."""

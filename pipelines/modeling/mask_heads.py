@@ -1,0 +1,162 @@
+"""Mask side of Mask^X R-CNN: FCN mask head, class-agnostic MLP branch, mask predictors.
+
+Shapes: RoI features ``[R, C, S, S]`` (S = 14) -> FCN features ``[R, D, M, M]`` (M = 2S = 28) ->
+mask logits ``[R, M, M]``: one map per RoI, for that RoI's own class only. Nothing here ever
+materialises ``[R, K, M, M]``: with K = 3000 classes that would be 3000x the work and memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+
+from pipelines.errors import MaskxError
+from pipelines.modeling.transfer import WeightTransfer
+
+HEADS = ("transfer", "agnostic", "oracle")
+
+
+class MaskFCNHead(nn.Module):
+    """``num_convs`` x (3x3 conv + ReLU) (torchvision's MaskRCNNHeads), then 2x2 deconv + ReLU.
+
+    ``[R, in_channels, S, S]`` -> ``[R, dim, 2S, 2S]``.
+    """
+
+    def __init__(self, in_channels: int, dim: int = 256, num_convs: int = 4):
+        super().__init__()
+        if num_convs < 1:
+            raise MaskxError(f"num_convs must be at least 1, got {num_convs}")
+        self.convs = MaskRCNNHeads(in_channels, [dim] * num_convs, dilation=1)
+        self.upsample = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        nn.init.kaiming_normal_(self.upsample.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.upsample.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.upsample(self.convs(x)))
+
+
+class MLPMaskBranch(nn.Module):
+    """Class-agnostic MLP mask branch (§2.4): ``[R, D, M, M]`` -> ``[R, M, M]`` logits.
+
+    Two FC layers (hidden ``hidden``, ReLU) over the FCN features, average-pooled to
+    ``input_size`` first (the original code uses the full M x M map). Last layer: N(0, 0.001) init.
+    """
+
+    def __init__(self, dim: int, resolution: int = 28, hidden: int = 1024, input_size: int = 28):
+        super().__init__()
+        self.resolution = resolution
+        self.input_size = input_size
+        self.fc1 = nn.Linear(dim * input_size * input_size, hidden)
+        self.fc2 = nn.Linear(hidden, resolution * resolution)
+        nn.init.kaiming_normal_(self.fc1.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.normal_(self.fc2.weight, std=0.001)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_size:
+            x = F.adaptive_avg_pool2d(x, self.input_size)
+        h = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(h).view(-1, self.resolution, self.resolution)
+
+
+class MaskPredictor(nn.Module):
+    """Per-RoI mask logits from FCN features, for the RoI's own class.
+
+    ``head``:
+      * ``transfer``: ``w_seg[c] = T(w_det[c])`` (no bias, as in the original code);
+      * ``agnostic``: one shared 1x1 conv (+ bias) for every class;
+      * ``oracle``: class-specific 1x1 conv weights and biases learned directly (needs masks of
+        every class).
+    With ``mlp`` the class-agnostic MLP branch's map is added to every class's logits (§2.4).
+
+    ``w_det`` [K, E] is the class embedding table (detector weights, GloVe or random vectors); it is
+    a buffer here unless a live table is passed to ``forward`` (end-to-end training).
+    Labels are contiguous class indices 1..K (0 = background is never passed).
+    """
+
+    def __init__(
+        self,
+        head: str,
+        num_classes: int,
+        dim: int,
+        resolution: int = 28,
+        w_det: torch.Tensor | None = None,
+        mlp: bool = True,
+        mlp_hidden: int = 1024,
+        mlp_input_size: int = 28,
+        transfer: WeightTransfer | None = None,
+    ):
+        super().__init__()
+        if head not in HEADS:
+            raise MaskxError(f"unknown mask head '{head}' (expected {' | '.join(HEADS)})")
+        self.head = head
+        self.num_classes = num_classes
+        self.dim = dim
+        self.transfer = transfer
+        self._w_seg_cache: torch.Tensor | None = None
+        if head == "transfer":
+            if transfer is None:
+                raise MaskxError("the transfer head needs a weight transfer function")
+            if w_det is None:
+                w_det = torch.zeros(num_classes, transfer.mlp[0].in_features)
+            if w_det.shape[0] != num_classes:
+                raise MaskxError(f"class embedding table has {w_det.shape[0]} rows for {num_classes} classes")
+            self.register_buffer("w_det", w_det.detach().clone().float())
+        elif head == "agnostic":
+            self.weight = nn.Parameter(torch.randn(1, dim) * 0.001)
+            self.bias = nn.Parameter(torch.zeros(1))
+        else:
+            self.weight = nn.Parameter(torch.empty(num_classes, dim))
+            nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+            self.bias = nn.Parameter(torch.zeros(num_classes))
+        self.mlp = MLPMaskBranch(dim, resolution, mlp_hidden, mlp_input_size) if mlp else None
+
+    def train(self, mode: bool = True):
+        self._w_seg_cache = None
+        return super().train(mode)
+
+    def class_mask_weights(self, classes: torch.Tensor, w_det: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mask weights ``[len(classes), D]`` and biases (or None) for 0-based class indices.
+
+        For ``transfer``, T runs on the rows of ``classes`` only while training; in eval mode the
+        whole ``w_seg`` table is computed once and reused until the module is trained again.
+        """
+        if self.head == "transfer":
+            table = self.w_det if w_det is None else w_det
+            if not self.training and w_det is None:
+                if self._w_seg_cache is None:
+                    with torch.no_grad():
+                        self._w_seg_cache = self.transfer(table)
+                return self._w_seg_cache[classes], None
+            return self.transfer(table[classes]), None
+        if self.head == "agnostic":
+            return self.weight.expand(len(classes), -1), self.bias.expand(len(classes))
+        return self.weight[classes], self.bias[classes]
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor, w_det: torch.Tensor | None = None) -> torch.Tensor:
+        """``features`` [R, D, M, M], ``labels`` [R] in 1..K -> logits [R, M, M]."""
+        if features.shape[0] == 0:
+            return features.new_zeros((0,) + features.shape[-2:])
+        classes, inverse = torch.unique(labels - 1, return_inverse=True)
+        weight, bias = self.class_mask_weights(classes, w_det)
+        logits = torch.einsum("rdhw,rd->rhw", features, weight[inverse].to(features.dtype))
+        if bias is not None:
+            logits = logits + bias[inverse].to(features.dtype)[:, None, None]
+        if self.mlp is not None:
+            logits = logits + self.mlp(features)
+        return logits
+
+
+class MaskSide(nn.Module):
+    """Everything stage 2 trains: FCN mask head + predictor. ``[R, C, S, S]`` -> ``[R, 2S, 2S]``."""
+
+    def __init__(self, fcn: MaskFCNHead, predictor: MaskPredictor):
+        super().__init__()
+        self.fcn = fcn
+        self.predictor = predictor
+
+    def forward(self, roi_features: torch.Tensor, labels: torch.Tensor, w_det: torch.Tensor | None = None) -> torch.Tensor:
+        return self.predictor(self.fcn(roi_features), labels, w_det)

@@ -1,0 +1,145 @@
+"""Evaluation: mask and box AP on set B, set A and all classes (pycocotools' COCOeval).
+
+Several mask heads trained on the same frozen detector are evaluated in one pass: the detector
+runs once per image and every head predicts masks for the same detections.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipelines.config import EvalConfig, to_dict
+from pipelines.data.coco import CocoDataset, check_same_categories, collate
+from pipelines.data.splits import complement, resolve_split
+from pipelines.engine.device import resolve_device
+from pipelines.engine.run_dir import file_record, read_manifest
+from pipelines.errors import MaskxError
+from pipelines.evaluation import evaluate_sets, to_coco_results
+from pipelines.io import write_json
+from pipelines.modeling.detector import FPN_LEVELS
+from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
+from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.stages.common import DetectorRun, load_detector_run, load_split
+from pipelines.stages.mask_train import load_mask_run
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, dict]  # head name -> {"segm": {"B": {...}, "A": {...}, "all": {...}}, "bbox": {...}}
+    sets: dict[str, list[int]]
+    images: int
+    seconds: float
+    detections: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def detector_of_mask_run(mask_run: str | Path) -> Path:
+    """The detector checkpoint a mask run was trained against (from its manifest)."""
+    manifest = read_manifest(mask_run)
+    try:
+        return Path(manifest["inputs"]["detector"]["path"])
+    except KeyError:
+        raise MaskxError("manifest does not name the detector; pass --detector", Path(mask_run) / "manifest.json") from None
+
+
+@torch.no_grad()
+def predict_dataset(det: DetectorRun, heads: dict[str, torch.nn.Module], dataset: CocoDataset, roi_size: int,
+                    device: torch.device, progress: Progress = NULL_PROGRESS, batch_images: int = 4,
+                    mask_threshold: float = 0.5) -> dict[str, list[dict]]:
+    """COCO results (boxes, scores, RLE masks) of every head on every image of ``dataset``.
+
+    Boxes come from the detector alone, so they are the same for every head.
+    """
+    model = det.model.to(device).eval()
+    roi_pool = build_mask_roi_pool(roi_size)
+    for h in heads.values():
+        h.to(device).eval()
+    cat_ids = torch.tensor([c["id"] for c in det.categories])
+    results: dict[str, list[dict]] = {name: [] for name in heads}
+    task = progress.task("predict", len(dataset))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_images, collate_fn=collate, num_workers=0)
+    for images, targets in loader:
+        original_sizes = [tuple(im.shape[-2:]) for im in images]
+        image_list, _ = model.transform([im.to(device) for im in images])
+        features = model.backbone(image_list.tensors)
+        proposals, _ = model.rpn(image_list, features)
+        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+        boxes = [d["boxes"] for d in detections]
+        labels = torch.cat([d["labels"] for d in detections])
+        counts = [len(b) for b in boxes]
+        roi_features = roi_pool(features, boxes, image_list.image_sizes) if sum(counts) else None
+        for name, head in heads.items():
+            if roi_features is not None:
+                probs = head(roi_features, labels).sigmoid()
+            else:
+                m = 2 * roi_size
+                probs = features[FPN_LEVELS[0]].new_zeros((0, m, m))
+            dets = [{**d, "masks": p[:, None]} for d, p in zip(detections, probs.split(counts))]
+            dets = model.transform.postprocess(dets, image_list.image_sizes, original_sizes)
+            for d, t in zip(dets, targets):
+                masks = (d["masks"][:, 0] >= mask_threshold).to(torch.uint8).cpu().numpy()
+                results[name].extend(to_coco_results(int(t["image_id"]), d["boxes"].cpu().numpy(), d["scores"].cpu().numpy(),
+                                                     cat_ids[d["labels"].cpu() - 1].numpy(), masks))
+        task.advance(len(images))
+    task.close()
+    return results
+
+
+def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: str | Path | None = None,
+                   val_images: str | Path | None = None, detector: str | Path | None = None,
+                   progress: Progress = NULL_PROGRESS, json_out: str | Path | None = None) -> EvalResult:
+    """Evaluate mask runs (name -> run folder) that share one detector on a validation split.
+
+    ``cfg.split`` names set B (``nonvoc`` for voc -> non-voc); set A is the rest. The data defaults
+    to the first run's ``data.val_json`` / ``data.val_images``.
+    """
+    if not mask_runs:
+        raise MaskxError("no mask run to evaluate")
+    first = next(iter(mask_runs.values()))
+    det = load_detector_run(detector or detector_of_mask_run(first))
+    heads, ckpts = {}, {}
+    for name, run in mask_runs.items():
+        heads[name], ckpts[name] = load_mask_run(run, det)
+    data_cfg = ckpts[next(iter(ckpts))]["config"]["data"]
+    val_json = val_json or data_cfg.get("val_json")
+    val_images = val_images or data_cfg.get("val_images")
+    gt, _ = load_split(str(val_json) if val_json else "", "val", require_masks=True)
+    check_same_categories(det.categories, gt["categories"], "the detector's classes", val_json)
+    set_b = resolve_split(cfg.split, gt["categories"])
+    set_a = complement(set_b, gt["categories"])
+    sets = {"B": set_b, "A": set_a, "all": [c["id"] for c in gt["categories"]]}
+    if not set_a:
+        sets.pop("A")
+    dataset = CocoDataset(gt, val_images, with_masks=False, max_images=cfg.max_images)
+    if len(dataset) == 0:
+        raise MaskxError("the validation split has no images", val_json)
+    det.model.roi_heads.score_thresh = cfg.score_thresh
+    device = resolve_device("auto")
+    roi_size = ckpts[next(iter(ckpts))]["head"]["roi_size"]
+    t0 = time.perf_counter()
+    results = predict_dataset(det, heads, dataset, roi_size, device, progress)
+    image_ids = [im["id"] for im in dataset.images]
+    metrics = {}
+    task = progress.task("COCOeval", len(heads))
+    for name, res in results.items():
+        metrics[name] = evaluate_sets(gt, res, sets, backend=cfg.backend, image_ids=image_ids)
+        task.advance(1)
+    task.close()
+    seconds = time.perf_counter() - t0
+    if json_out:
+        record = {
+            "split": cfg.split,
+            "sets": {k: v for k, v in sets.items() if k != "all"},
+            "heads": {name: {"run": str(mask_runs[name]), "head": ckpts[name]["head"]["head"], "mlp": ckpts[name]["head"]["mlp"],
+                             "input": ckpts[name]["head"]["input"], "trained_set_a": ckpts[name]["set_a"], **metrics[name]}
+                      for name in heads},
+            "images": len(dataset),
+            "seconds": round(seconds, 1),
+            "config": to_dict(cfg),
+            "inputs": {"detector": file_record(det.checkpoint), "val_json": file_record(val_json)},
+        }
+        write_json(json_out, record)
+    return EvalResult(metrics, sets, len(dataset), seconds, results)

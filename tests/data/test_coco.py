@@ -1,0 +1,233 @@
+"""COCO 2017 reading: masks in every encoding, crowd regions, odd JPEGs, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipelines.data.coco import CocoDataset, annotation_mask, load_coco, missing_images, read_image
+from pipelines.data.splits import COCO_CATEGORIES, VOC_COCO_IDS, complement, resolve_split
+from pipelines.errors import MaskxError
+
+H, W = 20, 30
+
+
+def _square_mask(x0, y0, x1, y1):
+    m = np.zeros((H, W), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def _uncompressed_rle(m: np.ndarray) -> dict:
+    """COCO's crowd encoding: counts as a list of run lengths, column-major, starting with zeros."""
+    flat = m.flatten(order="F")
+    counts, cur, run = [], 0, 0
+    for v in flat:
+        if v != cur:
+            counts.append(run)
+            cur, run = v, 0
+        run += 1
+    counts.append(run)
+    return {"size": [H, W], "counts": [int(c) for c in counts]}
+
+
+def _compressed_rle(m: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(m))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def write_coco(tmp_path: Path, mutate=None, name="instances.json") -> Path:
+    """A tiny COCO file: 4 images (RGB, grayscale, CMYK, one without annotations), every mask encoding."""
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    Image.new("RGB", (W, H), (200, 10, 10)).save(img_dir / "rgb.jpg")
+    Image.new("L", (W, H), 128).save(img_dir / "gray.jpg")
+    Image.new("CMYK", (W, H), (0, 255, 255, 0)).save(img_dir / "cmyk.jpg")
+    Image.new("RGB", (W, H), (0, 0, 0)).save(img_dir / "empty.jpg")
+    data = {
+        "images": [
+            {"id": 1, "file_name": "rgb.jpg", "width": W, "height": H},
+            {"id": 2, "file_name": "gray.jpg", "width": W, "height": H},
+            {"id": 3, "file_name": "cmyk.jpg", "width": W, "height": H},
+            {"id": 4, "file_name": "empty.jpg", "width": W, "height": H},
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 90, "name": "toothbrush"}],
+        "annotations": [
+            # polygon: the square x 2..10, y 3..9
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 3, 8, 6], "area": 48, "iscrowd": 0,
+             "segmentation": [[2, 3, 10, 3, 10, 9, 2, 9]]},
+            # compressed RLE
+            {"id": 11, "image_id": 1, "category_id": 18, "bbox": [12, 2, 6, 5], "area": 30, "iscrowd": 0,
+             "segmentation": _compressed_rle(_square_mask(12, 2, 18, 7))},
+            # crowd region, uncompressed RLE
+            {"id": 12, "image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 1,
+             "segmentation": _uncompressed_rle(_square_mask(0, 0, 10, 10))},
+            {"id": 13, "image_id": 2, "category_id": 90, "bbox": [15, 5, 5, 5], "area": 25, "iscrowd": 0,
+             "segmentation": [[15, 5, 20, 5, 20, 10, 15, 10]]},
+            {"id": 14, "image_id": 3, "category_id": 18, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0,
+             "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]]},
+        ],
+    }
+    if mutate:
+        mutate(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+# -- masks ---------------------------------------------------------------------------------------
+def test_every_mask_encoding_decodes_to_the_same_pixels():
+    m = _square_mask(3, 4, 9, 11)
+    poly = {"segmentation": [[3, 4, 9, 4, 9, 11, 3, 11]]}
+    for ann in (poly, {"segmentation": _uncompressed_rle(m)}, {"segmentation": _compressed_rle(m)}):
+        got = annotation_mask(ann, H, W)
+        assert got.dtype == np.uint8 and got.shape == (H, W)
+        if ann is poly:  # polygon rasterisation is within a pixel of the square
+            assert abs(int(got.sum()) - int(m.sum())) <= 14 and got[6, 5] == 1 and got[15, 20] == 0
+        else:
+            np.testing.assert_array_equal(got, m)
+
+
+def test_too_short_polygons_give_an_empty_mask_not_a_box():
+    assert annotation_mask({"segmentation": [[1, 1, 5, 5]]}, H, W).sum() == 0
+    assert annotation_mask({"segmentation": []}, H, W).sum() == 0
+
+
+# -- loading, crowd, empty images, odd JPEGs ------------------------------------------------------
+def test_load_keeps_crowd_for_eval_but_never_as_a_target(tmp_path):
+    data, report = load_coco(write_coco(tmp_path), require_masks=True)
+    assert {a["id"] for a in data["annotations"]} == {10, 11, 12, 13, 14}
+    assert report.crowd_annotations == 1 and report.degenerate_boxes == 0
+    assert report.images_without_annotations == 1
+    ds = CocoDataset(data, tmp_path / "images", with_masks=True, mask_category_ids=[1, 18])
+    assert len(ds) == 4
+    _, t = ds[1]  # image 2: a crowd person + a toothbrush
+    assert t["labels"].tolist() == [3]  # toothbrush is the third category: contiguous labels in category order
+    assert t["has_mask"].tolist() == [False]  # toothbrush is not in set A: box only
+    assert t["masks"].shape == (1, H, W)
+    _, t = ds[0]
+    assert t["labels"].tolist() == [1, 2] and t["has_mask"].tolist() == [True, True]
+    assert t["boxes"].tolist()[1] == [12.0, 2.0, 18.0, 7.0]
+    assert int(t["masks"][1].sum()) == 30
+    _, t = ds[3]  # the image without annotations is kept as a negative
+    assert t["boxes"].shape == (0, 4) and t["masks"].shape == (0, H, W)
+    assert len(CocoDataset(data, tmp_path / "images", drop_empty=True)) == 3
+
+
+def test_grayscale_and_cmyk_jpegs_read_as_rgb(tmp_path):
+    write_coco(tmp_path)
+    for name in ("rgb.jpg", "gray.jpg", "cmyk.jpg"):
+        im = read_image(tmp_path / "images" / name)
+        assert im.shape == (3, H, W) and im.dtype.is_floating_point
+        assert 0.0 <= float(im.min()) and float(im.max()) <= 1.0
+    gray = read_image(tmp_path / "images" / "gray.jpg")
+    assert float((gray[0] - gray[1]).abs().max()) == 0.0  # grey stays grey in all three channels
+    cmyk = read_image(tmp_path / "images" / "cmyk.jpg")
+    assert cmyk[0].mean() > 0.8 and cmyk[1].mean() < 0.2  # C=0, M=Y=255 is red
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_truncated_json_is_one_error_naming_the_file(tmp_path):
+    path = write_coco(tmp_path)
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(MaskxError) as err:
+        load_coco(path)
+    assert err.value.path == str(path) and "truncated" in err.value.message
+    assert "\n" not in err.value.line()
+
+
+def test_missing_image_file_is_named_when_read(tmp_path):
+    data, _ = load_coco(write_coco(tmp_path))
+    (tmp_path / "images" / "cmyk.jpg").unlink()
+    assert missing_images(data, tmp_path / "images") == ["cmyk.jpg"]
+    ds = CocoDataset(data, tmp_path / "images")
+    with pytest.raises(MaskxError) as err:
+        ds[2]
+    assert err.value.path.endswith("cmyk.jpg") and "not found" in err.value.message and "image id 3" in err.value.message
+
+
+def test_unknown_category_id_is_one_error_naming_the_record(tmp_path):
+    path = write_coco(tmp_path, lambda d: d["annotations"][3].update(category_id=12))
+    with pytest.raises(MaskxError) as err:
+        load_coco(path)
+    assert err.value.path == str(path)
+    assert "annotation 13" in err.value.message and "category 12" in err.value.message
+
+
+def test_annotation_of_unknown_image_and_bad_rle_size_are_errors(tmp_path):
+    with pytest.raises(MaskxError, match="annotation 10 points at image 99"):
+        load_coco(write_coco(tmp_path, lambda d: d["annotations"][0].update(image_id=99)))
+    with pytest.raises(MaskxError, match="annotation 11 has an RLE mask of size"):
+        load_coco(write_coco(tmp_path, lambda d: d["annotations"][1]["segmentation"].update(size=[5, 5])))
+
+
+def test_degenerate_boxes_are_skipped_and_counted(tmp_path):
+    def mutate(d):
+        d["annotations"][0]["bbox"] = [2, 3, 0, 6]  # zero width
+        d["annotations"][1]["bbox"] = [12, 2, 6, -5]  # negative height
+        d["annotations"][4]["bbox"] = [W + 5, 1, 4, 4]  # wholly outside the image
+
+    data, report = load_coco(write_coco(tmp_path, mutate))
+    assert report.degenerate_boxes == 3 and report.first_degenerate == [10, 11, 14]
+    assert {a["id"] for a in data["annotations"]} == {12, 13}
+    (warning,) = report.warnings("instances.json")
+    assert "skipped 3 annotation(s)" in warning and "10, 11, 14" in warning
+    assert report.images_without_annotations == 3
+
+
+# -- class splits by COCO id ------------------------------------------------------------------------
+def _coco_cats(shuffle_seed=None):
+    cats = [{"id": i, "name": n} for i, n in COCO_CATEGORIES]
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(cats)
+    return cats
+
+
+def test_voc_nonvoc_use_coco_ids_not_positions():
+    cats = _coco_cats(shuffle_seed=3)
+    voc = resolve_split("voc", cats)
+    assert set(voc) == set(VOC_COCO_IDS) and len(voc) == 20
+    names = {c["id"]: c["name"] for c in cats}
+    assert {names[i] for i in voc} >= {"person", "dining table", "tv", "potted plant", "couch"}
+    nonvoc = resolve_split("nonvoc", cats)
+    assert len(nonvoc) == 60 and not set(voc) & set(nonvoc)
+    assert complement(voc, cats) == nonvoc
+
+
+def test_random_split_is_reproducible_and_depends_on_the_seed():
+    cats = _coco_cats()
+    a = resolve_split("random:40:1", cats)
+    assert a == resolve_split("random:40:1", cats) and len(a) == 40
+    assert set(a) == set(resolve_split("random:40:1", _coco_cats(shuffle_seed=5)))  # the file's category order does not matter
+    assert set(a) != set(resolve_split("random:40:2", cats))
+    with pytest.raises(MaskxError):
+        resolve_split("random:0:1", cats)
+
+
+# -- CLI: maskx data check ----------------------------------------------------------------------------
+def _run(args):
+    from typer.testing import CliRunner
+
+    from maskx_cli.main import app
+
+    return CliRunner().invoke(app, args, env={"MASKX_CONSOLE_WIDTH": "200", "COLUMNS": "200"})
+
+
+def test_cli_check_counts_skipped_boxes_and_fails_on_a_missing_image(tmp_path):
+    path = write_coco(tmp_path, lambda d: d["annotations"][0].update(bbox=[2, 3, 0, 6]))
+    res = _run(["data", "check", str(path), "--images", str(tmp_path / "images"), "--masks"])
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.output and "skipped 1 annotation(s)" in res.output and "crowd regions" in res.output
+    (tmp_path / "images" / "gray.jpg").unlink()
+    res = _run(["data", "check", str(path), "--images", str(tmp_path / "images")])
+    assert res.exit_code == 2
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "gray.jpg" in errors[0] and "Traceback" not in res.output
+    path.write_text(path.read_text()[:-30])
+    res = _run(["data", "check", str(path)])
+    assert res.exit_code == 2 and "instances.json" in res.output and "truncated" in res.output

@@ -1,0 +1,164 @@
+"""LVIS v1: reading into the COCO dict, class splits, and AP with the LVIS API's federated rules."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+from pycocotools import mask as mask_utils
+
+from pipelines.data.coco import load_coco
+from pipelines.data.lvis import file_name_from_url, load_lvis, resolve_lvis_split
+from pipelines.errors import MaskxError
+from pipelines.evaluation.lvis_eval import METRIC_KEYS, evaluate_lvis
+
+S = 100  # image side
+
+
+def _square(x, y, s=40):
+    return [[x, y, x + s, y, x + s, y + s, x, y + s]]
+
+
+def lvis_dict() -> dict:
+    """Three images; person (f), dog (c), aerosol can (r), zebra (f).
+
+    Image 1: one person; dog checked absent (neg). Image 2: one dog, dog not exhaustively marked.
+    Image 3: one person and one zebra; nothing checked absent.
+    """
+    cats = [
+        {"id": 1, "name": "aerosol_can", "synset": "aerosol.n.02", "frequency": "r", "image_count": 3, "instance_count": 4},
+        {"id": 2, "name": "person", "synset": "person.n.01", "frequency": "f", "image_count": 900, "instance_count": 9000},
+        {"id": 3, "name": "dog", "synset": "dog.n.01", "frequency": "c", "image_count": 90, "instance_count": 100},
+        {"id": 4, "name": "zebra", "synset": "zebra.n.01", "frequency": "f", "image_count": 200, "instance_count": 800},
+    ]
+    images = [
+        {"id": 1, "coco_url": "http://images.cocodataset.org/train2017/000000000001.jpg", "width": S, "height": S,
+         "neg_category_ids": [3], "not_exhaustive_category_ids": []},
+        {"id": 2, "coco_url": "http://images.cocodataset.org/val2017/000000000002.jpg", "width": S, "height": S,
+         "neg_category_ids": [], "not_exhaustive_category_ids": [3]},
+        {"id": 3, "coco_url": "http://images.cocodataset.org/train2017/000000000003.jpg", "width": S, "height": S,
+         "neg_category_ids": [], "not_exhaustive_category_ids": []},
+    ]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 2, "bbox": [10, 10, 40, 40], "area": 1600, "segmentation": _square(10, 10)},
+        {"id": 2, "image_id": 2, "category_id": 3, "bbox": [20, 20, 40, 40], "area": 1600, "segmentation": _square(20, 20)},
+        {"id": 3, "image_id": 3, "category_id": 2, "bbox": [5, 5, 40, 40], "area": 1600, "segmentation": _square(5, 5)},
+        {"id": 4, "image_id": 3, "category_id": 4, "bbox": [50, 50, 40, 40], "area": 1600, "segmentation": _square(50, 50)},
+    ]
+    return {"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": cats}
+
+
+def _det(image_id, cat, x, y, score, s=40):
+    rle = mask_utils.merge(mask_utils.frPyObjects(_square(x, y, s), S, S))
+    return {"image_id": image_id, "category_id": cat, "score": score, "bbox": [x, y, s, s],
+            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}}
+
+
+def perfect(gt):
+    return [_det(a["image_id"], a["category_id"], a["bbox"][0], a["bbox"][1], 0.9) for a in gt["annotations"]]
+
+
+@pytest.fixture
+def gt(tmp_path):
+    path = tmp_path / "lvis_v1_val.json"
+    path.write_text(json.dumps(lvis_dict()))
+    data, _ = load_lvis(path, require_masks=True)
+    return data
+
+
+# -- reading ----------------------------------------------------------------------------------------
+def test_load_lvis_derives_file_names_and_coco_ids(tmp_path, gt):
+    assert file_name_from_url("http://images.cocodataset.org/val2017/000000397133.jpg") == "val2017/000000397133.jpg"
+    assert [i["file_name"] for i in gt["images"]] == ["train2017/000000000001.jpg", "val2017/000000000002.jpg", "train2017/000000000003.jpg"]
+    assert [c["coco_id"] for c in gt["categories"]] == [None, 1, 18, 24]
+    assert gt["images"][0]["neg_category_ids"] == [3] and gt["images"][1]["not_exhaustive_category_ids"] == [3]
+    assert all(a["iscrowd"] == 0 for a in gt["annotations"])
+    # every stage's load_coco reads LVIS files the same way
+    again, _ = load_coco(tmp_path / "lvis_v1_val.json")
+    assert again["images"] == gt["images"] and again["categories"] == gt["categories"]
+
+
+def test_lvis_errors_name_the_file_and_record(tmp_path):
+    d = lvis_dict()
+    d["images"][1]["neg_category_ids"] = [77]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(MaskxError) as err:
+        load_lvis(path)
+    assert err.value.path == str(path) and "image record 2" in err.value.message and "77" in err.value.message
+    d = lvis_dict()
+    del d["images"][0]["not_exhaustive_category_ids"]
+    path.write_text(json.dumps(d))
+    with pytest.raises(MaskxError, match="image record 1 has no 'not_exhaustive_category_ids'"):
+        load_lvis(path)
+    path.write_text(json.dumps(lvis_dict())[:-40])
+    with pytest.raises(MaskxError, match="truncated"):
+        load_lvis(path)
+
+
+# -- splits -------------------------------------------------------------------------------------------
+def test_lvis_splits(gt):
+    cats = gt["categories"]
+    assert resolve_lvis_split("frequency:f", cats) == [2, 4]
+    assert resolve_lvis_split("frequency:fc", cats) == [2, 3, 4]
+    assert resolve_lvis_split("coco", cats) == [2, 3, 4] and resolve_lvis_split("noncoco", cats) == [1]
+    assert resolve_lvis_split("voc", cats) == [2, 3]  # person and dog, by COCO id (never LVIS ids 1..20)
+    assert resolve_lvis_split("nonvoc", cats) == [1, 4]
+    assert resolve_lvis_split("random:2:0", cats) == resolve_lvis_split("random:2:0", cats)
+    for bad in ("frequency:x", "frequency:", "rare"):
+        with pytest.raises(MaskxError):
+            resolve_lvis_split(bad, cats)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+def test_perfect_detections_give_ap_one(gt):
+    for iou_type in ("segm", "bbox"):
+        res = evaluate_lvis(gt, perfect(gt), iou_type=iou_type)
+        assert set(res) == set(METRIC_KEYS)
+        for k in ("AP", "AP50", "AP75", "APm", "APc", "APf"):
+            assert res[k] == pytest.approx(1.0), (iou_type, k)
+        assert res["APs"] == -1 and res["APl"] == -1  # no small or large object
+        assert res["APr"] == -1  # the rare class has no ground truth here
+    # a subset (set B): only its classes count
+    res = evaluate_lvis(gt, perfect(gt)[:1], cat_ids=[2])  # one of the two persons found
+    assert res["AP"] == pytest.approx(0.5, abs=0.01) and res["APc"] == -1 and res["APf"] == pytest.approx(res["AP"])
+
+
+def test_federated_rules(gt):
+    good = perfect(gt)
+    dog_on_1 = _det(1, 3, 60, 60, 0.95)  # dog on image 1, where dog was checked absent: a false positive
+    res = evaluate_lvis(gt, good + [dog_on_1], cat_ids=[3])
+    assert res["AP"] == pytest.approx(0.5)
+    # the same detection on image 3, which has no dog and does not list dog as absent: ignored
+    dog_on_3 = _det(3, 3, 60, 60, 0.95)
+    assert evaluate_lvis(gt, good + [dog_on_3], cat_ids=[3])["AP"] == pytest.approx(1.0)
+    # an unmatched dog on image 2, where dog is not exhaustively marked: ignored, not a false positive
+    extra_dog_on_2 = _det(2, 3, 0, 55, 0.95)
+    assert evaluate_lvis(gt, good + [extra_dog_on_2], cat_ids=[3])["AP"] == pytest.approx(1.0)
+    exhaustive = copy.deepcopy(gt)
+    exhaustive["images"][1]["not_exhaustive_category_ids"] = []
+    assert evaluate_lvis(exhaustive, good + [extra_dog_on_2], cat_ids=[3])["AP"] == pytest.approx(0.5)
+
+
+def test_eval_is_silent_and_leaves_gt_alone(gt, capsys, caplog):
+    before = copy.deepcopy(gt)
+    with caplog.at_level(logging.DEBUG):
+        evaluate_lvis(gt, perfect(gt))
+        empty = evaluate_lvis(gt, [])
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert not [r for r in caplog.records if r.name.startswith("lvis")]
+    assert gt == before
+    assert empty["AP"] == 0.0 and empty["APr"] == -1
+
+
+def test_eval_errors(gt):
+    with pytest.raises(MaskxError, match="not in the ground truth"):
+        evaluate_lvis(gt, [_det(9, 2, 0, 0, 0.5)])
+    with pytest.raises(MaskxError, match="category 9"):
+        evaluate_lvis(gt, perfect(gt), cat_ids=[9])
+    coco_like = {**gt, "images": [{k: v for k, v in i.items() if k != "neg_category_ids"} for i in gt["images"]]}
+    with pytest.raises(MaskxError, match="not LVIS"):
+        evaluate_lvis(coco_like, perfect(gt))

@@ -1,0 +1,73 @@
+"""Small COCO ground truth and results made in memory for the evaluation tests."""
+
+from __future__ import annotations
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+def rect_rle(x: int, y: int, w: int, h: int, height: int, width: int) -> dict:
+    """Compressed RLE (counts as str) of an axis-aligned rectangle of whole pixels."""
+    m = np.zeros((height, width, 1), np.uint8, order="F")
+    m[y : y + h, x : x + w, 0] = 1
+    rle = mask_utils.encode(m)[0]
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def blob_rle(rng: np.random.Generator, box: list[float], height: int, width: int) -> dict:
+    """Compressed RLE of an ellipse-ish polygon inside ``box`` ([x, y, w, h])."""
+    x, y, w, h = box
+    t = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    r = rng.uniform(0.6, 1.0, t.size)
+    px = x + w / 2 + r * np.cos(t) * w / 2
+    py = y + h / 2 + r * np.sin(t) * h / 2
+    poly = np.stack([px, py], 1).ravel().tolist()
+    rle = mask_utils.merge(mask_utils.frPyObjects([poly], height, width))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def categories(n: int) -> list[dict]:
+    return [{"id": 2 * i + 1, "name": f"class{i}"} for i in range(n)]
+
+
+def random_case(seed: int, n_images: int = 20, n_cats: int = 6, crowd: bool = True, empty_images: int = 2):
+    """(gt, results): random blobs of every size, jittered and spurious detections, some crowd GT,
+    images without ground truth and detections of classes absent from an image."""
+    rng = np.random.default_rng(seed)
+    cats = categories(n_cats)
+    cat_ids = [c["id"] for c in cats]
+    images, anns, results = [], [], []
+    for i in range(n_images):
+        height, width = int(rng.integers(60, 240)), int(rng.integers(60, 240))
+        img_id = 100 + 7 * i
+        images.append({"id": img_id, "file_name": f"{img_id}.png", "height": height, "width": width})
+        n_gt = 0 if i < empty_images else int(rng.integers(1, 8))
+        for _ in range(n_gt):
+            w = float(rng.uniform(3, width * 0.8))
+            h = float(rng.uniform(3, height * 0.8))
+            x = float(rng.uniform(0, width - w))
+            y = float(rng.uniform(0, height - h))
+            seg = blob_rle(rng, [x, y, w, h], height, width)
+            cat = int(rng.choice(cat_ids))
+            iscrowd = int(crowd and rng.random() < 0.1)
+            anns.append({
+                "id": len(anns) + 1, "image_id": img_id, "category_id": cat, "bbox": [x, y, w, h],
+                "area": float(mask_utils.area(seg)), "iscrowd": iscrowd, "segmentation": seg,
+            })
+            for _ in range(int(rng.integers(0, 3))):  # detections near this object
+                j = rng.normal(0, 0.12, 4) * [w, h, w, h]
+                box = [max(0.0, x + j[0]), max(0.0, y + j[1]), max(1.0, w + j[2]), max(1.0, h + j[3])]
+                dcat = cat if rng.random() < 0.8 else int(rng.choice(cat_ids))
+                results.append({"image_id": img_id, "category_id": dcat, "score": float(rng.random()),
+                                "bbox": box, "segmentation": blob_rle(rng, box, height, width)})
+        for _ in range(int(rng.integers(0, 4))):  # spurious detections
+            w = float(rng.uniform(2, width * 0.7))
+            h = float(rng.uniform(2, height * 0.7))
+            box = [float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h)), w, h]
+            results.append({"image_id": img_id, "category_id": int(rng.choice(cat_ids)),
+                            "score": float(rng.random()), "bbox": box,
+                            "segmentation": blob_rle(rng, box, height, width)})
+    gt = {"images": images, "annotations": anns, "categories": cats}
+    return gt, results
