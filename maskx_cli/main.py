@@ -27,7 +27,7 @@ def _root(
 
 def _register() -> None:
     # Each module adds its commands to `app` (or a sub-app) when imported.
-    from maskx_cli import data, data_real, quickstart, stages  # noqa: F401
+    from maskx_cli import cache, data, data_real, predict, quickstart, stages, sweep, train  # noqa: F401
 
 
 _register()

@@ -1,0 +1,1 @@
+"""maskx cache commands (being filled in)."""

@@ -1,0 +1,1 @@
+"""maskx predict commands (being filled in)."""

@@ -1,0 +1,1 @@
+"""maskx sweep commands (being filled in)."""

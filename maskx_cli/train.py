@@ -1,0 +1,1 @@
+"""maskx train commands (being filled in)."""
