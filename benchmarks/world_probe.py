@@ -11,6 +11,7 @@ heads on its 12x12 feature maps (24x24 crops):
 * ``transfer``    per-class 1x1 weights ``T(w_cls[c])``, T = 2 FC layers with LeakyReLU(0.1);
                   set A only; no regularisation of T
 * ``transfer_reg``the same with T's input L2-normalised, dropout 0.5 on it, weight decay
+* ``t_*``         with ``--ablate-t``: T with parts of that regularisation (in the JSON)
 * ``oracle``      per-class weights learnt freely on all classes (set A and B masks)
 
 Mean mask IoU (threshold 0.5 on 12x12 masks) over held-out crops of set B and of set A is
@@ -240,6 +241,11 @@ def run_seed(seed: int, args) -> list[dict]:
             "transfer": (MaskHead("transfer", c, k, w_cls), 0.0),
             "transfer_reg": (MaskHead("transfer", c, k, w_cls, normalize=True, dropout=0.5), args.wd),
         }
+        if args.ablate_t:  # which part of T's regularisation matters
+            heads["t_norm"] = (MaskHead("transfer", c, k, w_cls, normalize=True), 0.0)
+            heads["t_norm_drop"] = (MaskHead("transfer", c, k, w_cls, normalize=True, dropout=0.5), 0.0)
+            heads["t_drop_wd"] = (MaskHead("transfer", c, k, w_cls, dropout=0.5), args.wd)
+            heads["t_norm_wd"] = (MaskHead("transfer", c, k, w_cls, normalize=True), args.wd)
         row = {"seed": seed, "split": spec, "spec": split, "cls_acc": round(acc, 4), "train_crops_A": int(a_tr.sum())}
         for name, (head, wd) in heads.items():
             train_head(head, ftr[a_tr], tr.m[a_tr], tr.y[a_tr], wd, args, seed)
@@ -264,6 +270,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.75)
     ap.add_argument("--no-clutter", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ablate-t", action="store_true", help="also train T with parts of its regularisation (JSON only)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -108,6 +108,7 @@ class HeadConfig:
     stop_gradient: bool = True  # w_seg = T(stop_grad(w_det)) (§2.2); matters only end-to-end
     mask_dim: int = 256  # channels of the FCN mask head
     num_convs: int = 4  # 3x3 convs of the FCN mask head (8 = a heavier head)
+    fcn: str = "convs"  # mask head body: convs (num_convs 3x3 convs) | hourglass (encoder-decoder with skips)
     mlp_hidden: int = 1024
     mlp_input_size: int = 28  # the MLP branch reads the FCN features average-pooled to this size
     roi_size: int = 14  # RoIAlign output; masks are predicted at 2x this
@@ -122,6 +123,10 @@ class CacheConfig:
     proposals_per_instance: int = 2  # sampled positive proposals per instance, beside its GT box
     dtype: str = "float16"  # float16 | float32
     min_iou: float = 0.5
+    # Caches up to this size are read into memory once; larger ones stream from disk (docs/cache.md).
+    ram_budget_gb: float = 4.0
+    # Streaming shuffle: random order of HDF5 chunks per epoch, RoIs shuffled within this many chunks.
+    shuffle_window: int = 8
 
 
 @dataclass

@@ -37,6 +37,60 @@ class MaskFCNHead(nn.Module):
         return F.relu(self.upsample(self.convs(x)))
 
 
+FCNS = ("convs", "hourglass")
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.ReLU(inplace=True))
+
+
+class HourglassMaskHead(nn.Module):
+    """A small hourglass (encoder-decoder with skip connections) in place of the plain FCN.
+
+    ``[R, in_channels, S, S]`` -> stem -> ``depth`` stride-2 downsamplings (S -> ceil(S/2) -> ...),
+    each followed by a 3x3 conv -> as many nearest upsamplings, each added to the skip of the same
+    scale and followed by a 3x3 conv -> 2x2 deconv + ReLU -> ``[R, dim, 2S, 2S]``. Each RoI sees a
+    wider context than through ``num_convs`` 3x3 convs (the receptive field covers the whole RoI).
+    """
+
+    def __init__(self, in_channels: int, dim: int = 256, depth: int = 2):
+        super().__init__()
+        if depth < 1:
+            raise MaskxError(f"hourglass depth must be at least 1, got {depth}")
+        self.stem = _conv(in_channels, dim)
+        self.down = nn.ModuleList([nn.Sequential(_conv(dim, dim, stride=2), _conv(dim, dim)) for _ in range(depth)])
+        self.up = nn.ModuleList([_conv(dim, dim) for _ in range(depth)])
+        self.upsample = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        nn.init.kaiming_normal_(self.upsample.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.upsample.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        skips = []
+        for down in self.down:
+            skips.append(x)
+            x = down(x)
+        for up, skip in zip(self.up, reversed(skips)):
+            x = up(F.interpolate(x, size=skip.shape[-2:], mode="nearest") + skip)
+        return F.relu(self.upsample(x))
+
+
+def build_fcn(kind: str, in_channels: int, dim: int, num_convs: int) -> nn.Module:
+    """The mask head body: ``convs`` (:class:`MaskFCNHead`) or ``hourglass`` (:class:`HourglassMaskHead`).
+
+    Both map ``[R, in_channels, S, S]`` -> ``[R, dim, 2S, 2S]``. For the hourglass, ``num_convs``
+    sets the depth as ``max(1, num_convs // 2)`` downsamplings (4 -> 2).
+    """
+    if kind == "convs":
+        return MaskFCNHead(in_channels, dim, num_convs)
+    if kind == "hourglass":
+        return HourglassMaskHead(in_channels, dim, max(1, num_convs // 2))
+    raise MaskxError(f"unknown mask head body '{kind}' (expected {' | '.join(FCNS)})")
+
+
 class MLPMaskBranch(nn.Module):
     """Class-agnostic MLP mask branch (§2.4): ``[R, D, M, M]`` -> ``[R, M, M]`` logits.
 
@@ -153,7 +207,7 @@ class MaskPredictor(nn.Module):
 class MaskSide(nn.Module):
     """Everything stage 2 trains: FCN mask head + predictor. ``[R, C, S, S]`` -> ``[R, 2S, 2S]``."""
 
-    def __init__(self, fcn: MaskFCNHead, predictor: MaskPredictor):
+    def __init__(self, fcn: nn.Module, predictor: MaskPredictor):
         super().__init__()
         self.fcn = fcn
         self.predictor = predictor

@@ -18,7 +18,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from pipelines.config import HeadConfig
 from pipelines.modeling.detector import FPN_LEVELS, detection_weights
 from pipelines.modeling.embeddings import detector_embedding
-from pipelines.modeling.mask_heads import MaskFCNHead, MaskPredictor, MaskSide
+from pipelines.modeling.mask_heads import MaskPredictor, MaskSide, build_fcn
 from pipelines.modeling.transfer import WeightTransfer
 
 
@@ -41,7 +41,7 @@ def build_mask_side(cfg: HeadConfig, num_classes: int, in_channels: int, w_det: 
     resolution = 2 * cfg.roi_size
     predictor = MaskPredictor(cfg.head, num_classes, cfg.mask_dim, resolution, w_det=w_det, mlp=cfg.mlp,
                               mlp_hidden=cfg.mlp_hidden, mlp_input_size=min(cfg.mlp_input_size, resolution), transfer=transfer)
-    return MaskSide(MaskFCNHead(in_channels, cfg.mask_dim, cfg.num_convs), predictor)
+    return MaskSide(build_fcn(cfg.fcn, in_channels, cfg.mask_dim, cfg.num_convs), predictor)
 
 
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.config import DetectTrainConfig, to_dict
+from pipelines.config import DetectTrainConfig, SolverConfig, to_dict
 from pipelines.data.coco import CocoDataset, collate
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import save_checkpoint
@@ -50,35 +50,47 @@ def detect_train(cfg: DetectTrainConfig, out: str | Path, progress: Progress = N
     dist.barrier()
 
     model = build_detector(cfg.detector, len(categories)).to(device)
-    if dist.is_dist():
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainer = Trainer(
-        model, cfg.solver, out, "detector-train",
-        extra={"config": to_dict(cfg), "categories": categories},
-        progress=progress, description="detect-train",
-    )
-    if resume:
-        trainer.resume()
-    if cfg.solver.batch_size % dist.world_size():
-        raise MaskxError(f"solver.batch_size ({cfg.solver.batch_size}) must be divisible by the number of processes ({dist.world_size()})")
-    batches = IterationBatches(len(dataset), cfg.solver.batch_size, cfg.solver.iterations, cfg.solver.seed,
-                               trainer.start_iter, dist.rank(), dist.world_size())
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.solver.workers)
-    it_loader = iter(loader)
-
-    def step(_iteration: int) -> dict[str, torch.Tensor]:
-        images, targets = next(it_loader)
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-        with autocast(device, cfg.solver.amp):
-            return model(images, targets)
-
-    stats = trainer.run(step)
+    stats = train_on_images(model, dataset, cfg.solver, out, "detector-train", {"config": to_dict(cfg), "categories": categories},
+                            device, progress, resume, "detect-train")
     final = out / DETECTOR_CKPT
     if dist.is_main():
-        save_checkpoint(final, "detector", model=dist.unwrap(model).state_dict(), config=to_dict(cfg), categories=categories,
+        save_checkpoint(final, "detector", model=model.state_dict(), config=to_dict(cfg), categories=categories,
                         iteration=cfg.solver.iterations)
         update_manifest(out, train_images=len(dataset), degenerate_boxes_skipped=report.degenerate_boxes,
                         seconds=round(stats.seconds, 1), world_size=dist.world_size())
     dist.barrier()
     return DetectTrainResult(out, final, len(categories), len(dataset), report.degenerate_boxes, stats)
+
+
+def train_on_images(model: torch.nn.Module, dataset: CocoDataset, solver: SolverConfig, out: Path, kind: str, extra: dict,
+                    device: torch.device, progress: Progress = NULL_PROGRESS, resume: bool = False, description: str = "train",
+                    target_keys: tuple[str, ...] = ("boxes", "labels")) -> TrainStats:
+    """Train a torchvision detection ``model`` (``model(images, targets) -> dict of losses``) on ``dataset``.
+
+    The shared loop of the image-level stages (``detect-train``, end-to-end ``train``): DDP under
+    ``torchrun``, the engine's :class:`Trainer` (checkpoints of kind ``kind`` with ``extra``), and the
+    deterministic :class:`IterationBatches` order. ``target_keys`` are the target fields moved to the
+    device (``boxes`` float32[N, 4], ``labels`` int64[N]; ``masks`` uint8[N, H, W], ``has_mask``
+    bool[N] for a mask model). ``model`` is trained in place.
+    """
+    if solver.batch_size % dist.world_size():
+        raise MaskxError(f"solver.batch_size ({solver.batch_size}) must be divisible by the number of processes ({dist.world_size()})")
+    wrapped = model
+    if dist.is_dist():
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer = Trainer(wrapped, solver, out, kind, extra=extra, progress=progress, description=description)
+    if resume:
+        trainer.resume()
+    batches = IterationBatches(len(dataset), solver.batch_size, solver.iterations, solver.seed,
+                               trainer.start_iter, dist.rank(), dist.world_size())
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=solver.workers)
+    it_loader = iter(loader)
+
+    def step(_iteration: int) -> dict[str, torch.Tensor]:
+        images, targets = next(it_loader)
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: t[k].to(device) for k in target_keys} for t in targets]
+        with autocast(device, solver.amp):
+            return wrapped(images, targets)
+
+    return trainer.run(step)

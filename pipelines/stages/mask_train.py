@@ -1,8 +1,9 @@
 """Stage 2: train only the mask side (T + FCN head + MLP branch) against the frozen detector.
 
 By default the frozen detector's state is read from the feature cache (built on first use), so a
-stage-2 experiment never runs the detector again. ``cache.enabled=false`` runs the frozen detector
-on every step instead (same RoIs, same targets; slower).
+stage-2 experiment never runs the detector again; a cache larger than ``cache.ram_budget_gb``
+streams from disk. ``cache.enabled=false`` runs the frozen detector on every step instead (same
+RoIs and targets; with ``cache.proposals_per_instance=0`` and a float32 cache, identical batches).
 """
 
 from __future__ import annotations
@@ -13,24 +14,21 @@ from pathlib import Path
 import torch
 
 from pipelines.config import MaskTrainConfig, to_dict
-from pipelines.data.coco import CocoDataset, check_same_categories, collate
+from pipelines.data.coco import CocoDataset, check_same_categories
 from pipelines.data.splits import resolve_split
 from pipelines.engine import distributed as dist
-from pipelines.engine.cache import RoIBatch, build_cache, cache_key, extract_rois, open_cache
+from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source
 from pipelines.engine.checkpoint import save_checkpoint
 from pipelines.engine.device import resolve_device
 from pipelines.engine.loop import Trainer, TrainStats, seed_everything
 from pipelines.engine.run_dir import prepare_run_dir, update_manifest
-from pipelines.engine.sampler import IterationBatches
 from pipelines.errors import MaskxError
-from pipelines.io import sha256_file
 from pipelines.modeling.embeddings import INPUTS, detector_embedding, glove_embedding, randn_embedding
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, mask_loss
 from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.stages.cache import check_cache_config, ensure_cache
 from pipelines.stages.common import MASK_CKPT, DetectorRun, load_detector_run, load_split
 from pipelines.stages.export_embeddings import Embeddings, read_embeddings
-
-RAM_BUDGET = 4 * 2**30  # caches up to this size are read into memory once
 
 
 @dataclass
@@ -59,8 +57,7 @@ def check_head_config(cfg: MaskTrainConfig) -> None:
         raise MaskxError(f"--transfer-layers must be 1, 2 or 3, got {h.transfer_layers}")
     if h.transfer_activation not in ("none", "relu", "leaky_relu"):
         raise MaskxError(f"unknown --transfer-activation '{h.transfer_activation}' (expected none | relu | leaky_relu)")
-    if cfg.cache.dtype not in ("float16", "float32"):
-        raise MaskxError(f"cache.dtype must be float16 or float32, got '{cfg.cache.dtype}'")
+    check_cache_config(cfg.cache)
     if cfg.solver.iterations < 1 or cfg.solver.batch_size < 1:
         raise MaskxError("solver.iterations and solver.batch_size must be positive")
 
@@ -117,34 +114,19 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
     label_ok = torch.zeros(len(categories) + 1, dtype=torch.bool)
     label_ok[[i + 1 for i, c in enumerate(categories) if c["id"] in set(train_classes)]] = True
 
-    cache_path, built, cached = None, False, None
+    cache_path, built = None, False
+    batch_args = (cfg.solver.batch_size, cfg.solver.iterations, cfg.solver.seed)
     if cfg.cache.enabled:
-        cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else det.run_dir / "cache"
         # one cache of every class's masks serves agnostic, transfer and oracle runs alike
-        all_ids = [c["id"] for c in categories]
-        key = cache_key(det.sha256, sha256_file(cfg.data.train_json), all_ids, cfg.head.roi_size, cfg.cache, len(dataset))
-        cache_path = cache_dir / f"features-{key[:16]}.h5"
-        cache = open_cache(cache_path, key)
-        if cache is None:
-            full = CocoDataset(data, cfg.data.train_images, with_masks=True, mask_category_ids=all_ids,
-                               max_images=cfg.data.max_train_images)
-            full.images = [im for im in full.images if full.anns_by_image.get(im["id"])]
-            cache = build_cache(det.model, roi_pool, full, cfg.cache, cache_path, key, fpn_channels, progress,
-                                seed=cfg.solver.seed)
-            built = True
-        if cache.nbytes > RAM_BUDGET:
-            cache.close()
-            raise MaskxError(f"feature cache is {cache.nbytes / 2**30:.1f} GiB, over the in-memory budget; "
-                             "lower cache.proposals_per_instance", cache_path)
-        everything = cache.load()
-        cache.close()
-        keep = label_ok[everything.labels]
-        cached = RoIBatch(everything.features[keep], everything.masks[keep], everything.labels[keep])
-        train_rois = int(keep.sum())
-        if train_rois == 0:
-            raise MaskxError("the feature cache holds no RoI of the training classes", cache_path)
+        prepared = ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress)
+        cache_path, built = prepared.path, prepared.built
+        source = cache_source(prepared.cache, label_ok, *batch_args, cfg.cache, dist.rank(), dist.world_size())
+        if isinstance(source, StreamingRoIs):
+            progress.log(f"feature cache: {source.rois} training RoIs over the RAM budget "
+                         f"({cfg.cache.ram_budget_gb:g} GiB): streaming from {cache_path}")
     else:
-        train_rois = 0
+        source = DetectorRoIs(det.model, roi_pool, dataset, cfg.cache, *batch_args, dist.rank(), dist.world_size())
+    train_rois = source.rois
 
     trainer = Trainer(mask_side, cfg.solver, out, "mask-train",
                       extra={"config": to_dict(cfg), "categories": categories, "set_a": set_a},
@@ -152,26 +134,17 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
     if resume:
         trainer.resume()
 
-    if cached is not None:
-        batches = IterationBatches(train_rois, cfg.solver.batch_size, cfg.solver.iterations, cfg.solver.seed)
+    def step(iteration: int) -> dict[str, torch.Tensor]:
+        rois = source.batch(iteration)
+        logits = mask_side(rois.features.to(device, torch.float32), rois.labels.to(device))
+        return {"loss_mask": mask_loss(logits, rois.masks.to(device))}
 
-        def step(iteration: int) -> dict[str, torch.Tensor]:
-            idx = torch.tensor(batches.batch(iteration))
-            feats = cached.features[idx].to(device, torch.float32)
-            logits = mask_side(feats, cached.labels[idx].to(device))
-            return {"loss_mask": mask_loss(logits, cached.masks[idx].to(device))}
-    else:
-        images_per_step = max(1, cfg.solver.batch_size // 8)
-        img_batches = IterationBatches(len(dataset), images_per_step, cfg.solver.iterations, cfg.solver.seed)
-        generator = torch.Generator().manual_seed(cfg.solver.seed)
-
-        def step(iteration: int) -> dict[str, torch.Tensor]:
-            images, targets = collate([dataset[i] for i in img_batches.batch(iteration)])
-            rois = extract_rois(det.model, roi_pool, list(images), list(targets), cfg.cache, generator)
-            logits = mask_side(rois.features.float(), rois.labels)
-            return {"loss_mask": mask_loss(logits, rois.masks)}
-
-    stats = trainer.run(step)
+    try:
+        stats = trainer.run(step)
+    finally:
+        source.close()
+        if cfg.cache.enabled:
+            prepared.cache.close()
     final = out / MASK_CKPT
     save_checkpoint(final, "mask", model=mask_side.state_dict(), config=to_dict(cfg), head=to_dict(cfg.head),
                     categories=categories, set_a=set_a, detector_sha256=det.sha256, embed_dim=int(w_det.shape[1]),

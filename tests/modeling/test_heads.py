@@ -1,0 +1,113 @@
+"""The mask side: shapes, per-RoI class selection, T, and the set-A-only mask loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pipelines.config import DetectorConfig, HeadConfig
+from pipelines.errors import MaskxError
+from pipelines.modeling.detector import build_detector, detection_weights
+from pipelines.modeling.embeddings import detector_embedding, randn_embedding
+from pipelines.modeling.mask_heads import MaskPredictor
+from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn
+from pipelines.modeling.transfer import WeightTransfer
+
+
+def test_transfer_structure():
+    t = WeightTransfer(40, 16, hidden=8, layers=2, activation="leaky_relu")
+    assert [type(m).__name__ for m in t.mlp] == ["Linear", "LeakyReLU", "Linear"]
+    assert t.mlp[1].negative_slope == 0.1
+    assert torch.count_nonzero(t.mlp[0].bias) == 0
+    assert t(torch.randn(7, 40)).shape == (7, 16)
+    assert [type(m).__name__ for m in WeightTransfer(40, 16, layers=1).mlp] == ["Linear"]
+    assert len(WeightTransfer(40, 16, layers=3, activation="relu").mlp) == 5
+    with pytest.raises(MaskxError, match="1, 2 or 3"):
+        WeightTransfer(40, 16, layers=0)
+
+
+def test_transfer_normalised_input_is_scale_free():
+    t = WeightTransfer(10, 4, normalize_input=True).eval()
+    w = torch.randn(3, 10)
+    assert torch.allclose(t(w), t(5 * w), atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["transfer", "agnostic", "oracle"])
+def test_per_roi_logits_equal_full_class_logits(head):
+    """One map per RoI for its own class == the K x M x M computation followed by selection."""
+    torch.manual_seed(0)
+    k, d = 6, 8
+    w_det = torch.randn(k, 12)
+    t = WeightTransfer(12, d, hidden=5) if head == "transfer" else None
+    pred = MaskPredictor(head, k, d, 28, w_det=w_det, mlp=True, mlp_hidden=16, mlp_input_size=7, transfer=t).eval()
+    feats = torch.randn(5, d, 28, 28)
+    labels = torch.tensor([1, 6, 3, 3, 2])
+    out = pred(feats, labels)
+    if head == "transfer":
+        w, b = t(w_det), torch.zeros(k)
+    elif head == "agnostic":
+        w, b = pred.weight.expand(k, d), pred.bias.expand(k)
+    else:
+        w, b = pred.weight, pred.bias
+    full = F.conv2d(feats, w[:, :, None, None], b)  # [R, K, M, M]
+    full = full + pred.mlp(feats)[:, None]
+    expected = full[torch.arange(5), labels - 1]
+    assert out.shape == (5, 28, 28)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_eval_mode_caches_w_seg_table():
+    calls = []
+    t = WeightTransfer(12, 8, hidden=4)
+    t.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    pred = MaskPredictor("transfer", 50, 8, 28, w_det=torch.randn(50, 12), mlp=False, transfer=t).eval()
+    for _ in range(3):
+        pred(torch.randn(4, 8, 28, 28), torch.tensor([1, 2, 3, 4]))
+    assert calls == [50]  # once, for the whole table
+    pred.train()
+    pred(torch.randn(4, 8, 28, 28), torch.tensor([1, 2, 2, 9]))
+    assert calls[-1] == 3  # training: only the classes in the batch
+
+
+def test_mask_loss_only_on_set_a_and_stop_gradient():
+    cfg = DetectorConfig(backbone="resnet18", fpn_channels=16, box_representation=32, norm="bn", trainable_backbone_layers=5,
+                         min_size=64, max_size=64, anchor_sizes=[8, 16, 32, 64, 128], box_batch_size_per_image=16)
+    torch.manual_seed(0)
+    det = build_detector(cfg, 5)
+    w_cls, w_box, _, _ = detection_weights(det.roi_heads.box_predictor)
+    side = build_mask_side(HeadConfig(mask_dim=8, mlp=False), 5, 16, None, embed_dim=5 * 32)
+    model = build_maskx_rcnn(det, side, 14, embedding="cls+box", stop_gradient=True).train()
+    img = [torch.rand(3, 64, 64)]
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:40, 10:40] = 1
+    tgt = [{"boxes": torch.tensor([[10.0, 10, 40, 40]]), "labels": torch.tensor([2]), "masks": masks,
+            "has_mask": torch.tensor([False])}]
+    losses = model(img, tgt)
+    assert losses["loss_mask"].item() == 0.0  # the only instance is in set B: no mask loss
+    tgt[0]["has_mask"] = torch.tensor([True])
+    losses = model(img, tgt)
+    assert losses["loss_mask"].item() > 0
+    losses["loss_mask"].backward()
+    assert det.roi_heads.box_predictor.cls_score.weight.grad is None  # stop-gradient on w_det
+    assert side.predictor.transfer.mlp[0].weight.grad is not None
+    det.zero_grad()
+    model.roi_heads.stop_gradient = False
+    model(img, tgt)["loss_mask"].backward()
+    g = det.roi_heads.box_predictor.cls_score.weight.grad
+    # label 2 is row 2 of cls_score (row 0 is background): only that class's weights get mask gradient
+    assert g is not None and g[2].abs().sum() > 0
+    assert g[[0, 1, 3, 4, 5]].abs().sum() == 0
+
+
+def test_randn_embedding_fixed_by_seed():
+    assert torch.equal(randn_embedding(10, 4, 3), randn_embedding(10, 4, 3))
+    assert not torch.equal(randn_embedding(10, 4, 3), randn_embedding(10, 4, 4))
+
+
+def test_detector_embedding_kinds():
+    w_cls, w_box = torch.randn(3, 4), torch.randn(3, 16)
+    assert detector_embedding("cls+box", w_cls, w_box).shape == (3, 20)
+    assert torch.equal(detector_embedding("box", w_cls, w_box), w_box)
+    with pytest.raises(MaskxError):
+        detector_embedding("glove", w_cls, w_box)

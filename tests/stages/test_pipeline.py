@@ -1,0 +1,166 @@
+"""The four stages on a tiny synthetic world: files, shapes, provenance, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from maskx_cli.main import app
+from pipelines.config import EvalConfig, MaskTrainConfig, load_config
+from pipelines.errors import MaskxError
+from pipelines.io import sha256_file
+from pipelines.stages.common import load_detector_run
+from pipelines.stages.evaluate import evaluate_heads
+from pipelines.stages.export_embeddings import export_embeddings, read_embeddings
+from pipelines.stages.mask_train import load_mask_run, mask_train
+
+runner = CliRunner()
+
+
+def test_detector_run_folder(tiny_pipeline):
+    det = tiny_pipeline["detector"]
+    for name in ("model_final.pth", "config.yaml", "manifest.json", "metrics.jsonl"):
+        assert (det / name).is_file(), name
+    cfg = yaml.safe_load((det / "config.yaml").read_text())
+    assert cfg["stage"] == "detect-train" and cfg["solver"]["iterations"] == 3
+    manifest = json.loads((det / "manifest.json").read_text())
+    train_json = manifest["inputs"]["train_json"]
+    assert train_json["sha256"] == sha256_file(train_json["path"])
+    lines = [json.loads(l) for l in (det / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["iteration"] == 3 and np.isfinite(lines[-1]["loss"])
+    assert not list(det.glob(".*.tmp")), "no temporary files left behind"
+
+
+def test_embeddings_round_trip(tiny_pipeline):
+    det = load_detector_run(tiny_pipeline["detector"])
+    emb = read_embeddings(tiny_pipeline["embeddings"])
+    pred = det.model.roi_heads.box_predictor
+    k, d = 80, pred.cls_score.in_features
+    assert emb.w_cls.shape == (k, d) and emb.w_box.shape == (k, 4 * d)
+    assert torch.equal(emb.w_cls, pred.cls_score.weight[1:])
+    assert torch.equal(emb.w_box, pred.bbox_pred.weight.view(k + 1, 4 * d)[1:])
+    assert torch.equal(emb.b_cls, pred.cls_score.bias[1:])
+    assert emb.class_ids == [c["id"] for c in det.categories]
+    assert emb.class_names[0] == "person" and emb.coco_ids[:3] == [1, 2, 3]
+    assert sum(emb.set_a) == 20 and emb.set_a[0] is True  # voc: person is in set A
+    assert emb.detector_sha256 == det.sha256 == sha256_file(det.checkpoint)
+    with h5py.File(tiny_pipeline["embeddings"], "r") as f:
+        assert f.attrs["format"] == "maskx-embeddings" and "detector" in yaml.safe_load(f.attrs["config"])
+
+
+def test_export_with_other_split(tiny_pipeline, tmp_path):
+    r = export_embeddings(tiny_pipeline["detector"], tmp_path / "e.h5", "random:40:1")
+    assert r.set_a == 40 and sum(read_embeddings(tmp_path / "e.h5").set_a) == 40
+
+
+def test_mask_runs_and_eval(tiny_pipeline, tmp_path):
+    runs = tiny_pipeline["runs"]
+    det = load_detector_run(tiny_pipeline["detector"])
+    side, ckpt = load_mask_run(runs["transfer"], det)
+    assert ckpt["head"]["head"] == "transfer" and len(ckpt["set_a"]) == 20
+    feats = torch.randn(5, det.model.backbone.out_channels, 14, 14)
+    out = side(feats, torch.tensor([1, 2, 3, 80, 80]))
+    assert out.shape == (5, 28, 28)
+    out_json = tmp_path / "metrics.json"
+    r = evaluate_heads(runs, EvalConfig(split="nonvoc"), json_out=out_json)
+    assert set(r.metrics) == {"transfer", "agnostic"}
+    assert len(r.sets["B"]) == 60 and len(r.sets["A"]) == 20
+    saved = json.loads(out_json.read_text())
+    for name in ("transfer", "agnostic"):
+        for iou in ("segm", "bbox"):
+            for s in ("A", "B", "all"):
+                ap = saved["heads"][name][iou][s]["AP"]
+                assert ap is None or 0.0 <= ap <= 1.0
+    # boxes come from the same detector: identical box AP for both heads
+    assert saved["heads"]["transfer"]["bbox"] == saved["heads"]["agnostic"]["bbox"]
+    assert saved["inputs"]["detector"]["sha256"] == det.sha256
+
+
+def test_cache_reused_by_second_head(tiny_pipeline):
+    manifest = json.loads((tiny_pipeline["runs"]["agnostic"] / "manifest.json").read_text())
+    assert manifest["cache_built"] is False  # the transfer run built it; same detector + data reuse it
+    first = json.loads((tiny_pipeline["runs"]["transfer"] / "manifest.json").read_text())
+    assert first["cache_built"] is True and first["cache"] == manifest["cache"]
+
+
+def _mask_cfg(tiny_pipeline, *extra):
+    over = [o for o in tiny_pipeline["overrides"] if not o.startswith("detector.")]
+    return load_config(MaskTrainConfig, "synthetic", over + ["solver.iterations=1", "head.mask_dim=16", "head.mlp_hidden=32", *extra],
+                       section="mask_train")
+
+
+def test_embeddings_from_another_detector(tiny_pipeline, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_pipeline["detector"], other)
+    ckpt = torch.load(other / "model_final.pth", weights_only=False)
+    ckpt["iteration"] = 999  # another checkpoint: another hash
+    torch.save(ckpt, other / "model_final.pth")
+    with pytest.raises(MaskxError, match="another detector"):
+        mask_train(_mask_cfg(tiny_pipeline), other, tiny_pipeline["embeddings"], tmp_path / "m")
+    assert not (tmp_path / "m").exists(), "nothing written before the inputs were checked"
+
+
+def test_class_list_mismatch(tiny_pipeline, tmp_path):
+    data = json.loads(open(_mask_cfg(tiny_pipeline).data.train_json).read())
+    data["categories"][5]["name"] = "unicorn"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    cfg = _mask_cfg(tiny_pipeline, f"data.train_json={bad}")
+    with pytest.raises(MaskxError, match="class list does not match.*unicorn"):
+        mask_train(cfg, tiny_pipeline["detector"], tiny_pipeline["embeddings"], tmp_path / "m")
+
+
+def test_empty_split(tiny_pipeline, tmp_path):
+    data = json.loads(open(_mask_cfg(tiny_pipeline).data.train_json).read())
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] not in (1, 2, 3)]
+    path = tmp_path / "no_person.json"
+    path.write_text(json.dumps(data))
+    cfg = _mask_cfg(tiny_pipeline, f"data.train_json={path}", "data.mask_classes=ids:1,2,3")
+    with pytest.raises(MaskxError, match="no training image has a mask"):
+        mask_train(cfg, tiny_pipeline["detector"], tiny_pipeline["embeddings"], tmp_path / "m")
+
+
+def test_cli_errors_are_one_line(tiny_pipeline, tmp_path):
+    corrupt = tmp_path / "emb.h5"
+    corrupt.write_bytes(b"\x89HDF\r\n garbage")
+    r = runner.invoke(app, ["mask-train", "--detector", str(tiny_pipeline["detector"]), "--embeddings", str(corrupt),
+                            "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "emb.h5" in lines[0]
+    assert "Traceback" not in r.output
+
+    r = runner.invoke(app, ["export-embeddings", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e.h5")])
+    assert r.exit_code == 2 and "detector run not found" in r.output
+    assert not (tmp_path / "e.h5").exists()
+
+    trunc = tmp_path / "model_final.pth"
+    trunc.write_bytes((tiny_pipeline["detector"] / "model_final.pth").read_bytes()[:1000])
+    r = runner.invoke(app, ["export-embeddings", str(trunc), "--out", str(tmp_path / "e.h5")])
+    assert r.exit_code == 2 and "truncated or corrupt" in r.output and not (tmp_path / "e.h5").exists()
+
+
+def test_cli_bad_variant_fails_before_training(tiny_pipeline, tmp_path):
+    r = runner.invoke(app, ["mask-train", "--detector", str(tiny_pipeline["detector"]), "--embeddings",
+                            str(tiny_pipeline["embeddings"]), "--out", str(tmp_path / "m"), "--input", "glove"])
+    assert r.exit_code == 2 and "--glove" in r.output and not (tmp_path / "m").exists()
+
+
+def test_cli_eval_prints_table_and_writes_json(tiny_pipeline, tmp_path):
+    out = tmp_path / "m.json"
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["transfer"]), "--split", "nonvoc", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "mask AP" in r.output and "transfer · B" in r.output
+    assert json.loads(out.read_text())["split"] == "nonvoc"
+
+
+def test_eval_unknown_split(tiny_pipeline):
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["transfer"]), "--split", "vocc"])
+    assert r.exit_code == 2 and "unknown class split 'vocc'" in r.output
