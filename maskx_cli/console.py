@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 import typer
@@ -44,8 +45,14 @@ class RateColumn(ProgressColumn):
 
 
 class _RichTask:
+    """One bar. When stderr is not a terminal (a log file, CI), a plain status line is printed
+    every ``LOG_EVERY_S`` seconds instead, so long jobs still show rate and ETA."""
+
+    LOG_EVERY_S = 30.0
+
     def __init__(self, progress: Progress, task_id: Any):
         self._p, self._id = progress, task_id
+        self._last_log = time.monotonic()
 
     def advance(self, n: int = 1, **fields: object) -> None:
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
@@ -53,9 +60,21 @@ class _RichTask:
             self._p.update(self._id, advance=n, info=info)
         else:
             self._p.update(self._id, advance=n)
+        if not self._p.console.is_terminal and time.monotonic() - self._last_log >= self.LOG_EVERY_S:
+            self._last_log = time.monotonic()
+            self._p.console.print(self._status(), highlight=False, soft_wrap=True)
+
+    def _status(self) -> str:
+        t = self._p.tasks[self._p.task_ids.index(self._id)]
+        rate = t.speed or 0.0
+        eta = f"{t.time_remaining:.0f}s" if t.time_remaining is not None else "?"
+        total = f"/{t.total:.0f}" if t.total else ""
+        return f"{t.description} {t.completed:.0f}{total} ({rate:.2f} it/s, eta {eta}) {t.fields.get('info', '')}".rstrip()
 
     def close(self) -> None:
         self._p.stop_task(self._id)
+        if not self._p.console.is_terminal:
+            self._p.console.print(self._status() + " done", highlight=False, soft_wrap=True)
 
 
 class RichProgress:

@@ -67,6 +67,7 @@ class DetectorConfig:
 class SolverConfig:
     """SGD with linear warm-up and step decay (the Mask R-CNN recipe: 16 images, LR 0.02)."""
 
+    optimizer: str = "sgd"  # sgd (the paper's) | adamw (decoupled weight decay; used for the synthetic stage 2)
     batch_size: int = 16  # images per step, summed over all processes
     lr: float = 0.02  # for `reference_batch_size` images; scaled linearly with batch_size
     reference_batch_size: int = 16

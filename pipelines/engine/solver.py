@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 
 from pipelines.config import SolverConfig
+from pipelines.errors import MaskxError
 
 
 def build_optimizer(params, cfg: SolverConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) or AdamW, over the parameters that require gradients."""
     params = [p for p in params if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.effective_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.effective_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.effective_lr(), weight_decay=cfg.weight_decay)
+    raise MaskxError(f"unknown solver.optimizer '{cfg.optimizer}' (expected sgd | adamw)")
 
 
 def lr_factor(iteration: int, cfg: SolverConfig) -> float:

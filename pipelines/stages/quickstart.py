@@ -23,14 +23,13 @@ from pipelines.config import DataConfig, DetectTrainConfig, EvalConfig, MaskTrai
 from pipelines.data.coco import CocoDataset, load_coco
 from pipelines.data.splits import complement, resolve_split
 from pipelines.data.synthetic import SynthConfig, generate
-from pipelines.engine.device import resolve_device
-from pipelines.evaluation import evaluate_sets
 from pipelines.evaluation.report import markdown_table
+from pipelines.errors import MaskxError
 from pipelines.io import atomic_path, write_json, write_text
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.stages.common import DETECTOR_CKPT, MASK_CKPT, load_detector_run
 from pipelines.stages.detect_train import detect_train
-from pipelines.stages.evaluate import predict_dataset
+from pipelines.stages.evaluate import score_heads
 from pipelines.stages.export_embeddings import export_embeddings, read_embeddings
 from pipelines.stages.mask_train import load_mask_run, mask_train
 from pipelines.visualize import draw_predictions, grid
@@ -86,7 +85,9 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
     det_dir = out / "detector"
     det_over = common + ([f"solver.iterations={cfg.detector_iterations}"] if cfg.detector_iterations else [])
     det_cfg = load_config(DetectTrainConfig, cfg.recipe, [o for o in det_over if not o.startswith(("head.", "cache."))], section="detect_train")
-    if not (det_dir / DETECTOR_CKPT).is_file():
+    if (det_dir / DETECTOR_CKPT).is_file():
+        _check_same_settings(det_dir, det_cfg)
+    else:
         detect_train(det_cfg, det_dir, progress, resume=(det_dir / "last.pth").is_file())
     emb_path = out / "embeddings.h5"
     det = load_detector_run(det_dir)
@@ -107,7 +108,9 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
         mcfg = load_config(MaskTrainConfig, cfg.recipe, mask_over + [f"head.head={head}", f"head.mlp={str(mlp).lower()}",
                                                                       f"data.mask_classes={spec}", f"solver.seed={seed}"],
                            section="mask_train")
-        if not (run / MASK_CKPT).is_file():
+        if (run / MASK_CKPT).is_file():
+            _check_same_settings(run, mcfg)
+        else:
             mask_train(mcfg, det_dir, emb_path, run, progress, resume=(run / "last.pth").is_file())
         runs[key] = run
 
@@ -117,21 +120,16 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
     heads = {key: load_mask_run(run, det)[0] for key, run in runs.items()}
     dataset = CocoDataset(gt, world.val_dir, max_images=cfg.max_val_images)
     eval_cfg = load_config(EvalConfig, cfg.recipe, [o for o in cfg.overrides if o.startswith("eval.")], section="eval")
-    det.model.roi_heads.score_thresh = eval_cfg.score_thresh
-    results = predict_dataset(det, heads, dataset, load_mask_run(next(iter(runs.values())), det)[1]["head"]["roi_size"],
-                              resolve_device("auto"), progress)
-    image_ids = [im["id"] for im in dataset.images]
-    summary: dict = {"splits": {}, "seeds": cfg.seeds, "val_images": len(dataset)}
-    task = progress.task("COCOeval", sum(1 for spec in cfg.splits for k in results if k.split("|")[1] in (spec, "all")))
-    per_run: dict[str, dict] = {}
+    roi_size = load_mask_run(next(iter(runs.values())), det)[1]["head"]["roi_size"]
+    split_sets = {}
     for spec in cfg.splits:
         set_a = resolve_split(spec, cats)
-        sets = {"B": complement(set_a, cats), "A": set_a}
-        for key in results:
-            name, run_spec, seed = key.split("|")
-            if run_spec in (spec, "all"):
-                per_run[f"{key}|{spec}"] = evaluate_sets(gt, results[key], sets, backend=eval_cfg.backend, image_ids=image_ids)
-                task.advance(1)
+        split_sets[spec] = {"B": complement(set_a, cats), "A": set_a}
+    jobs = {f"{key}|{spec}": (key, split_sets[spec]) for spec in cfg.splits for key in heads if key.split("|")[1] in (spec, "all")}
+    per_run, results = score_heads(det, heads, gt, dataset, jobs, roi_size, eval_cfg, progress)
+    summary: dict = {"splits": {}, "seeds": cfg.seeds, "val_images": len(dataset)}
+    for spec in cfg.splits:
+        set_a, sets = split_sets[spec]["A"], split_sets[spec]
         split_summary = {"set_a": set_a, "set_b": sets["B"], "heads": {}}
         for name in HEADS:
             seeds = {}
@@ -146,7 +144,6 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
         a = split_summary["heads"]["class-agnostic+MLP"]["mean"]["segm"]["B"]["AP"]
         split_summary["transfer_over_agnostic_B"] = (t / a) if (t is not None and a) else None
         summary["splits"][spec] = split_summary
-    task.close()
 
     picture = out / "predictions.png"
     _picture(det, heads, runs, cfg.splits[0], dataset, cats, results, picture)
@@ -158,6 +155,16 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
     report_md = out / "report.md"
     write_text(report_md, render_report(summary, cfg))
     return QuickstartResult(out, report_md, report_json, picture, summary, summary["seconds"])
+
+
+def _check_same_settings(run: Path, cfg) -> None:
+    """A finished run is reused only if it was made with the same resolved config."""
+    from pipelines.io import read_yaml
+
+    saved = read_yaml(run / "config.yaml", "run config") or {}
+    saved.pop("stage", None)
+    if saved != to_dict(cfg):
+        raise MaskxError("holds a finished run made with other settings; use another --out (or delete it)", run)
 
 
 def summary_rows(summary: dict) -> dict[str, dict[str, float | None]]:
