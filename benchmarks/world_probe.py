@@ -11,7 +11,7 @@ heads on its 12x12 feature maps (24x24 crops):
 * ``transfer``    per-class 1x1 weights ``T(w_cls[c])``, T = 2 FC layers with LeakyReLU(0.1);
                   set A only; no regularisation of T
 * ``transfer_reg``the same with T's input L2-normalised, dropout 0.5 on it, weight decay
-* ``t_*``         with ``--ablate-t``: T with parts of that regularisation (in the JSON)
+* ``t_*``         with ``--ablate-t``: T with parts of that regularisation
 * ``oracle``      per-class weights learnt freely on all classes (set A and B masks)
 
 Mean mask IoU (threshold 0.5 on 12x12 masks) over held-out crops of set B and of set A is
@@ -58,9 +58,8 @@ def make_looks(kind: str, cats: list[dict]) -> list[dict]:
         return [_extra_look(1000 + i) for i in range(len(cats))]
     if kind == "blocked":
         voc = set(resolve_split("voc", cats))
-        pairs = [(h, t) for h in range(len(PALETTE)) for t in range(len(TEXTURES))]  # hue-major
-        a_pairs, b_pairs = pairs[:20], pairs[20:]  # hues 0-1 fully, hue 2 half... (below: 5 hues)
-        a_pairs = [(h, t) for h in range(5) for t in range(8) if (t + h) % 2 == 0][:20]
+        pairs = [(h, t) for h in range(len(PALETTE)) for t in range(len(TEXTURES))]
+        a_pairs = [(h, t) for h in range(5) for t in range(8) if (t + h) % 2 == 0]  # colours 0-4 only
         b_pairs = [p for p in pairs if p not in set(a_pairs)]
         out, ia, ib = [], 0, 0
         for c in cats:
@@ -270,7 +269,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.75)
     ap.add_argument("--no-clutter", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--ablate-t", action="store_true", help="also train T with parts of its regularisation (JSON only)")
+    ap.add_argument("--ablate-t", action="store_true", help="also train T with parts of its regularisation")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -288,6 +287,12 @@ def main() -> None:
         for r in run_seed(seed, args):
             rows.append(r)
             print(line(r), flush=True)
+            extra = [h for h in r if h.startswith("t_")]
+            if extra:
+                print("     " + "  ".join(f"{h} {r[h]['A']:.3f}/{r[h]['B']:.3f}" for h in extra), flush=True)
+        if args.out:  # after every seed, so an interrupted run keeps what it has
+            with open(args.out, "w") as f:
+                json.dump({"args": vars(args), "rows": rows}, f, indent=2)
     for split in dict.fromkeys(r["spec"] for r in rows):
         sel = [r for r in rows if r["spec"] == split]
         mean = {h: {s: float(np.mean([r[h][s] for r in sel])) for s in "AB"} for h in heads}
