@@ -26,8 +26,11 @@ from rich.text import Text
 
 from pipelines.errors import MaskxError
 
-console = Console(width=int(os.environ["MASKX_CONSOLE_WIDTH"]) if "MASKX_CONSOLE_WIDTH" in os.environ else None)
-err_console = Console(stderr=True, width=console.width if "MASKX_CONSOLE_WIDTH" in os.environ else None)
+# Under torchrun only rank 0 prints (every rank runs the same command).
+_QUIET = int(os.environ.get("RANK", "0")) != 0
+_WIDTH = int(os.environ["MASKX_CONSOLE_WIDTH"]) if "MASKX_CONSOLE_WIDTH" in os.environ else None
+console = Console(width=_WIDTH, quiet=_QUIET)
+err_console = Console(stderr=True, width=_WIDTH, quiet=_QUIET)
 
 STATE = {"verbose": False}
 

@@ -1,1 +1,51 @@
-"""maskx predict commands (being filled in)."""
+"""``maskx predict``: COCO results JSON and pictures (set A green, set B red) for new images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from maskx_cli.console import console, err_console, fail, guarded, print_paths, progress_bars
+from maskx_cli.main import app
+
+
+@app.command("predict")
+@guarded
+def predict_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    mask: Annotated[Path, typer.Option("--mask", "-m", help="Mask run folder (stage 2) or its mask_final.pth.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: predictions.json, images.json, pictures.")],
+    detector: Annotated[Optional[Path], typer.Option("--detector", "-d", help="Detector run (default: the one the mask run was trained on).")] = None,
+    visualize: Annotated[bool, typer.Option("--visualize", help="Write one PNG per image: set-A classes green, set-B red.")] = False,
+    score_thresh: Annotated[float, typer.Option("--score-thresh", help="Keep detections scoring at least this.")] = 0.5,
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Only these classes, comma-separated names (e.g. person,dog).")] = None,
+    set_a_only: Annotated[bool, typer.Option("--set-a-only", help="Only classes that had masks in training (set A).")] = False,
+    set_b_only: Annotated[bool, typer.Option("--set-b-only", help="Only classes without training masks (set B).")] = False,
+    scale: Annotated[int, typer.Option(help="Enlarge pictures by this integer factor (small images).")] = 1,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_images: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
+) -> None:
+    """Detect and segment every class on new images with a detector and a mask run."""
+    from pipelines.stages.predict import predict
+
+    if set_a_only and set_b_only:
+        fail("--set-a-only and --set-b-only exclude each other")
+    if batch_images < 1:
+        fail(f"--batch-images must be positive, got {batch_images}")
+    only = "A" if set_a_only else ("B" if set_b_only else None)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    with progress_bars() as progress:
+        r = predict(mask, list(images), out, detector=detector, score_thresh=score_thresh, classes=names, only=only,
+                    visualize=visualize, scale=scale, device=device, batch_images=batch_images, progress=progress)
+    for path, reason in r.skipped[:10]:
+        err_console.print(f"[yellow]warning:[/] {path}: skipped: {reason}", highlight=False, soft_wrap=True)
+    if len(r.skipped) > 10:
+        err_console.print(f"[yellow]warning:[/] ... and {len(r.skipped) - 10} more", highlight=False)
+    skipped = f", [yellow]{len(r.skipped)} unreadable skipped[/]" if r.skipped else ""
+    console.print(f"[green]predicted[/] {r.images} images, {r.detections} detections{skipped} in {r.seconds:.1f} s")
+    paths = {"predictions": r.predictions}
+    if visualize:
+        paths["pictures"] = f"{len(r.pictures)} PNG files in {r.out}"
+    print_paths(**paths)

@@ -1,1 +1,40 @@
-"""maskx sweep commands (being filled in)."""
+"""``maskx sweep SPEC --out DIR``: a whole table of the paper (or any grid of variants) in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from maskx_cli import data_grabcut  # noqa: F401  (registers `maskx data grabcut` and `maskx eval-grabcut`)
+from maskx_cli.console import console, guarded, metrics_table, print_paths, progress_bars
+from maskx_cli.main import app
+
+
+@app.command("sweep")
+@guarded
+def sweep_cmd(
+    spec: Annotated[str, typer.Argument(help="Sweep spec: a YAML path or a shipped name (table_3_1 ... table_3_5, figure_3_1).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder (rerun with the same folder to resume).")],
+    detector: Annotated[Optional[Path], typer.Option(help="Reuse this detect-train run instead of training stage 1.")] = None,
+    glove: Annotated[Optional[Path], typer.Option(help="GloVe text file for rows with head.input=glove.")] = None,
+    seeds: Annotated[Optional[list[int]], typer.Option("--seed", help="Stage-2 seed (repeatable; default: the spec's).")] = None,
+    max_val_images: Annotated[Optional[int], typer.Option(help="Evaluate on the first N validation images (0 = all).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key of every mask-side run, "
+                                                                          "e.g. --set solver.iterations=100 (repeatable).")] = None,
+) -> None:
+    """Train stage 1 once, every stage-2 variant of the spec on it, evaluate, write a paper-style table."""
+    from pipelines.stages.sweep import load_spec, run_sweep
+
+    s = load_spec(spec)
+    if seeds:
+        s.seeds = list(seeds)
+    if max_val_images is not None:
+        s.max_val_images = max_val_images
+    with progress_bars() as progress:
+        r = run_sweep(s, out, detector, list(set_ or []), str(glove) if glove else None, progress)
+    columns = list(next(iter(r.rows.values())).keys())
+    console.print(metrics_table(s.title or "sweep (mask AP)", r.rows, columns))
+    console.print(f"[green]done[/] {r.ran} run(s) trained/evaluated, {r.skipped} already finished, {r.seconds:.0f} s")
+    print_paths(table=r.table_md, summary=r.summary_json, **({"figure": r.figure} if r.figure else {}))

@@ -1,16 +1,28 @@
 """Distributed helpers for ``torchrun``: process group setup, rank checks, metric reduction.
 
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything degrades to one process.
-NCCL on GPUs, gloo on CPU.
+NCCL on GPUs, gloo on CPU. The contract every stage follows under ``torchrun``: each process
+computes its share of the global batch, DDP averages gradients, only rank 0 writes files (run
+folder, checkpoints, metrics, caches) while the others wait at :func:`barrier`, and logged
+metrics are means over all processes (:func:`mean_dict`).
 """
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as tdist
 from torch import nn
+
+from pipelines.errors import MaskxError
+
+T = TypeVar("T")
+# How long a process waits at a collective (e.g. for rank 0 building a feature cache) before giving up.
+TIMEOUT_ENV = "MASKX_DIST_TIMEOUT_MINUTES"
 
 
 def is_dist() -> bool:
@@ -36,7 +48,9 @@ def init_from_env(device: torch.device) -> bool:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    tdist.init_process_group(backend=backend)
+    minutes = float(os.environ.get(TIMEOUT_ENV, "60"))
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+    atexit.register(cleanup)
     return True
 
 
@@ -66,6 +80,52 @@ def mean_dict(values: dict[str, float]) -> dict[str, float]:
     tdist.all_reduce(t)
     t /= world_size()
     return dict(zip(keys, t.cpu().tolist()))
+
+
+def _reduce_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of a list of floats over all processes (identity in one process)."""
+    if not is_dist():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
+    tdist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects; ``[obj]`` in one process)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def main_first(fn: Callable[[], T], others: bool = True) -> T | None:
+    """Run ``fn`` on rank 0; when it has finished, on the other ranks too (``others``), else return None there.
+
+    For work only rank 0 may do (write the run folder, build a cache that the others then open).
+    If ``fn`` fails on rank 0, the other ranks raise a :class:`MaskxError` instead of waiting forever.
+    """
+    if not is_dist():
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the others
+            error = exc
+    failed = all_reduce_sum([0.0 if error is None else 1.0])[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise MaskxError(f"stopped: rank 0 failed (its error is above); this is rank {rank()}")
+    if others and not is_main():
+        result = fn()
+    return result
 
 
 def cleanup() -> None:

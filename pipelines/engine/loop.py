@@ -1,13 +1,20 @@
 """The training loop shared by every stage: SGD steps, logging, atomic checkpoints, resume, signals.
 
 A stage supplies ``step(iteration) -> dict of losses``; the loop does backward, optimizer and
-schedule steps, writes ``metrics.jsonl`` every ``log_every`` iterations, saves ``last.pth`` every
-``checkpoint_every`` iterations, on SIGINT/SIGTERM, and at the end. A non-finite loss stops the run
-with a clear message and leaves the last good checkpoint in place.
+schedule steps, writes ``metrics.jsonl`` and TensorBoard scalars (``tb/``) every ``log_every``
+iterations, saves ``last.pth`` every ``checkpoint_every`` iterations and on SIGINT/SIGTERM. A
+non-finite loss stops the run with a clear message and leaves the last good checkpoint in place.
+
+Resuming restores model, optimizer, schedule, iteration and every process's random state, so that
+(with the deterministic data order of :class:`pipelines.engine.sampler.IterationBatches`) an
+interrupted and resumed run reaches the same weights as an uninterrupted one. Under ``torchrun``
+the stop signal and the non-finite check are agreed by all processes each iteration (one small
+all-reduce), so that every process stops at the same iteration and none waits forever.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -27,9 +34,11 @@ from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.engine.run_dir import MetricsLog
 from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.errors import MaskxError
+from pipelines.io import atomic_path
 from pipelines.progress import NULL_PROGRESS, Progress
 
 LAST = "last.pth"
+TENSORBOARD = "tb"
 
 
 @dataclass
@@ -108,22 +117,40 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.start_iter = 0
         self.log = MetricsLog(self.run_dir, enabled=dist.is_main())
+        # fp16 autocast on GPU needs loss scaling; bf16 and fp32 do not (a no-op scaler then)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self, iteration: int) -> dict:
+        """The checkpoint payload; a collective call under ``torchrun`` (gathers every rank's RNG)."""
+        rng_ranks = dist.gather_objects(rng_state())
         return {
             "model": dist.unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "iteration": iteration,
-            "rng": rng_state(),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,
+            "world_size": dist.world_size(),
             **self.extra,
         }
 
     def save(self, iteration: int, name: str = LAST) -> None:
+        """Write ``name`` atomically on rank 0; every rank raises if that write failed."""
+        payload = self.state(iteration)
+        error: MaskxError | None = None
         if dist.is_main():
-            save_checkpoint(self.run_dir / name, self.kind, **self.state(iteration))
-        dist.barrier()
+            try:
+                save_checkpoint(self.run_dir / name, self.kind, **payload)
+            except MaskxError as exc:
+                error = exc
+        failed = dist.all_reduce_sum([0.0 if error is None else 1.0])[0]
+        if error is not None:
+            raise error
+        if failed:
+            raise MaskxError("rank 0 could not write the checkpoint", self.run_dir / name)
 
     def resume(self) -> bool:
         """Load ``last.pth`` of the run folder if there is one; return whether it did."""
@@ -134,9 +161,58 @@ class Trainer:
         dist.unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        # the same world size: every process continues its own random stream; otherwise rank 0's
+        set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else ckpt["rng"])
         self.start_iter = int(ckpt["iteration"])
+        if dist.is_main():
+            self._truncate_metrics(self.start_iter)
+        dist.barrier()
         return True
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        """Drop ``metrics.jsonl`` lines logged after ``iteration`` (they are recomputed on resume)."""
+        path = self.log.path
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("iteration", 0)) <= iteration:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                pass  # a line cut short by a crash
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in kept))
+
+    @contextmanager
+    def _tensorboard(self):
+        """A SummaryWriter on ``run_dir/tb`` on rank 0 (None elsewhere); events after a resume point are purged."""
+        if not dist.is_main():
+            yield None
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        try:
+            writer = SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=self.start_iter or None)
+        except OSError as exc:
+            raise MaskxError(f"cannot write TensorBoard logs: {exc.strerror or exc}", self.run_dir / TENSORBOARD) from None
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+    def _log(self, tb, iteration: int, **scalars: float) -> None:
+        try:
+            self.log.write(iteration=iteration, **scalars)
+            if tb is not None:
+                for key, value in scalars.items():
+                    tb.add_scalar(key, value, iteration)
+                tb.flush()
+        except OSError as exc:
+            raise MaskxError(f"cannot write metrics: {exc.strerror or exc}", self.log.path) from None
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, step: Callable[[int], dict[str, torch.Tensor]]) -> TrainStats:
@@ -147,23 +223,28 @@ class Trainer:
         window: list[float] = []
         t0 = time.perf_counter()
         self.model.train()
-        with stop_on_signals() as flag:
+        with stop_on_signals() as flag, self._tensorboard() as tb:
             it = self.start_iter
             for it in range(self.start_iter, cfg.iterations):
                 losses = step(it)
                 loss = sum(losses.values())
                 value = float(loss.detach())
-                if not math.isfinite(value):
+                # one all-reduce agrees on both: any rank non-finite, any rank signalled
+                bad, stop = dist.all_reduce_sum([0.0 if math.isfinite(value) else 1.0, 1.0 if flag["stop"] else 0.0])
+                if bad:
                     raise MaskxError(
-                        f"loss became non-finite ({value}) at iteration {it}; stopped, the last good checkpoint "
-                        f"({LAST}) is kept — lower the learning rate or check the data",
+                        f"loss became non-finite ({value if not math.isfinite(value) else 'on another process'}) at "
+                        f"iteration {it}; stopped, the last good checkpoint ({LAST}) is kept — lower the learning rate "
+                        f"or check the data",
                         self.run_dir,
                     )
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 if cfg.clip_grad_norm > 0:
+                    self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.scheduler.step()
                 window.append(value)
                 window = window[-cfg.log_every :]
@@ -171,11 +252,12 @@ class Trainer:
                 task.advance(1, loss=sum(window) / len(window))
                 if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
                     reduced = dist.mean_dict(stats.last_losses)
-                    self.log.write(iteration=it + 1, lr=self.optimizer.param_groups[0]["lr"], loss=sum(reduced.values()), **reduced)
-                if flag["stop"]:
+                    self._log(tb, it + 1, lr=self.optimizer.param_groups[0]["lr"], loss=sum(reduced.values()), **reduced)
+                if stop:
                     self.save(it + 1)
                     raise MaskxError(
-                        f"stopped by {flag['stop']} at iteration {it + 1}; checkpoint saved — rerun with --resume to continue",
+                        f"stopped by {flag['stop'] or 'a signal to another process'} at iteration {it + 1}; checkpoint "
+                        f"saved — rerun with --resume to continue",
                         self.run_dir,
                     )
                 if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:

@@ -36,29 +36,33 @@ def detect_train(cfg: DetectTrainConfig, out: str | Path, progress: Progress = N
     out = Path(out)
     if (out / DETECTOR_CKPT).exists() and not resume:
         raise MaskxError(f"already holds a finished detector ({DETECTOR_CKPT}); choose another --out", out)
-    device = dist.local_device(resolve_device(cfg.solver.device))
+    device = resolve_device(cfg.solver.device)
     dist.init_from_env(device)
+    device = dist.local_device(device)  # cuda:LOCAL_RANK under torchrun
     seed_everything(cfg.solver.seed + dist.rank())
+    if not dist.is_main():
+        progress = NULL_PROGRESS  # one set of progress bars, from rank 0
 
     data, report = load_split(cfg.data.train_json, "train")
     dataset = CocoDataset(data, cfg.data.train_images, with_masks=False, max_images=cfg.data.max_train_images, drop_empty=True)
     if len(dataset) == 0:
         raise MaskxError("the training split has no image with a box annotation", cfg.data.train_json)
     categories = data["categories"]
-    if dist.is_main():
-        prepare_run_dir(out, "detect-train", to_dict(cfg), {"train_json": cfg.data.train_json})
-    dist.barrier()
+    dist.main_first(lambda: prepare_run_dir(out, "detect-train", to_dict(cfg), {"train_json": cfg.data.train_json}), others=False)
 
     model = build_detector(cfg.detector, len(categories)).to(device)
     stats = train_on_images(model, dataset, cfg.solver, out, "detector-train", {"config": to_dict(cfg), "categories": categories},
                             device, progress, resume, "detect-train")
     final = out / DETECTOR_CKPT
-    if dist.is_main():
+
+    def finish() -> None:
         save_checkpoint(final, "detector", model=model.state_dict(), config=to_dict(cfg), categories=categories,
                         iteration=cfg.solver.iterations)
         update_manifest(out, train_images=len(dataset), degenerate_boxes_skipped=report.degenerate_boxes,
-                        seconds=round(stats.seconds, 1), world_size=dist.world_size())
-    dist.barrier()
+                        seconds=round(stats.seconds, 1), world_size=dist.world_size(),
+                        effective_lr=cfg.solver.effective_lr(), images_per_process=cfg.solver.batch_size // dist.world_size())
+
+    dist.main_first(finish, others=False)  # rank 0 writes; the others wait for it
     return DetectTrainResult(out, final, len(categories), len(dataset), report.degenerate_boxes, stats)
 
 
@@ -83,7 +87,10 @@ def train_on_images(model: torch.nn.Module, dataset: CocoDataset, solver: Solver
         trainer.resume()
     batches = IterationBatches(len(dataset), solver.batch_size, solver.iterations, solver.seed,
                                trainer.start_iter, dist.rank(), dist.world_size())
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=solver.workers)
+    # the loader's own generator: creating its iterator must not draw from the global RNG, which the
+    # checkpoint restores (RPN / box sampling use it), or a resumed run would drift from an uninterrupted one
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=solver.workers,
+                                         generator=torch.Generator().manual_seed(solver.seed))
     it_loader = iter(loader)
 
     def step(_iteration: int) -> dict[str, torch.Tensor]:

@@ -46,6 +46,46 @@ def detector_of_mask_run(mask_run: str | Path) -> Path:
 
 
 @torch.no_grad()
+def detect_and_segment(model, roi_pool, heads: dict[str, torch.nn.Module], images: list[torch.Tensor], device: torch.device,
+                       mask_threshold: float = 0.5, keep_label: torch.Tensor | None = None) -> dict[str, list[dict]]:
+    """Run the detector once on a batch of images, then every mask head on the same detections.
+
+    ``model`` is a torchvision Faster R-CNN in eval mode on ``device``; ``roi_pool`` the mask RoIAlign
+    (``[R, C, S, S]`` features per detection); ``images`` float32 ``[3, H_i, W_i]`` in [0, 1], any
+    sizes. ``keep_label`` (bool ``[K + 1]``, optional) drops detections of the other classes before
+    masks are computed. Each head computes one ``2S x 2S`` map per detection, for its own class, so
+    memory does not grow with the number of classes.
+
+    Returns head name -> one dict per image, on the CPU: ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2
+    in the image's pixels), ``scores`` float32 ``[N]``, ``labels`` int64 ``[N]`` (1..K) and ``masks``
+    uint8 ``[N, H_i, W_i]`` (mask probability >= ``mask_threshold``).
+    """
+    original_sizes = [tuple(im.shape[-2:]) for im in images]
+    image_list, _ = model.transform([im.to(device) for im in images])
+    features = model.backbone(image_list.tensors)
+    proposals, _ = model.rpn(image_list, features)
+    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    if keep_label is not None:
+        detections = [{k: v[keep_label.to(v.device)[d["labels"]]] for k, v in d.items()} for d in detections]
+    boxes = [d["boxes"] for d in detections]
+    labels = torch.cat([d["labels"] for d in detections])
+    counts = [len(b) for b in boxes]
+    roi_features = roi_pool(features, boxes, image_list.image_sizes) if sum(counts) else None
+    out: dict[str, list[dict]] = {}
+    for name, head in heads.items():
+        if roi_features is not None:
+            probs = head(roi_features, labels).sigmoid()
+        else:
+            m = 2 * roi_pool.output_size[0]
+            probs = features[FPN_LEVELS[0]].new_zeros((0, m, m))
+        dets = [{**d, "masks": p[:, None]} for d, p in zip(detections, probs.split(counts))]
+        dets = model.transform.postprocess(dets, image_list.image_sizes, original_sizes)
+        out[name] = [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(), "labels": d["labels"].cpu(),
+                      "masks": (d["masks"][:, 0] >= mask_threshold).to(torch.uint8).cpu()} for d in dets]
+    return out
+
+
+@torch.no_grad()
 def predict_dataset(det: DetectorRun, heads: dict[str, torch.nn.Module], dataset: CocoDataset, roi_size: int,
                     device: torch.device, progress: Progress = NULL_PROGRESS, batch_images: int = 4,
                     mask_threshold: float = 0.5) -> dict[str, list[dict]]:
@@ -62,30 +102,35 @@ def predict_dataset(det: DetectorRun, heads: dict[str, torch.nn.Module], dataset
     task = progress.task("predict", len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_images, collate_fn=collate, num_workers=0)
     for images, targets in loader:
-        original_sizes = [tuple(im.shape[-2:]) for im in images]
-        image_list, _ = model.transform([im.to(device) for im in images])
-        features = model.backbone(image_list.tensors)
-        proposals, _ = model.rpn(image_list, features)
-        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
-        boxes = [d["boxes"] for d in detections]
-        labels = torch.cat([d["labels"] for d in detections])
-        counts = [len(b) for b in boxes]
-        roi_features = roi_pool(features, boxes, image_list.image_sizes) if sum(counts) else None
-        for name, head in heads.items():
-            if roi_features is not None:
-                probs = head(roi_features, labels).sigmoid()
-            else:
-                m = 2 * roi_size
-                probs = features[FPN_LEVELS[0]].new_zeros((0, m, m))
-            dets = [{**d, "masks": p[:, None]} for d, p in zip(detections, probs.split(counts))]
-            dets = model.transform.postprocess(dets, image_list.image_sizes, original_sizes)
+        per_head = detect_and_segment(model, roi_pool, heads, list(images), device, mask_threshold)
+        for name, dets in per_head.items():
             for d, t in zip(dets, targets):
-                masks = (d["masks"][:, 0] >= mask_threshold).to(torch.uint8).cpu().numpy()
-                results[name].extend(to_coco_results(int(t["image_id"]), d["boxes"].cpu().numpy(), d["scores"].cpu().numpy(),
-                                                     cat_ids[d["labels"].cpu() - 1].numpy(), masks))
+                results[name].extend(to_coco_results(int(t["image_id"]), d["boxes"].numpy(), d["scores"].numpy(),
+                                                     cat_ids[d["labels"] - 1].numpy(), d["masks"].numpy()))
         task.advance(len(images))
     task.close()
     return results
+
+
+def score_heads(det: DetectorRun, heads: dict[str, torch.nn.Module], gt: dict, dataset: CocoDataset,
+                jobs: dict[str, tuple[str, dict[str, list[int]]]], roi_size: int, cfg: EvalConfig,
+                progress: Progress = NULL_PROGRESS) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """One prediction pass for every head (the detector runs once per image), then COCOeval per job.
+
+    ``jobs``: job name -> (head name, sets), sets being ``{"B": ids, "A": ids, ...}``; a head may
+    appear in several jobs (e.g. the oracle scored under two class splits). Returns (job name ->
+    ``evaluate_sets`` metrics, head name -> COCO results).
+    """
+    det.model.roi_heads.score_thresh = cfg.score_thresh
+    results = predict_dataset(det, heads, dataset, roi_size, resolve_device("auto"), progress)
+    image_ids = [im["id"] for im in dataset.images]
+    metrics: dict[str, dict] = {}
+    task = progress.task("COCOeval", len(jobs))
+    for job, (head, sets) in jobs.items():
+        metrics[job] = evaluate_sets(gt, results[head], sets, backend=cfg.backend, image_ids=image_ids)
+        task.advance(1)
+    task.close()
+    return metrics, results
 
 
 def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: str | Path | None = None,
@@ -116,18 +161,9 @@ def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: 
     dataset = CocoDataset(gt, val_images, with_masks=False, max_images=cfg.max_images)
     if len(dataset) == 0:
         raise MaskxError("the validation split has no images", val_json)
-    det.model.roi_heads.score_thresh = cfg.score_thresh
-    device = resolve_device("auto")
     roi_size = ckpts[next(iter(ckpts))]["head"]["roi_size"]
     t0 = time.perf_counter()
-    results = predict_dataset(det, heads, dataset, roi_size, device, progress)
-    image_ids = [im["id"] for im in dataset.images]
-    metrics = {}
-    task = progress.task("COCOeval", len(heads))
-    for name, res in results.items():
-        metrics[name] = evaluate_sets(gt, res, sets, backend=cfg.backend, image_ids=image_ids)
-        task.advance(1)
-    task.close()
+    metrics, results = score_heads(det, heads, gt, dataset, {name: (name, sets) for name in heads}, roi_size, cfg, progress)
     seconds = time.perf_counter() - t0
     if json_out:
         record = {

@@ -19,8 +19,8 @@ from pipelines.data.splits import resolve_split
 from pipelines.engine import distributed as dist
 from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source
 from pipelines.engine.checkpoint import save_checkpoint
-from pipelines.engine.device import resolve_device
-from pipelines.engine.loop import Trainer, TrainStats, seed_everything
+from pipelines.engine.device import autocast, resolve_device
+from pipelines.engine.loop import Trainer, TrainStats, rng_state, seed_everything, set_rng_state
 from pipelines.engine.run_dir import prepare_run_dir, update_manifest
 from pipelines.errors import MaskxError
 from pipelines.modeling.embeddings import INPUTS, detector_embedding, glove_embedding, randn_embedding
@@ -92,7 +92,14 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
     set_a = resolve_split(cfg.data.mask_classes, categories)
     train_classes = [c["id"] for c in categories] if cfg.head.head == "oracle" else set_a
     device = resolve_device(cfg.solver.device)
-    seed_everything(cfg.solver.seed)
+    dist.init_from_env(device)
+    device = dist.local_device(device)  # cuda:LOCAL_RANK under torchrun
+    if cfg.solver.batch_size % dist.world_size():
+        raise MaskxError(f"solver.batch_size ({cfg.solver.batch_size}) is the global batch and must be divisible by "
+                         f"the number of processes ({dist.world_size()})")
+    if not dist.is_main():
+        progress = NULL_PROGRESS  # one set of progress bars, from rank 0
+    seed_everything(cfg.solver.seed + dist.rank())
 
     w_det, missing = class_embedding_table(cfg, emb)
     fpn_channels = det.model.backbone.out_channels
@@ -108,9 +115,9 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
     if not dataset.images:
         raise MaskxError(f"no training image has a mask of the set-A classes ({cfg.data.mask_classes})", cfg.data.train_json)
 
-    prepare_run_dir(out, "mask-train", to_dict(cfg),
-                    {"detector": det.checkpoint, "embeddings": embeddings, "train_json": cfg.data.train_json},
-                    extra={"set_a": set_a, "train_classes": len(train_classes)})
+    dist.main_first(lambda: prepare_run_dir(out, "mask-train", to_dict(cfg),
+                                            {"detector": det.checkpoint, "embeddings": embeddings, "train_json": cfg.data.train_json},
+                                            extra={"set_a": set_a, "train_classes": len(train_classes)}), others=False)
     label_ok = torch.zeros(len(categories) + 1, dtype=torch.bool)
     label_ok[[i + 1 for i, c in enumerate(categories) if c["id"] in set(train_classes)]] = True
 
@@ -118,7 +125,12 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
     batch_args = (cfg.solver.batch_size, cfg.solver.iterations, cfg.solver.seed)
     if cfg.cache.enabled:
         # one cache of every class's masks serves agnostic, transfer and oracle runs alike
-        prepared = ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress)
+        # rank 0 builds (or finds) the cache; the other ranks then open the finished file
+        # building a cache must not shift the random stream (dropout of T): the same run gives the
+        # same weights whether the cache was built now or found
+        before = rng_state()
+        prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress))
+        set_rng_state(before)
         cache_path, built = prepared.path, prepared.built
         source = cache_source(prepared.cache, label_ok, *batch_args, cfg.cache, dist.rank(), dist.world_size())
         if isinstance(source, StreamingRoIs):
@@ -128,16 +140,20 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
         source = DetectorRoIs(det.model, roi_pool, dataset, cfg.cache, *batch_args, dist.rank(), dist.world_size())
     train_rois = source.rois
 
-    trainer = Trainer(mask_side, cfg.solver, out, "mask-train",
+    wrapped = mask_side
+    if dist.is_dist():
+        wrapped = torch.nn.parallel.DistributedDataParallel(mask_side, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer = Trainer(wrapped, cfg.solver, out, "mask-train",
                       extra={"config": to_dict(cfg), "categories": categories, "set_a": set_a},
                       progress=progress, description=f"mask-train [{cfg.head.head}{'+mlp' if cfg.head.mlp else ''}]")
     if resume:
         trainer.resume()
 
     def step(iteration: int) -> dict[str, torch.Tensor]:
-        rois = source.batch(iteration)
-        logits = mask_side(rois.features.to(device, torch.float32), rois.labels.to(device))
-        return {"loss_mask": mask_loss(logits, rois.masks.to(device))}
+        rois = source.batch(iteration)  # this process's share of the global batch
+        with autocast(device, cfg.solver.amp):
+            logits = wrapped(rois.features.to(device, torch.float32), rois.labels.to(device))
+            return {"loss_mask": mask_loss(logits, rois.masks.to(device))}
 
     try:
         stats = trainer.run(step)
@@ -146,11 +162,16 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
         if cfg.cache.enabled:
             prepared.cache.close()
     final = out / MASK_CKPT
-    save_checkpoint(final, "mask", model=mask_side.state_dict(), config=to_dict(cfg), head=to_dict(cfg.head),
-                    categories=categories, set_a=set_a, detector_sha256=det.sha256, embed_dim=int(w_det.shape[1]),
-                    in_channels=fpn_channels, iteration=cfg.solver.iterations)
-    update_manifest(out, train_rois=train_rois, cache=str(cache_path) if cache_path else None, cache_built=built,
-                    seconds=round(stats.seconds, 1), missing_glove=missing)
+
+    def finish() -> None:
+        save_checkpoint(final, "mask", model=mask_side.state_dict(), config=to_dict(cfg), head=to_dict(cfg.head),
+                        categories=categories, set_a=set_a, detector_sha256=det.sha256, embed_dim=int(w_det.shape[1]),
+                        in_channels=fpn_channels, iteration=cfg.solver.iterations)
+        update_manifest(out, train_rois=train_rois, cache=str(cache_path) if cache_path else None, cache_built=built,
+                        seconds=round(stats.seconds, 1), missing_glove=missing, world_size=dist.world_size(),
+                        effective_lr=cfg.solver.effective_lr())
+
+    dist.main_first(finish, others=False)  # rank 0 writes; the others wait for it
     return MaskTrainResult(out, final, cfg.head.head, set_a, train_rois, cache_path, built, stats, missing)
 
 

@@ -1,0 +1,83 @@
+"""Per-image inference latency: maskx's Mask^X R-CNN against torchvision's ``maskrcnn_resnet50_fpn``.
+
+Same layout on both sides: R-50-FPN, 81 classes (80 + background), ``--size`` px images (800),
+the same 4-conv 256-channel mask head. maskx's model is its Faster R-CNN (modeling/detector.py)
+with the transfer head (``MaskXRoIHeads``, T applied once to the class table, one 28x28 map per
+detection); torchvision's predicts 81 maps per detection and keeps one. maskx's detector and mask
+head are loaded with torchvision's (random) weights, so both produce the same detections; class
+scores are sharpened (classifier weights x20) and ``score_thresh = 0`` so each image keeps 100
+detections, as a trained detector would. Runs alternate between the two models; medians reported.
+
+    uv run python benchmarks/bench_inference.py --out bench_inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+from _common import interleaved, machine, print_table, write_report  # noqa: E402  (puts the repo on sys.path)
+from pipelines.config import DetectorConfig, HeadConfig  # noqa: E402
+from pipelines.modeling.detector import build_detector  # noqa: E402
+from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn  # noqa: E402
+
+K = 80
+
+
+def build_pair(size: int, mlp: bool):
+    torch.manual_seed(0)
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K + 1, min_size=size, max_size=size)
+    with torch.no_grad():
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(20)
+    tv.roi_heads.score_thresh = 0.0
+    det = build_detector(DetectorConfig(min_size=size, max_size=size, box_score_thresh=0.0), K)
+    missing, unexpected = det.load_state_dict(tv.state_dict(), strict=False)
+    assert not missing and all(k.startswith("roi_heads.mask_") for k in unexpected), (missing, unexpected)
+    w_det = torch.cat([det.roi_heads.box_predictor.cls_score.weight[1:],
+                       det.roi_heads.box_predictor.bbox_pred.weight.view(K + 1, -1)[1:]], 1).detach()
+    side = build_mask_side(HeadConfig(mlp=mlp), K, 256, w_det)
+    side.fcn.convs.load_state_dict(tv.roi_heads.mask_head.state_dict())
+    side.fcn.upsample.load_state_dict(tv.roi_heads.mask_predictor.conv5_mask.state_dict())
+    mx = build_maskx_rcnn(det, side, 14)
+    return tv.eval(), mx.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=800, help="image side in pixels")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs per model (alternating)")
+    ap.add_argument("--full", action="store_true", help="7 rounds")
+    ap.add_argument("--out", type=Path, default=None, help="JSON report")
+    args = ap.parse_args()
+    rounds = 7 if args.full else args.rounds
+    image = [torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0))]
+    tv, mx = build_pair(args.size, mlp=False)
+    _, mx_mlp = build_pair(args.size, mlp=True)
+    with torch.no_grad():
+        dets = [len(m(image)[0]["boxes"]) for m in (tv, mx, mx_mlp)]
+        same = torch.equal(tv(image)[0]["boxes"], mx(image)[0]["boxes"])
+        # the mask side alone, on the same 100 detections' RoI features
+        feats = torch.randn(100, 256, 14, 14).relu()
+        labels = torch.randint(1, K + 1, (100,))
+        tv_mask = lambda: tv.roi_heads.mask_predictor(tv.roi_heads.mask_head(feats))[torch.arange(100), labels]  # noqa: E731
+        t = interleaved({"torchvision": lambda: tv(image), "maskx": lambda: mx(image), "maskx+mlp": lambda: mx_mlp(image),
+                         "tv_mask": tv_mask, "mx_mask": lambda: mx.roi_heads.mask_side(feats, labels),
+                         "mx_mlp_mask": lambda: mx_mlp.roi_heads.mask_side(feats, labels)}, rounds)
+    rows = [
+        ["torchvision maskrcnn_resnet50_fpn", dets[0], t["torchvision"], 1.0, t["tv_mask"], 1.0],
+        ["maskx Mask^X R-CNN (transfer)", dets[1], t["maskx"], t["maskx"] / t["torchvision"], t["mx_mask"], t["mx_mask"] / t["tv_mask"]],
+        ["maskx Mask^X R-CNN (transfer+MLP)", dets[2], t["maskx+mlp"], t["maskx+mlp"] / t["torchvision"], t["mx_mlp_mask"],
+         t["mx_mlp_mask"] / t["tv_mask"]],
+    ]
+    print_table(f"inference per image, R-50-FPN, {K + 1} classes, {args.size} px (same detections: {same})",
+                ["model", "detections", "s/image", "x torchvision", "mask side s (100 RoIs)", "x torchvision"], rows)
+    write_report(args.out, {"benchmark": "inference", "machine": machine(), "size": args.size, "rounds": rounds,
+                            "same_boxes": same, "rows": [dict(zip(["model", "detections", "seconds", "ratio", "mask_seconds",
+                                                                    "mask_ratio"], r)) for r in rows]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""``maskx predict``: boxes and masks of every class on new images, as COCO results and pictures.
+
+The frozen detector finds boxes of all K classes; the mask run's head computes one mask per
+detection for that detection's class (set-A classes saw masks in training, set-B classes get
+theirs through the weight transfer function), so memory per image does not grow with K.
+
+Outputs in ``out``:
+
+- ``predictions.json``: COCO results (one dict per detection: ``image_id``, ``file_name``,
+  ``category_id``, ``category_name``, ``score``, ``bbox`` [x, y, w, h], ``segmentation`` as
+  compressed RLE), written atomically; ``pycocotools``' ``loadRes`` reads it as is.
+- ``images.json``: the images read (``id``, ``file_name``, ``width``, ``height``) and those skipped
+  with the reason.
+- with ``visualize``: ``<image stem>.png`` per image, the input's size times ``scale``, set-A
+  classes green, set-B classes red, ``name score`` labels (the paper's figures).
+
+Images that cannot be read are reported and skipped; the others are written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.data.coco import read_image
+from pipelines.engine.device import resolve_device
+from pipelines.errors import MaskxError
+from pipelines.evaluation import to_coco_results
+from pipelines.io import atomic_path, write_json, write_text
+from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
+from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.stages.common import load_detector_run
+from pipelines.stages.evaluate import detect_and_segment, detector_of_mask_run
+from pipelines.stages.mask_train import load_mask_run
+from pipelines.visualize import draw_predictions
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+PREDICTIONS = "predictions.json"
+IMAGES = "images.json"
+
+
+@dataclass
+class PredictResult:
+    out: Path
+    predictions: Path
+    images: int  # images read and predicted
+    detections: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
+    pictures: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def find_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files named directly, plus those found (recursively, sorted) in named folders.
+
+    A file named directly is taken whatever its suffix (it may still fail to read); in folders only
+    files with an image suffix count. Raises MaskxError for a path that does not exist or when no
+    image is found at all.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise MaskxError("no such image file or folder", path)
+    if not found:
+        raise MaskxError(f"no image files found (looked for {', '.join(IMAGE_SUFFIXES)})", inputs[0] if inputs else None)
+    seen: set[Path] = set()
+    return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def class_filter(categories: list[dict], set_a: list[int], classes: list[str] | None = None,
+                 only: str | None = None) -> torch.Tensor:
+    """Which contiguous labels to keep: bool ``[K + 1]`` (index 0, background, is False).
+
+    ``classes``: class names to keep (None = all; an unknown name is an error). ``only``: ``"A"``
+    keeps set-A classes, ``"B"`` set-B classes, None both.
+    """
+    if only not in (None, "A", "B"):
+        raise MaskxError(f"unknown class set '{only}' (expected A or B)")
+    keep = torch.zeros(len(categories) + 1, dtype=torch.bool)
+    names = {c["name"]: i + 1 for i, c in enumerate(categories)}
+    if classes:
+        unknown = [n for n in classes if n not in names]
+        if unknown:
+            raise MaskxError(f"unknown class name '{unknown[0]}' (the detector has {len(names)} classes, e.g. "
+                             f"{', '.join(list(names)[:5])})")
+        keep[[names[n] for n in classes]] = True
+    else:
+        keep[1:] = True
+    a = set(set_a)
+    for i, c in enumerate(categories):
+        if (only == "A" and c["id"] not in a) or (only == "B" and c["id"] in a):
+            keep[i + 1] = False
+    if not keep.any():
+        raise MaskxError("the class filters leave no class to predict")
+    return keep
+
+
+def _picture_name(path: Path, used: set[str]) -> str:
+    name, n = f"{path.stem}.png", 1
+    while name in used:
+        name, n = f"{path.stem}-{n}.png", n + 1
+    used.add(name)
+    return name
+
+
+@torch.no_grad()
+def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, detector: str | Path | None = None,
+            score_thresh: float = 0.5, classes: list[str] | None = None, only: str | None = None,
+            visualize: bool = False, scale: int = 1, device: str = "auto", batch_images: int = 4,
+            mask_threshold: float = 0.5, progress: Progress = NULL_PROGRESS) -> PredictResult:
+    """Detect and segment every image of ``inputs`` (files or folders) with a detector + mask run.
+
+    ``detector`` defaults to the one named in the mask run's manifest; a mask run trained on another
+    detector is refused. ``score_thresh`` drops weaker detections before masks are computed;
+    ``classes`` / ``only`` filter classes (see :func:`class_filter`). See the module docstring for
+    the files written to ``out``.
+    """
+    t0 = time.perf_counter()
+    if not 0.0 <= score_thresh <= 1.0:
+        raise MaskxError(f"--score-thresh must be in [0, 1], got {score_thresh}")
+    if scale < 1:
+        raise MaskxError(f"picture scale must be >= 1, got {scale}")
+    files = find_images(inputs)
+    det = load_detector_run(detector or detector_of_mask_run(mask_run))
+    head, ckpt = load_mask_run(mask_run, det)
+    categories = det.categories
+    set_a = list(ckpt["set_a"])
+    keep = class_filter(categories, set_a, classes, only)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MaskxError("output path exists and is not a folder", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MaskxError(f"cannot create output folder: {exc.strerror}", out) from None
+
+    dev = resolve_device(device)
+    model = det.model.to(dev).eval()
+    model.roi_heads.score_thresh = score_thresh
+    head.to(dev).eval()
+    roi_pool = build_mask_roi_pool(ckpt["head"]["roi_size"])
+    cat_ids = np.array([c["id"] for c in categories])
+    names = {c["id"]: c["name"] for c in categories}
+    in_a = set(set_a)
+
+    results: list[dict] = []
+    image_records: list[dict] = []
+    skipped: list[tuple[str, str]] = []
+    pictures: list[Path] = []
+    used_names: set[str] = set()
+    task = progress.task("predict", len(files))
+
+    def run_batch(batch: list[tuple[int, Path, torch.Tensor]]) -> None:
+        dets = detect_and_segment(model, roi_pool, {"mask": head}, [im for _, _, im in batch], dev, mask_threshold, keep)["mask"]
+        for (image_id, path, image), d in zip(batch, dets):
+            cats = cat_ids[d["labels"].numpy() - 1]
+            rows = to_coco_results(image_id, d["boxes"].numpy(), d["scores"].numpy(), cats, d["masks"].numpy())
+            for r in rows:
+                r["file_name"] = str(path)
+                r["category_name"] = names[r["category_id"]]
+            results.extend(rows)
+            if visualize:
+                picture = out / _picture_name(path, used_names)
+                rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                drawing = draw_predictions(rgb, d["boxes"].numpy(), [names[c] for c in cats], d["scores"].numpy(),
+                                           d["masks"].numpy(), [c in in_a for c in cats], scale=scale)
+                with atomic_path(picture) as tmp:
+                    drawing.save(tmp, format="PNG")
+                pictures.append(picture)
+        task.advance(len(batch))
+
+    batch: list[tuple[int, Path, torch.Tensor]] = []
+    for path in files:
+        try:
+            image = read_image(path)
+        except MaskxError as exc:
+            skipped.append((str(path), exc.message))
+            task.advance(1)
+            continue
+        image_id = len(image_records) + 1
+        image_records.append({"id": image_id, "file_name": str(path), "height": int(image.shape[1]), "width": int(image.shape[2])})
+        batch.append((image_id, path, image))
+        if len(batch) == batch_images:
+            run_batch(batch)
+            batch = []
+    if batch:
+        run_batch(batch)
+    task.close()
+    if not image_records:
+        raise MaskxError(f"none of the {len(files)} image file(s) could be read (first: {skipped[0][1]})", skipped[0][0])
+
+    predictions = out / PREDICTIONS
+    write_text(predictions, json.dumps(results, separators=(",", ":")) + "\n")  # compact: one entry per detection
+    write_json(out / IMAGES, {
+        "images": image_records,
+        "skipped": [{"file_name": p, "reason": r} for p, r in skipped],
+        "categories": [{**c, "set": "A" if c["id"] in in_a else "B"} for c in categories],
+        "detector": str(det.checkpoint),
+        "mask": str(mask_run),
+        "score_thresh": score_thresh,
+    })
+    return PredictResult(out, predictions, len(image_records), len(results), skipped, pictures, time.perf_counter() - t0)

@@ -1,0 +1,139 @@
+"""maskx predict: COCO results with file names, pictures, filters, unreadable images, mismatched runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from typer.testing import CliRunner
+
+from maskx_cli.main import app
+from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.errors import MaskxError
+from pipelines.io import sha256_file
+from pipelines.stages.detect_train import detect_train
+from pipelines.stages.export_embeddings import export_embeddings
+from pipelines.stages.mask_train import mask_train
+from pipelines.stages.predict import class_filter, find_images, predict
+from tests.engine.tiny_runs import detect_config, make_world, mask_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny detector + transfer mask run, and an input folder of 3 images and 1 corrupt file."""
+    root = tmp_path_factory.mktemp("predict")
+    torch.set_num_threads(1)
+    world = make_world(root, train_images=16, val_images=3)
+    detect_train(detect_config(world, "solver.iterations=2"), root / "det")
+    export_embeddings(root / "det", root / "emb.h5")
+    mask_train(mask_config(world, "solver.iterations=2"), root / "det", root / "emb.h5", root / "mask")
+    inputs = root / "inputs"
+    shutil.copytree(world.val_dir, inputs)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root, inputs
+
+
+def test_predict_writes_coco_results_and_pictures(trained):
+    root, inputs = trained
+    r = predict(root / "mask", [inputs], root / "out", score_thresh=0.0, visualize=True)
+    good = sorted(p for p in inputs.iterdir() if p.name != "broken.png")
+    assert r.images == 3 and len(r.pictures) == 3
+    assert [p for p, _ in r.skipped] == [str(inputs / "broken.png")]
+    assert "image cannot be read" in r.skipped[0][1]
+
+    results = json.loads(r.predictions.read_text())
+    assert len(results) == r.detections > 0
+    categories = {c["id"]: c for c in load_checkpoint(root / "det" / "model_final.pth")["categories"]}
+    assert {d["file_name"] for d in results} <= {str(p) for p in good}
+    for d in results:
+        assert d["category_name"] == categories[d["category_id"]]["name"]
+        assert 0.0 <= d["score"] <= 1.0 and len(d["bbox"]) == 4
+        m = mask_utils.decode({"size": d["segmentation"]["size"], "counts": d["segmentation"]["counts"].encode()})
+        assert m.shape == (64, 64) and set(np.unique(m)) <= {0, 1}
+    per_image = {}
+    for d in results:
+        per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
+    assert max(per_image.values()) <= 10  # detector.box_detections_per_img
+
+    images = json.loads((root / "out" / "images.json").read_text())
+    assert [im["file_name"] for im in images["images"]] == [str(p) for p in good]
+    assert images["skipped"][0]["file_name"] == str(inputs / "broken.png")
+    for picture, source in zip(r.pictures, good):
+        assert picture.name == source.stem + ".png"
+        with Image.open(picture) as im, Image.open(source) as src:
+            assert im.format == "PNG" and im.size == src.size
+            # detections were drawn: the picture is not the input image
+            assert not np.array_equal(np.asarray(im.convert("RGB")), np.asarray(src.convert("RGB")))
+
+
+def test_score_threshold_and_class_filters(trained):
+    root, inputs = trained
+    everything = json.loads(predict(root / "mask", [inputs], root / "all", score_thresh=0.0).predictions.read_text())
+    assert everything
+    set_a = set(load_checkpoint(root / "mask" / "mask_final.pth")["set_a"])
+    b_only = json.loads(predict(root / "mask", [inputs], root / "b", score_thresh=0.0, only="B").predictions.read_text())
+    assert b_only and all(d["category_id"] not in set_a for d in b_only)
+    top = max(everything, key=lambda d: d["score"])
+    named = predict(root / "mask", [inputs], root / "named", score_thresh=0.0, classes=[top["category_name"]])
+    assert {d["category_name"] for d in json.loads(named.predictions.read_text())} == {top["category_name"]}
+    above = predict(root / "mask", [inputs], root / "high", score_thresh=top["score"] - 1e-6)
+    assert 1 <= above.detections < len(everything)
+    with pytest.raises(MaskxError, match="unknown class name 'unicorn'"):
+        predict(root / "mask", [inputs], root / "x", classes=["unicorn"])
+
+
+def test_class_filter_masks():
+    cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 9, "name": "boat"}]
+    assert class_filter(cats, [1]).tolist() == [False, True, True, True]
+    assert class_filter(cats, [1], only="A").tolist() == [False, True, False, False]
+    assert class_filter(cats, [1], only="B").tolist() == [False, False, True, True]
+    assert class_filter(cats, [1], classes=["boat"]).tolist() == [False, False, False, True]
+    with pytest.raises(MaskxError, match="leave no class"):
+        class_filter(cats, [1], classes=["person"], only="B")
+
+
+def test_cli_predict_visualize_scaled_and_counts_skipped(trained):
+    root, inputs = trained
+    out = root / "cli"
+    result = CliRunner().invoke(app, ["predict", str(inputs), "--mask", str(root / "mask"), "--detector", str(root / "det"),
+                                      "--out", str(out), "--visualize", "--scale", "2", "--score-thresh", "0.0"])
+    assert result.exit_code == 0, result.output
+    assert "predicted 3 images" in result.output and "1 unreadable skipped" in result.output
+    assert f"warning: {inputs / 'broken.png'}: skipped: image cannot be read" in result.output
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3
+    with Image.open(pngs[0]) as im:
+        assert im.size == (128, 128)
+
+
+def test_mask_run_of_another_detector_is_refused(trained, tmp_path):
+    root, inputs = trained
+    ckpt = load_checkpoint(root / "det" / "model_final.pth")
+    other = tmp_path / "other_det"
+    save_checkpoint(other / "model_final.pth", "detector", **{k: v for k, v in ckpt.items() if k not in ("format", "kind")},
+                    note="another detector")
+    with pytest.raises(MaskxError, match="this mask head was trained on another detector"):
+        predict(root / "mask", [inputs], tmp_path / "out", detector=other)
+    result = CliRunner().invoke(app, ["predict", str(inputs), "--mask", str(root / "mask"), "--detector", str(other),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    trained_on = load_checkpoint(root / "mask" / "mask_final.pth")["detector_sha256"][:12]
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"this mask head was trained on another detector (sha256 {trained_on}…, given detector "
+        f"{sha256_file(other / 'model_final.pth')[:12]}…)")
+
+
+def test_missing_input_and_no_images(tmp_path):
+    with pytest.raises(MaskxError, match="no such image file or folder"):
+        find_images([tmp_path / "nope"])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(MaskxError, match="no image files found"):
+        find_images([tmp_path])
