@@ -20,8 +20,8 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 
 
-def prepare_run_dir(out: str | Path, stage: str, config: dict, inputs: dict[str, str | Path], extra: dict | None = None) -> Path:
-    """Create ``out`` and write its resolved config and manifest (input paths with SHA-256)."""
+def make_output_dir(out: str | Path) -> Path:
+    """Create the folder ``out`` (and parents) or raise one clear MaskxError."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MaskxError("output path exists and is not a folder", out)
@@ -29,6 +29,12 @@ def prepare_run_dir(out: str | Path, stage: str, config: dict, inputs: dict[str,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MaskxError(f"cannot create output folder: {exc.strerror}", out) from None
+    return out
+
+
+def prepare_run_dir(out: str | Path, stage: str, config: dict, inputs: dict[str, str | Path], extra: dict | None = None) -> Path:
+    """Create ``out`` and write its resolved config and manifest (input paths with SHA-256)."""
+    out = make_output_dir(out)
     write_yaml(out / CONFIG, {"stage": stage, **config})
     manifest = {
         "stage": stage,

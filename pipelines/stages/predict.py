@@ -29,6 +29,7 @@ import torch
 
 from pipelines.data.coco import read_image
 from pipelines.engine.device import resolve_device
+from pipelines.engine.run_dir import make_output_dir
 from pipelines.errors import MaskxError
 from pipelines.evaluation import to_coco_results
 from pipelines.io import atomic_path, write_json, write_text
@@ -136,13 +137,7 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
     categories = det.categories
     set_a = list(ckpt["set_a"])
     keep = class_filter(categories, set_a, classes, only)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MaskxError("output path exists and is not a folder", out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MaskxError(f"cannot create output folder: {exc.strerror}", out) from None
+    out = make_output_dir(out)
 
     dev = resolve_device(device)
     model = det.model.to(dev).eval()

@@ -84,7 +84,7 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
     # stage 1
     det_dir = out / "detector"
     det_over = common + ([f"solver.iterations={cfg.detector_iterations}"] if cfg.detector_iterations else [])
-    det_cfg = load_config(DetectTrainConfig, cfg.recipe, [o for o in det_over if not o.startswith(("head.", "cache."))], section="detect_train")
+    det_cfg = load_config(DetectTrainConfig, cfg.recipe, _for(DetectTrainConfig, det_over), section="detect_train")
     if (det_dir / DETECTOR_CKPT).is_file():
         _check_same_settings(det_dir, det_cfg)
     else:
@@ -105,7 +105,7 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
                 plan.append((key, run, head, mlp, spec, seed))
     mask_over = common + ([f"solver.iterations={cfg.mask_iterations}"] if cfg.mask_iterations else [])
     for key, run, head, mlp, spec, seed in plan:
-        mcfg = load_config(MaskTrainConfig, cfg.recipe, mask_over + [f"head.head={head}", f"head.mlp={str(mlp).lower()}",
+        mcfg = load_config(MaskTrainConfig, cfg.recipe, _for(MaskTrainConfig, mask_over) + [f"head.head={head}", f"head.mlp={str(mlp).lower()}",
                                                                       f"data.mask_classes={spec}", f"solver.seed={seed}"],
                            section="mask_train")
         if (run / MASK_CKPT).is_file():
@@ -155,6 +155,12 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
     report_md = out / "report.md"
     write_text(report_md, render_report(summary, cfg))
     return QuickstartResult(out, report_md, report_json, picture, summary, summary["seconds"])
+
+
+def _for(cls, overrides: list[str]) -> list[str]:
+    """The overrides whose section exists in the stage config ``cls`` (``solver.*`` goes to every stage)."""
+    sections = {f.name for f in dataclasses.fields(cls)}
+    return [o for o in overrides if o.split(".", 1)[0] in sections]
 
 
 def _check_same_settings(run: Path, cfg) -> None:

@@ -1,0 +1,48 @@
+"""`maskx quickstart` end to end on a tiny world: report files, their keys, reuse on rerun."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from maskx_cli.main import app
+
+runner = CliRunner()
+
+TINY = ["--train-images", "32", "--val-images", "6", "--detector-iterations", "2", "--mask-iterations", "2",
+        "--seed", "0", "--split", "voc",
+        "--set", "detector.min_size=96", "--set", "detector.max_size=96", "--set", "detector.fpn_channels=32",
+        "--set", "detector.box_representation=64", "--set", "head.mask_dim=16", "--set", "head.mlp_hidden=32",
+        "--set", "solver.warmup_iters=1"]
+
+
+def test_quickstart_tiny(tmp_path):
+    out = tmp_path / "qs"
+    r = runner.invoke(app, ["quickstart", "--out", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    voc = report["splits"]["voc"]
+    assert len(voc["set_a"]) == 20 and len(voc["set_b"]) == 60
+    assert set(voc["heads"]) == {"class-agnostic+MLP", "transfer+MLP", "oracle"}
+    for head in voc["heads"].values():
+        assert set(head["mean"]["segm"]) == {"B", "A"}
+        assert len(head["segm_B_AP_per_seed"]) == 1
+    # one detector for every head: identical box AP
+    boxes = {json.dumps(h["mean"]["bbox"]) for h in voc["heads"].values()}
+    assert len(boxes) == 1
+    md = (out / "report.md").read_text()
+    assert "| transfer+MLP |" in md and "voc→nonvoc B" in md
+    with Image.open(out / "predictions.png") as im:
+        assert im.width > 96 * 3 and im.height > 2 * 96 * 3  # two rows (agnostic, transfer) at 3x scale
+    assert "transfer+MLP" in r.output
+
+    # a rerun reuses every finished piece
+    r2 = runner.invoke(app, ["quickstart", "--out", str(out), *TINY])
+    assert r2.exit_code == 0, r2.output
+    assert "detect-train" not in r2.output and "mask-train" not in r2.output
+
+    # the same folder with other settings is refused, not silently mixed
+    r3 = runner.invoke(app, ["quickstart", "--out", str(out), *TINY[:-2], "--set", "solver.warmup_iters=2"])
+    assert r3.exit_code == 2 and "other settings" in r3.output
