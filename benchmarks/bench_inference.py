@@ -14,6 +14,7 @@ detections, as a trained detector would. Runs alternate between the two models; 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,9 @@ def main() -> None:
     image = [torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0))]
     tv, mx = build_pair(args.size, mlp=False)
     _, mx_mlp = build_pair(args.size, mlp=True)
+    heads: dict[str, list[float]] = {}
+    for name, m in (("torchvision", tv), ("maskx", mx), ("maskx+mlp", mx_mlp)):
+        m.roi_heads.forward = _timed(m.roi_heads.forward, heads.setdefault(name, []))
     with torch.no_grad():
         dets = [len(m(image)[0]["boxes"]) for m in (tv, mx, mx_mlp)]
         same = torch.equal(tv(image)[0]["boxes"], mx(image)[0]["boxes"])
@@ -66,17 +70,29 @@ def main() -> None:
         t = interleaved({"torchvision": lambda: tv(image), "maskx": lambda: mx(image), "maskx+mlp": lambda: mx_mlp(image),
                          "tv_mask": tv_mask, "mx_mask": lambda: mx.roi_heads.mask_side(feats, labels),
                          "mx_mlp_mask": lambda: mx_mlp.roi_heads.mask_side(feats, labels)}, rounds)
+    h = {k: sorted(v[-rounds:])[rounds // 2] for k, v in heads.items()}  # RoI heads (box + mask side) of the timed runs
     rows = [
-        ["torchvision maskrcnn_resnet50_fpn", dets[0], t["torchvision"], 1.0, t["tv_mask"], 1.0],
-        ["maskx Mask^X R-CNN (transfer)", dets[1], t["maskx"], t["maskx"] / t["torchvision"], t["mx_mask"], t["mx_mask"] / t["tv_mask"]],
-        ["maskx Mask^X R-CNN (transfer+MLP)", dets[2], t["maskx+mlp"], t["maskx+mlp"] / t["torchvision"], t["mx_mlp_mask"],
-         t["mx_mlp_mask"] / t["tv_mask"]],
+        ["torchvision maskrcnn_resnet50_fpn", dets[0], t["torchvision"], 1.0, h["torchvision"], 1.0, t["tv_mask"], 1.0],
+        ["maskx Mask^X R-CNN (transfer)", dets[1], t["maskx"], t["maskx"] / t["torchvision"], h["maskx"], h["maskx"] / h["torchvision"],
+         t["mx_mask"], t["mx_mask"] / t["tv_mask"]],
+        ["maskx Mask^X R-CNN (transfer+MLP)", dets[2], t["maskx+mlp"], t["maskx+mlp"] / t["torchvision"], h["maskx+mlp"],
+         h["maskx+mlp"] / h["torchvision"], t["mx_mlp_mask"], t["mx_mlp_mask"] / t["tv_mask"]],
     ]
     print_table(f"inference per image, R-50-FPN, {K + 1} classes, {args.size} px (same detections: {same})",
-                ["model", "detections", "s/image", "x torchvision", "mask side s (100 RoIs)", "x torchvision"], rows)
+                ["model", "detections", "s/image", "x tv", "RoI heads s", "x tv", "mask side s (100 RoIs)", "x tv"], rows)
     write_report(args.out, {"benchmark": "inference", "machine": machine(), "size": args.size, "rounds": rounds,
-                            "same_boxes": same, "rows": [dict(zip(["model", "detections", "seconds", "ratio", "mask_seconds",
-                                                                    "mask_ratio"], r)) for r in rows]})
+                            "same_boxes": same,
+                            "rows": [dict(zip(["model", "detections", "seconds", "ratio", "roi_heads_seconds", "roi_heads_ratio",
+                                               "mask_seconds", "mask_ratio"], r)) for r in rows]})
+
+
+def _timed(fn, sink: list[float]):
+    def run(*a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        sink.append(time.perf_counter() - t0)
+        return out
+    return run
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from maskx_cli import data_grabcut  # noqa: F401  (registers `maskx data grabcut` and `maskx eval-grabcut`)
-from maskx_cli.console import console, guarded, metrics_table, print_paths, progress_bars
+from maskx_cli.console import console, fail, guarded, metrics_table, print_paths, progress_bars
 from maskx_cli.main import app
 
 
@@ -21,6 +21,7 @@ def sweep_cmd(
     glove: Annotated[Optional[Path], typer.Option(help="GloVe text file for rows with head.input=glove.")] = None,
     seeds: Annotated[Optional[list[int]], typer.Option("--seed", help="Stage-2 seed (repeatable; default: the spec's).")] = None,
     max_val_images: Annotated[Optional[int], typer.Option(help="Evaluate on the first N validation images (0 = all).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only the rows whose name contains this text (repeatable).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key of every mask-side run, "
                                                                           "e.g. --set solver.iterations=100 (repeatable).")] = None,
 ) -> None:
@@ -32,6 +33,10 @@ def sweep_cmd(
         s.seeds = list(seeds)
     if max_val_images is not None:
         s.max_val_images = max_val_images
+    if only:
+        s.rows = [r for r in s.rows if any(o.lower() in r.name.lower() for o in only)]
+        if not s.rows:
+            fail(f"no row of {spec} matches --only {' '.join(only)}")
     with progress_bars() as progress:
         r = run_sweep(s, out, detector, list(set_ or []), str(glove) if glove else None, progress)
     columns = list(next(iter(r.rows.values())).keys())

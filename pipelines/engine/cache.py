@@ -275,11 +275,19 @@ class InMemoryRoIs:
 
     def __init__(self, cache: FeatureCache, rows: np.ndarray, batch_size: int, iterations: int, seed: int,
                  rank: int = 0, world_size: int = 1):
-        everything = cache.load()
-        idx = torch.from_numpy(rows)
-        self.features, self.masks, self.labels = everything.features[idx], everything.masks[idx], everything.labels[idx]
-        del everything
-        self.rows = idx
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        f, m = cache.features, cache.masks
+        self.features = torch.empty((len(rows),) + f.shape[1:], dtype=torch.from_numpy(np.zeros(0, f.dtype)).dtype)
+        self.masks = torch.empty((len(rows),) + m.shape[1:], dtype=torch.uint8)
+        block, done = 64 * cache.chunk_rows, 0  # read in blocks: never the whole file, only the kept rows
+        for a in range(0, len(cache), block):
+            sel = rows[(rows >= a) & (rows < a + block)]
+            if len(sel):
+                self.features[done : done + len(sel)] = torch.from_numpy(f[a : a + block][sel - a])
+                self.masks[done : done + len(sel)] = torch.from_numpy(m[a : a + block][sel - a])
+                done += len(sel)
+        self.rows = torch.from_numpy(rows)
+        self.labels = torch.from_numpy(cache.labels[rows])
         self.rois = len(rows)
         self.batches = IterationBatches(self.rois, batch_size, iterations, seed, rank=rank, world_size=world_size)
 

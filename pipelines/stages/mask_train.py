@@ -57,6 +57,8 @@ def check_head_config(cfg: MaskTrainConfig) -> None:
         raise MaskxError(f"--transfer-layers must be 1, 2 or 3, got {h.transfer_layers}")
     if h.transfer_activation not in ("none", "relu", "leaky_relu"):
         raise MaskxError(f"unknown --transfer-activation '{h.transfer_activation}' (expected none | relu | leaky_relu)")
+    if h.fcn not in ("convs", "hourglass"):
+        raise MaskxError(f"unknown head.fcn '{h.fcn}' (expected convs | hourglass)")
     check_cache_config(cfg.cache)
     if cfg.solver.iterations < 1 or cfg.solver.batch_size < 1:
         raise MaskxError("solver.iterations and solver.batch_size must be positive")

@@ -209,7 +209,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = No
         data = {"train_json": str(world.train_json), "train_images": str(world.train_dir),
                 "val_json": str(world.val_json), "val_images": str(world.val_dir)}
         if not (det_dir / DETECTOR_CKPT).is_file():
-            over = [f"data.{k}={v}" for k, v in data.items()] + [o for o in spec.overrides if not o.startswith(("head.", "cache."))]
+            over = [f"data.{k}={v}" for k, v in data.items()] + [o for o in spec.overrides if not o.startswith(("head.", "cache.", "eval."))]
             if spec.detector_iterations:
                 over.append(f"solver.iterations={spec.detector_iterations}")
             det_cfg = load_config(DetectTrainConfig, spec.recipe, over, section="detect_train")
@@ -229,6 +229,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = No
     def sets_of(direction: str) -> dict[str, list[int]]:
         set_a = resolve_split(direction, cats)
         return {"B": complement(set_a, cats), "A": set_a}
+
+    stage_over = [o for o in spec.overrides if not o.startswith("eval.")]
 
     # -- the plan ------------------------------------------------------------------------------
     jobs: list[_Job] = []
@@ -257,7 +259,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = No
     stagewise: dict[str, tuple[Path, list[_Job]]] = {}
     for job in todo:
         row = job.row
-        over = data_over + list(spec.overrides) + stage2 + list(row.set) + [f"data.mask_classes={job.direction}", f"solver.seed={job.seed}"]
+        over = data_over + stage_over + stage2 + list(row.set) + [f"data.mask_classes={job.direction}", f"solver.seed={job.seed}"]
         if glove and not any(o.startswith("head.glove=") for o in over):
             over.append(f"head.glove={glove}")
         if row.masks == "grabcut":

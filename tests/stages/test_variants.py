@@ -47,7 +47,7 @@ def _toy_batch():
 def _grads_from_mask_loss(model):
     images, targets = _toy_batch()
     losses = model(images, targets)
-    assert float(losses["loss_mask"]) > 0
+    assert float(losses["loss_mask"].detach()) > 0
     model.zero_grad(set_to_none=True)
     losses["loss_mask"].backward()
     pred = model.roi_heads.box_predictor
@@ -129,6 +129,7 @@ def _one_error_line(r) -> str:
     (["--input", "glove"], "--glove"),
     (["--transfer-layers", "0"], "--transfer-layers must be 1, 2 or 3"),
     (["--transfer-activation", "tanh"], "--transfer-activation"),
+    (["--set", "head.fcn=unet"], "unknown head.fcn 'unet'"),
 ])
 def test_wrong_combinations_fail_before_anything_runs(tmp_path, extra, expected):
     # mask-train: rejected before the detector or embeddings are even opened

@@ -1,0 +1,94 @@
+"""The sweep: one detector for every stage-2 variant, one JSON per run, a paper-style table, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from maskx_cli.main import app
+from pipelines.errors import MaskxError
+from pipelines.stages.sweep import SPEC_DIR, load_spec, run_sweep
+
+runner = CliRunner()
+TINY_STAGE2 = ["solver.iterations=2", "solver.warmup_iters=1", "solver.batch_size=16", "head.mask_dim=8", "head.mlp_hidden=16"]
+
+
+def _spec(tmp_path, **extra):
+    spec = {
+        "title": "tiny table",
+        "recipe": "synthetic",
+        "directions": ["voc"],
+        "seeds": [0],
+        "max_val_images": 3,
+        "stage2": TINY_STAGE2,
+        "rows": [
+            {"name": "class-agnostic", "set": ["head.head=agnostic", "head.mlp=false"]},
+            {"name": "transfer+MLP", "set": ["head.head=transfer", "head.mlp=true"]},
+            {"name": "transfer w/ GloVe", "set": ["head.head=transfer", "head.input=glove"]},
+            {"name": "GrabCut at test", "train": "grabcut-test"},
+        ],
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_sweep_writes_table_and_resumes(tiny_pipeline, tmp_path):
+    out = tmp_path / "sweep"
+    r = runner.invoke(app, ["sweep", str(_spec(tmp_path)), "--out", str(out), "--detector", str(tiny_pipeline["detector"])])
+    assert r.exit_code == 0, r.output
+    results = sorted((out / "results").glob("*.json"))
+    assert [p.name for p in results] == ["class-agnostic__voc__s0.json", "grabcut-at-test__voc__s0.json",
+                                         "transfer-mlp__voc__s0.json", "transfer-w-glove__voc__s0.json"]
+    rec = json.loads((out / "results" / "transfer-mlp__voc__s0.json").read_text())
+    assert rec["train"] == "stagewise" and len(rec["set_a"]) == 20 and len(rec["set_b"]) == 60
+    assert set(rec["metrics"]["segm"]) == {"B", "A"} and rec["val_images"] == 3
+    assert json.loads((out / "results" / "transfer-w-glove__voc__s0.json").read_text())["note"].startswith("skipped")
+    table = (out / "table.md").read_text()
+    assert "| method | voc→nonvoc: AP on B | voc→nonvoc: AP on A |" in table
+    assert table.count("\n| ") == 5  # header + 4 rows
+    assert "| transfer w/ GloVe | n/a | n/a |" in table and "needs a GloVe file" in table
+
+    ckpt = out / "runs" / "transfer-mlp__voc__s0" / "mask_final.pth"
+    stamp = ckpt.stat().st_mtime_ns
+    again = run_sweep(load_spec(_spec(tmp_path)), out, tiny_pipeline["detector"])
+    assert again.ran == 0 and again.skipped == 4
+    (out / "results" / "transfer-mlp__voc__s0.json").unlink()
+    third = run_sweep(load_spec(_spec(tmp_path)), out, tiny_pipeline["detector"])
+    assert third.ran == 1 and ckpt.stat().st_mtime_ns == stamp  # re-evaluated, not retrained
+    assert json.loads((out / "results" / "transfer-mlp__voc__s0.json").read_text())["metrics"] == rec["metrics"]
+
+
+def test_random_splits_figure(tiny_pipeline, tmp_path):
+    spec = _spec(tmp_path, random_splits={"sizes": [20, 40], "trials": 1},
+                 figure={"numerator": "transfer+MLP", "denominator": "class-agnostic"})
+    s = load_spec(spec)
+    s.rows = s.rows[:2]
+    r = run_sweep(s, tmp_path / "fig", tiny_pipeline["detector"])
+    assert r.figure is not None and r.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = json.loads(r.summary_json.read_text())["figure_points"]
+    assert [p["direction"] for p in points] == ["random:20:0", "random:40:0"]
+    assert [p["size_a"] for p in points] == [20, 40] and all(p["masks_per_class_a"] > 0 for p in points)
+
+
+def test_shipped_specs_load():
+    names = sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+    assert names == ["figure_3_1", "table_3_1", "table_3_2", "table_3_3", "table_3_4", "table_3_5"]
+    for n in names:
+        s = load_spec(n)
+        assert s.rows and s.all_directions()
+    assert len(load_spec("figure_3_1").all_directions()) == 25
+
+
+def test_bad_spec_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rows: [{name: a, train: sideways}]\n")
+    with pytest.raises(MaskxError, match="train must be one of"):
+        load_spec(bad)
+    bad.write_text("rowz: []\n")
+    r = runner.invoke(app, ["sweep", str(bad), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "unknown sweep key 'rowz'" in r.output and "bad.yaml" in r.output
