@@ -233,8 +233,9 @@ def _picture(det, heads, runs, spec, dataset, cats, results, path: Path, count: 
             row.append(draw_predictions(img, boxes, [names[d["category_id"]] for d in dets], np.array([d["score"] for d in dets]),
                                         masks, [d["category_id"] in set_a for d in dets], scale=3))
         rows.append(row)
-    titles = [f"class-agnostic+MLP ({split_name(spec)})"] + [""] * (len(rows[0]) - 1) + \
-             [f"transfer+MLP ({split_name(spec)})"] + [""] * (len(rows[1]) - 1)
+    name = split_name(spec).replace("→", " -> ")  # the bitmap font has no arrow
+    titles = [f"class-agnostic+MLP ({name})"] + [""] * (len(rows[0]) - 1) + \
+             [f"transfer+MLP ({name})"] + [""] * (len(rows[1]) - 1)
     sheet = grid(rows[0] + rows[1], columns=len(rows[0]), titles=titles)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

@@ -148,8 +148,9 @@ def train_e2e(cfg: TrainE2EConfig, out: str | Path, progress: Progress = NULL_PR
             raise MaskxError("the initial detector was built with another detector config than this run's", init_path)
         init_state = init["model"]
 
-    device = dist.local_device(resolve_device(cfg.solver.device))
+    device = resolve_device(cfg.solver.device)
     dist.init_from_env(device)
+    device = dist.local_device(device)  # cuda:LOCAL_RANK under torchrun
     seed_everything(cfg.solver.seed + dist.rank())
     dataset = CocoDataset(data, cfg.data.train_images, with_masks=True, mask_category_ids=mask_classes,
                           max_images=cfg.data.max_train_images, drop_empty=True)
