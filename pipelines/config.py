@@ -234,15 +234,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A config file path, or the name of a recipe shipped in ``pipelines/configs`` (``synthetic``)."""
+def resolve_shipped(name: str | Path, directory: Path, what: str) -> Path:
+    """``name`` if it is a file, else the YAML file of that name shipped in ``directory``."""
     path = Path(name)
     if path.is_file():
         return path
-    shipped = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    shipped = directory / (path.name if path.suffix else f"{path.name}.yaml")
     if shipped.is_file():
         return shipped
-    raise MaskxError("config file not found (nor a shipped recipe of that name)", name)
+    known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+    raise MaskxError(f"{what} not found (nor a shipped one of that name: {known})", name)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a recipe shipped in ``pipelines/configs`` (``synthetic``)."""
+    return resolve_shipped(name, CONFIG_DIR, "config file")
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None) -> C:

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.config import DetectTrainConfig, EvalConfig, MaskTrainConfig, load_config
+from pipelines.config import DetectTrainConfig, EvalConfig, MaskTrainConfig, load_config, resolve_shipped
 from pipelines.data.coco import CocoDataset, load_coco
 from pipelines.data.grabcut import grabcut_annotations
 from pipelines.data.splits import complement, resolve_split
@@ -122,14 +122,7 @@ def direction_name(spec: str) -> str:
 
 def resolve_spec_path(name: str | Path) -> Path:
     """A sweep spec path, or the name of a shipped spec (``table_3_1``)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = SPEC_DIR / (path.name if path.suffix else f"{path.name}.yaml")
-    if shipped.is_file():
-        return shipped
-    known = ", ".join(sorted(p.stem for p in SPEC_DIR.glob("*.yaml")))
-    raise MaskxError(f"sweep spec not found (nor a shipped spec of that name: {known})", name)
+    return resolve_shipped(name, SPEC_DIR, "sweep spec")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
