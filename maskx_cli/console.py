@@ -167,3 +167,18 @@ def fail(message: str) -> None:
 
 def is_tty() -> bool:
     return sys.stderr.isatty()
+
+
+def option_overrides(set_: list[str] | None, options: dict[str, object]) -> list[str]:
+    """``--set`` overrides plus ``key=value`` for every CLI option given (None = not given)."""
+    overrides = list(set_ or [])
+    for key, value in options.items():
+        if value is not None:
+            overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return overrides
+
+
+def warn_missing_glove(missing: list[str]) -> None:
+    if missing:
+        err_console.print(f"[yellow]warning:[/] {len(missing)} class name(s) have no GloVe vector (zero rows): "
+                          f"{', '.join(missing[:5])}", highlight=False, soft_wrap=True)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from maskx_cli.console import console, err_console, guarded, metrics_table, print_paths, progress_bars
+from maskx_cli.console import (console, err_console, guarded, metrics_table, option_overrides, print_paths, progress_bars,
+                               warn_missing_glove)
 from maskx_cli.main import app
 
 SetOpt = Annotated[
@@ -97,12 +98,10 @@ def mask_train_cmd(
     from pipelines.stages.mask_train import mask_train
 
     recipe = config or _detector_recipe(detector)
-    overrides = list(set_ or [])
-    for key, value in [("head.head", head), ("head.input", input_), ("head.mlp", mlp), ("data.mask_classes", mask_classes),
-                       ("head.transfer_layers", transfer_layers), ("head.transfer_activation", transfer_activation),
-                       ("head.glove", glove), ("solver.iterations", iterations), ("solver.device", device)]:
-        if value is not None:
-            overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    overrides = option_overrides(set_, {
+        "head.head": head, "head.input": input_, "head.mlp": mlp, "data.mask_classes": mask_classes,
+        "head.transfer_layers": transfer_layers, "head.transfer_activation": transfer_activation, "head.glove": glove,
+        "solver.iterations": iterations, "solver.device": device})
     if not cache:
         overrides.append("cache.enabled=false")
     cfg = load_config(MaskTrainConfig, recipe, overrides, section="mask_train")
@@ -110,8 +109,7 @@ def mask_train_cmd(
         cfg.data = _detector_data(detector, cfg.data)
     with progress_bars() as progress:
         r = mask_train(cfg, detector, embeddings, out, progress=progress, resume=resume)
-    if r.missing_glove:
-        _warn([f"{len(r.missing_glove)} class name(s) have no GloVe vector (zero rows): {', '.join(r.missing_glove[:5])}"])
+    warn_missing_glove(r.missing_glove)
     cache_note = "" if r.cache_path is None else (" (cache built)" if r.cache_built else " (cache reused)")
     console.print(f"[green]mask head trained[/] {r.head}, set A = {len(r.set_a)} classes, {r.train_rois} training RoIs{cache_note}, "
                   f"{r.stats.iterations} iterations in {r.stats.seconds:.0f} s, final loss {r.stats.mean_loss_last_window:.3f}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from maskx_cli.console import console, err_console, guarded, print_paths, progress_bars
+from maskx_cli.console import console, guarded, option_overrides, print_paths, progress_bars, warn_missing_glove
 from maskx_cli.main import app
 from maskx_cli.stages import ConfigOpt, DeviceOpt, ResumeOpt, SetOpt
 
@@ -35,19 +35,15 @@ def train_cmd(
     """Train detector and mask side end to end: boxes of every class, masks of set A."""
     from pipelines.stages.train_e2e import load_e2e_config, train_e2e
 
-    overrides = list(set_ or [])
-    for key, value in [("head.head", head), ("head.input", input_), ("head.mlp", mlp), ("head.stop_gradient", stop_gradient),
-                       ("data.mask_classes", mask_classes), ("head.transfer_layers", transfer_layers),
-                       ("head.transfer_activation", transfer_activation), ("head.glove", glove),
-                       ("init_detector", init_detector), ("solver.iterations", iterations), ("solver.device", device)]:
-        if value is not None:
-            overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    overrides = option_overrides(set_, {
+        "head.head": head, "head.input": input_, "head.mlp": mlp, "head.stop_gradient": stop_gradient,
+        "data.mask_classes": mask_classes, "head.transfer_layers": transfer_layers,
+        "head.transfer_activation": transfer_activation, "head.glove": glove, "init_detector": init_detector,
+        "solver.iterations": iterations, "solver.device": device})
     cfg = load_e2e_config(config, overrides)
     with progress_bars() as progress:
         r = train_e2e(cfg, out, progress=progress, resume=resume)
-    if r.missing_glove:
-        err_console.print(f"[yellow]warning:[/] {len(r.missing_glove)} class name(s) have no GloVe vector (zero rows): "
-                          f"{', '.join(r.missing_glove[:5])}", highlight=False, soft_wrap=True)
+    warn_missing_glove(r.missing_glove)
     console.print(f"[green]trained end to end[/] {r.head}, set A = {len(r.set_a)} classes, {r.train_images} images, "
                   f"{r.stats.iterations} iterations in {r.stats.seconds:.0f} s, final loss {r.stats.mean_loss_last_window:.3f}")
     print_paths(detector=r.detector_checkpoint, mask=r.mask_checkpoint, config=out / "config.yaml")
