@@ -117,10 +117,11 @@ def quickstart(cfg: QuickstartConfig, out: str | Path, progress: Progress = NULL
     # one prediction pass for every head, then COCOeval per split
     gt, _ = load_coco(world.val_json, require_masks=True)
     cats = gt["categories"]
-    heads = {key: load_mask_run(run, det)[0] for key, run in runs.items()}
+    loaded = {key: load_mask_run(run, det) for key, run in runs.items()}  # (mask side, checkpoint)
+    heads = {key: side for key, (side, _) in loaded.items()}
     dataset = CocoDataset(gt, world.val_dir, max_images=cfg.max_val_images)
     eval_cfg = load_config(EvalConfig, cfg.recipe, [o for o in cfg.overrides if o.startswith("eval.")], section="eval")
-    roi_size = load_mask_run(next(iter(runs.values())), det)[1]["head"]["roi_size"]
+    roi_size = next(iter(loaded.values()))[1]["head"]["roi_size"]  # one recipe: the same for every head
     split_sets = {}
     for spec in cfg.splits:
         set_a = resolve_split(spec, cats)
