@@ -161,7 +161,10 @@ def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: 
     dataset = CocoDataset(gt, val_images, with_masks=False, max_images=cfg.max_images)
     if len(dataset) == 0:
         raise MaskxError("the validation split has no images", val_json)
-    roi_size = ckpts[next(iter(ckpts))]["head"]["roi_size"]
+    sizes = {c["head"]["roi_size"] for c in ckpts.values()}
+    if len(sizes) > 1:
+        raise MaskxError(f"these mask runs use different RoI sizes ({sorted(sizes)}); evaluate them separately")
+    roi_size = sizes.pop()
     t0 = time.perf_counter()
     metrics, results = score_heads(det, heads, gt, dataset, {name: (name, sets) for name in heads}, roi_size, cfg, progress)
     seconds = time.perf_counter() - t0

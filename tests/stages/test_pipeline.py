@@ -164,3 +164,13 @@ def test_cli_eval_prints_table_and_writes_json(tiny_pipeline, tmp_path):
 def test_eval_unknown_split(tiny_pipeline):
     r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["transfer"]), "--split", "vocc"])
     assert r.exit_code == 2 and "unknown class split 'vocc'" in r.output
+
+
+def test_eval_refuses_heads_with_different_roi_sizes(tiny_pipeline, tmp_path):
+    over = [o for o in tiny_pipeline["overrides"] if not o.startswith("detector.")]
+    cfg = load_config(MaskTrainConfig, "synthetic", over + ["solver.iterations=1", "head.mask_dim=16", "head.mlp_hidden=32",
+                                                             "head.roi_size=7", "head.mlp_input_size=14"], section="mask_train")
+    mask_train(cfg, tiny_pipeline["detector"], tiny_pipeline["embeddings"], tmp_path / "r7")
+    runs = {"r14": tiny_pipeline["runs"]["transfer"], "r7": tmp_path / "r7"}
+    with pytest.raises(MaskxError, match="different RoI sizes"):
+        evaluate_heads(runs, EvalConfig(split="nonvoc"))
