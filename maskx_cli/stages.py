@@ -145,19 +145,23 @@ def eval_cmd(
     images: Annotated[Optional[Path], typer.Option(help="Image folder of --data.")] = None,
     max_images: Annotated[int, typer.Option(help="Evaluate on the first N images only (0 = all).")] = 0,
     backend: Annotated[str, typer.Option(help="faster | pycocotools (identical numbers).")] = "faster",
+    gt_boxes: Annotated[bool, typer.Option("--gt-boxes", help="Segment the ground-truth boxes and classes (score 1) "
+                                           "instead of the detections: mask quality without detection errors.")] = False,
 ) -> None:
     """Mask and box AP on set B, set A and all classes (pycocotools COCOeval)."""
     from pipelines.config import EvalConfig
     from pipelines.stages.evaluate import evaluate_heads
 
     names = _unique_names(runs)
-    json_out = json_out or runs[0] / f"metrics_{split.replace(':', '_')}.json"
-    cfg = EvalConfig(split=split, max_images=max_images, backend=backend)
+    suffix = "_gt_boxes" if gt_boxes else ""
+    json_out = json_out or runs[0] / f"metrics_{split.replace(':', '_')}{suffix}.json"
+    cfg = EvalConfig(split=split, max_images=max_images, backend=backend, gt_boxes=gt_boxes)
     with progress_bars() as progress:
         r = evaluate_heads(dict(zip(names, runs)), cfg, data, images, detector, progress, json_out)
-    for iou in ("segm", "bbox"):
+    for iou in ("segm",) if gt_boxes else ("segm", "bbox"):
         rows = {f"{name} · {s}": r.metrics[name][iou][s] for name in names for s in r.sets}
-        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split})", rows,
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split}"
+                                    f"{'; ground-truth boxes' if gt_boxes else ''})", rows,
                                     ["AP", "AP50", "AP75", "APs", "APm", "APl"]))
     print_paths(metrics=json_out)
 

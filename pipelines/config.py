@@ -153,6 +153,7 @@ class EvalConfig:
     score_thresh: float = 0.05
     max_images: int = 0
     backend: str = "faster"  # faster (faster-coco-eval, same numbers as pycocotools) | pycocotools
+    gt_boxes: bool = False  # segment the ground-truth boxes and classes (score 1) instead of detections: mask quality alone
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torchvision.models.detection.transform import resize_boxes
 
 from pipelines.config import EvalConfig, to_dict
 from pipelines.data.coco import CocoDataset, check_same_categories, collate
@@ -47,13 +48,16 @@ def detector_of_mask_run(mask_run: str | Path) -> Path:
 
 @torch.no_grad()
 def detect_and_segment(model, roi_pool, heads: dict[str, torch.nn.Module], images: list[torch.Tensor], device: torch.device,
-                       mask_threshold: float = 0.5, keep_label: torch.Tensor | None = None) -> dict[str, list[dict]]:
+                       mask_threshold: float = 0.5, keep_label: torch.Tensor | None = None,
+                       given: list[dict] | None = None) -> dict[str, list[dict]]:
     """Run the detector once on a batch of images, then every mask head on the same detections.
 
     ``model`` is a torchvision Faster R-CNN in eval mode on ``device``; ``roi_pool`` the mask RoIAlign
     (``[R, C, S, S]`` features per detection); ``images`` float32 ``[3, H_i, W_i]`` in [0, 1], any
     sizes. ``keep_label`` (bool ``[K + 1]``, optional) drops detections of the other classes before
-    masks are computed. Each head computes one ``2S x 2S`` map per detection, for its own class, so
+    masks are computed. ``given`` (optional, one dict per image: ``boxes`` float32 ``[N_i, 4]`` in the
+    image's pixels, ``labels`` int64 ``[N_i]``) replaces the detector's detections: those boxes are
+    segmented, with score 1 (mask quality alone, ``maskx eval --gt-boxes``). Each head computes one ``2S x 2S`` map per detection, for its own class, so
     memory does not grow with the number of classes.
 
     Returns head name -> one dict per image, on the CPU: ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2
@@ -63,8 +67,13 @@ def detect_and_segment(model, roi_pool, heads: dict[str, torch.nn.Module], image
     original_sizes = [tuple(im.shape[-2:]) for im in images]
     image_list, _ = model.transform([im.to(device) for im in images])
     features = model.backbone(image_list.tensors)
-    proposals, _ = model.rpn(image_list, features)
-    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    if given is None:
+        proposals, _ = model.rpn(image_list, features)
+        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    else:
+        detections = [{"boxes": resize_boxes(g["boxes"].to(device), size, new_size), "labels": g["labels"].to(device),
+                       "scores": torch.ones(len(g["boxes"]), device=device)}
+                      for g, size, new_size in zip(given, original_sizes, image_list.image_sizes)]
     if keep_label is not None:
         detections = [{k: v[keep_label.to(v.device)[d["labels"]]] for k, v in d.items()} for d in detections]
     boxes = [d["boxes"] for d in detections]
@@ -88,10 +97,11 @@ def detect_and_segment(model, roi_pool, heads: dict[str, torch.nn.Module], image
 @torch.no_grad()
 def predict_dataset(det: DetectorRun, heads: dict[str, torch.nn.Module], dataset: CocoDataset, roi_size: int,
                     device: torch.device, progress: Progress = NULL_PROGRESS, batch_images: int = 4,
-                    mask_threshold: float = 0.5) -> dict[str, list[dict]]:
+                    mask_threshold: float = 0.5, gt_boxes: bool = False) -> dict[str, list[dict]]:
     """COCO results (boxes, scores, RLE masks) of every head on every image of ``dataset``.
 
-    Boxes come from the detector alone, so they are the same for every head.
+    Boxes come from the detector alone, so they are the same for every head; with ``gt_boxes`` they
+    are the ground-truth boxes and classes of ``dataset`` instead (score 1).
     """
     model = det.model.to(device).eval()
     roi_pool = build_mask_roi_pool(roi_size)
@@ -102,7 +112,8 @@ def predict_dataset(det: DetectorRun, heads: dict[str, torch.nn.Module], dataset
     task = progress.task("predict", len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_images, collate_fn=collate, num_workers=0)
     for images, targets in loader:
-        per_head = detect_and_segment(model, roi_pool, heads, list(images), device, mask_threshold)
+        per_head = detect_and_segment(model, roi_pool, heads, list(images), device, mask_threshold,
+                                      given=list(targets) if gt_boxes else None)
         for name, dets in per_head.items():
             for d, t in zip(dets, targets):
                 results[name].extend(to_coco_results(int(t["image_id"]), d["boxes"].numpy(), d["scores"].numpy(),
@@ -122,7 +133,7 @@ def score_heads(det: DetectorRun, heads: dict[str, torch.nn.Module], gt: dict, d
     ``evaluate_sets`` metrics, head name -> COCO results).
     """
     det.model.roi_heads.score_thresh = cfg.score_thresh
-    results = predict_dataset(det, heads, dataset, roi_size, resolve_device("auto"), progress)
+    results = predict_dataset(det, heads, dataset, roi_size, resolve_device("auto"), progress, gt_boxes=cfg.gt_boxes)
     image_ids = [im["id"] for im in dataset.images]
     metrics: dict[str, dict] = {}
     task = progress.task("COCOeval", len(jobs))

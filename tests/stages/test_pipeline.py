@@ -174,3 +174,27 @@ def test_eval_refuses_heads_with_different_roi_sizes(tiny_pipeline, tmp_path):
     runs = {"r14": tiny_pipeline["runs"]["transfer"], "r7": tmp_path / "r7"}
     with pytest.raises(MaskxError, match="different RoI sizes"):
         evaluate_heads(runs, EvalConfig(split="nonvoc"))
+
+
+def test_eval_gt_boxes_segments_every_ground_truth_box(tiny_pipeline, tiny_world, tmp_path):
+    """--gt-boxes: one result per ground-truth instance, its own box and class, score 1 -> box AP 1.0."""
+    runs = {"agnostic": tiny_pipeline["runs"]["agnostic"]}
+    r = evaluate_heads(runs, EvalConfig(split="nonvoc", max_images=6, gt_boxes=True), json_out=tmp_path / "g.json")
+    gt = json.loads(tiny_world.val_json.read_text())
+    first = {im["id"] for im in gt["images"][:6]}
+    anns = sorted((a["image_id"], a["category_id"], *a["bbox"]) for a in gt["annotations"] if a["image_id"] in first)
+    dets = sorted((d["image_id"], d["category_id"], *d["bbox"]) for d in r.detections["agnostic"])
+    assert len(dets) == len(anns)
+    for a, d in zip(anns, dets):
+        assert a[:2] == d[:2] and all(abs(x - y) < 1e-2 for x, y in zip(a[2:], d[2:]))
+    assert all(d["score"] == 1.0 for d in r.detections["agnostic"])
+    for s in ("A", "B", "all"):
+        assert r.metrics["agnostic"]["bbox"][s]["AP"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "g.json").read_text())["config"]["gt_boxes"] is True
+
+
+def test_cli_eval_gt_boxes(tiny_pipeline, tmp_path):
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["transfer"]), "--gt-boxes", "--max-images", "3",
+                            "--json", str(tmp_path / "g.json")])
+    assert r.exit_code == 0, r.output
+    assert "ground-truth boxes" in r.output and "box AP" not in r.output
