@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from pipelines.config import DetectTrainConfig, EvalConfig, MaskTrainConfig, SolverConfig, load_config, to_dict
@@ -68,3 +71,13 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert not target.exists() and list(tmp_path.iterdir()) == []
     write_json(target, {"a": 1})
     assert target.read_text().strip().startswith("{") and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_write_gives_a_normal_file_mode(tmp_path):
+    """Outputs are readable as any file the user writes (umask), not owner-only like a temp file."""
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+        assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
