@@ -110,15 +110,11 @@ def main() -> None:
                     mask_train(cfg, args.detector, emb, run)
                     print(f"{key}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
                 runs[key] = run
-    by_convs: dict[int, dict[str, Path]] = {}
-    for key, run in runs.items():
-        by_convs.setdefault(int(key.split(", ")[1].split()[0]), {})[key] = run
     scores: dict[str, dict] = {k: {} for k in runs}
-    for mode, gt_boxes in (("detections", False), ("gt_boxes", True)):
-        for group in by_convs.values():  # one pass per RoI-feature-compatible group (same detector, same RoI size)
-            r = evaluate_heads(group, EvalConfig(split="nonvoc", gt_boxes=gt_boxes), detector=args.detector)
-            for key in group:
-                scores[key][mode] = {s: round(100 * r.metrics[key]["segm"][s]["AP"], 1) for s in ("B", "A")}
+    for mode, gt_boxes in (("detections", False), ("gt_boxes", True)):  # one pass per mode: the detector runs once per image
+        r = evaluate_heads(runs, EvalConfig(split="nonvoc", gt_boxes=gt_boxes), detector=args.detector)
+        for key in runs:
+            scores[key][mode] = {s: round(100 * r.metrics[key]["segm"][s]["AP"], 1) for s in ("B", "A")}
     report["heads"] = scores
     print_table("factor read-out from w_det (ridge on set A, accuracy on set B)", ["", "colour", "texture"],
                 [[k, round(v["colour_accuracy_on_B"], 2), round(v["texture_accuracy_on_B"], 2)] for k, v in report["readout"].items()])

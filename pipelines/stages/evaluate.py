@@ -57,8 +57,9 @@ def detect_and_segment(model, roi_pool, heads: dict[str, torch.nn.Module], image
     sizes. ``keep_label`` (bool ``[K + 1]``, optional) drops detections of the other classes before
     masks are computed. ``given`` (optional, one dict per image: ``boxes`` float32 ``[N_i, 4]`` in the
     image's pixels, ``labels`` int64 ``[N_i]``) replaces the detector's detections: those boxes are
-    segmented, with score 1 (mask quality alone, ``maskx eval --gt-boxes``). Each head computes one ``2S x 2S`` map per detection, for its own class, so
-    memory does not grow with the number of classes.
+    segmented, with score 1 (mask quality alone, ``maskx eval --gt-boxes``). Each head computes one
+    ``2S x 2S`` map per detection, for its own class, so memory does not grow with the number of
+    classes.
 
     Returns head name -> one dict per image, on the CPU: ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2
     in the image's pixels), ``scores`` float32 ``[N]``, ``labels`` int64 ``[N]`` (1..K) and ``masks``

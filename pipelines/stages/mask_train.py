@@ -24,6 +24,7 @@ from pipelines.engine.loop import Trainer, TrainStats, rng_state, seed_everythin
 from pipelines.engine.run_dir import prepare_run_dir, update_manifest
 from pipelines.errors import MaskxError
 from pipelines.modeling.embeddings import INPUTS, detector_embedding, glove_embedding, randn_embedding
+from pipelines.modeling.mask_heads import FCNS
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, mask_loss
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.stages.cache import check_cache_config, ensure_cache
@@ -57,8 +58,8 @@ def check_head_config(cfg: MaskTrainConfig) -> None:
         raise MaskxError(f"--transfer-layers must be 1, 2 or 3, got {h.transfer_layers}")
     if h.transfer_activation not in ("none", "relu", "leaky_relu"):
         raise MaskxError(f"unknown --transfer-activation '{h.transfer_activation}' (expected none | relu | leaky_relu)")
-    if h.fcn not in ("convs", "hourglass"):
-        raise MaskxError(f"unknown head.fcn '{h.fcn}' (expected convs | hourglass)")
+    if h.fcn not in FCNS:
+        raise MaskxError(f"unknown head.fcn '{h.fcn}' (expected {' | '.join(FCNS)})")
     check_cache_config(cfg.cache)
     if cfg.solver.iterations < 1 or cfg.solver.batch_size < 1:
         raise MaskxError("solver.iterations and solver.batch_size must be positive")
