@@ -24,6 +24,8 @@ def synth(
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     min_objects: Annotated[int, typer.Option(help="Fewest objects per image.")] = 2,
     max_objects: Annotated[int, typer.Option(help="Most objects per image.")] = 5,
+    min_radius: Annotated[float, typer.Option(help="Smallest object radius, pixels at 128 px (scaled with --image-size).")] = 9.0,
+    max_radius: Annotated[float, typer.Option(help="Largest object radius, pixels at 128 px.")] = 24.0,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same files.")] = 0,
 ) -> None:
     """Generate the built-in synthetic world (no download needed)."""
@@ -36,6 +38,8 @@ def synth(
         image_size=image_size,
         min_objects=min_objects,
         max_objects=max_objects,
+        min_radius=min_radius,
+        max_radius=max_radius,
         seed=seed,
     )
     with progress_bars() as progress:

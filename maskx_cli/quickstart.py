@@ -20,6 +20,9 @@ def quickstart_cmd(
     world_seed: Annotated[int, typer.Option(help="Seed of the synthetic world.")] = 0,
     train_images: Annotated[int, typer.Option(help="Training images of the world.")] = 2000,
     val_images: Annotated[int, typer.Option(help="Validation images of the world.")] = 300,
+    max_objects: Annotated[int, typer.Option(help="Most objects per image of the world.")] = 5,
+    min_radius: Annotated[float, typer.Option(help="Smallest object radius of the world, pixels at 128 px.")] = 9.0,
+    max_radius: Annotated[float, typer.Option(help="Largest object radius of the world, pixels at 128 px.")] = 24.0,
     detector_iterations: Annotated[int, typer.Option(help="Stage-1 iterations (0: the recipe's).")] = 0,
     mask_iterations: Annotated[int, typer.Option(help="Stage-2 iterations (0: the recipe's).")] = 0,
     config: Annotated[str, typer.Option("--config", "-c", help="Recipe for the stages.")] = "synthetic",
@@ -31,7 +34,8 @@ def quickstart_cmd(
 
     cfg = QuickstartConfig(
         recipe=config,
-        world=SynthConfig(train_images=train_images, val_images=val_images, seed=world_seed),
+        world=SynthConfig(train_images=train_images, val_images=val_images, max_objects=max_objects,
+                          min_radius=min_radius, max_radius=max_radius, seed=world_seed),
         detector_iterations=detector_iterations,
         mask_iterations=mask_iterations,
         overrides=list(set_ or []),

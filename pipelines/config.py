@@ -106,6 +106,7 @@ class HeadConfig:
     transfer_hidden: int = 256
     normalize_input: bool = True  # L2-normalise w_det before T (see docs/synthetic_world.md)
     input_dropout: float = 0.5  # dropout on T's input while training
+    normalize_output: bool = False  # w_seg = s * T(w_det) / |T(w_det)|, one learned scale s for every class
     stop_gradient: bool = True  # w_seg = T(stop_grad(w_det)) (§2.2); matters only end-to-end
     mask_dim: int = 256  # channels of the FCN mask head
     num_convs: int = 4  # 3x3 convs of the FCN mask head (8 = a heavier head)

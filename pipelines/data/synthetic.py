@@ -76,6 +76,10 @@ class SynthConfig:
     image_size: int = 128
     min_objects: int = 2
     max_objects: int = 5
+    # object radius range in pixels at image_size 128 (scaled with the image); larger objects are
+    # easier to detect and leave more room between the class-agnostic head and the oracle
+    min_radius: float = 9.0
+    max_radius: float = 24.0
     seed: int = 0
 
 
@@ -102,6 +106,9 @@ def _check_config(cfg: SynthConfig) -> None:
         raise MaskxError(f"synthetic world: min_objects must be at least 1, got {cfg.min_objects}")
     if cfg.min_objects > cfg.max_objects:
         raise MaskxError(f"synthetic world: min_objects ({cfg.min_objects}) is larger than max_objects ({cfg.max_objects})")
+    if not 3.0 <= cfg.min_radius <= cfg.max_radius <= 48.0:
+        raise MaskxError(f"synthetic world: need 3 <= min_radius <= max_radius <= 48 (pixels at 128 px), "
+                         f"got {cfg.min_radius} and {cfg.max_radius}")
     if cfg.train_images < 1 or cfg.val_images < 1:
         raise MaskxError(
             f"synthetic world: needs at least 1 training and 1 validation image, got {cfg.train_images} and {cfg.val_images}"
@@ -257,7 +264,7 @@ def render_image(
     centres: list[tuple[float, float, float]] = []
     for _ in range(n_obj):
         cls = int(rng.integers(len(looks)))
-        radius = rng.uniform(9.0, 24.0) * scale
+        radius = rng.uniform(cfg.min_radius, cfg.max_radius) * scale
         blob = _blob(rng, radius)
         half = blob.shape[0] // 2
         placed = None
@@ -393,7 +400,7 @@ def _existing(out: Path, cfg: SynthConfig) -> SynthResult | None:
         isinstance(manifest, dict)
         and manifest.get("format") == FORMAT
         and manifest.get("version") == VERSION
-        and manifest.get("config") == dataclasses.asdict(cfg)
+        and {**dataclasses.asdict(SynthConfig()), **(manifest.get("config") or {})} == dataclasses.asdict(cfg)
         and all((out / p).exists() for p in ("instances_train.json", "instances_val.json", "train", "val"))
     ):
         return _result(out, manifest)

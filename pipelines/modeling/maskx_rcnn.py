@@ -37,7 +37,7 @@ def build_mask_side(cfg: HeadConfig, num_classes: int, in_channels: int, w_det: 
     if cfg.head == "transfer":
         in_dim = embed_dim if w_det is None else w_det.shape[1]
         transfer = WeightTransfer(in_dim, cfg.mask_dim, cfg.transfer_hidden, cfg.transfer_layers, cfg.transfer_activation,
-                                  cfg.normalize_input, cfg.input_dropout)
+                                  cfg.normalize_input, cfg.input_dropout, cfg.normalize_output)
     resolution = 2 * cfg.roi_size
     predictor = MaskPredictor(cfg.head, num_classes, cfg.mask_dim, resolution, w_det=w_det, mlp=cfg.mlp,
                               mlp_hidden=cfg.mlp_hidden, mlp_input_size=min(cfg.mlp_input_size, resolution), transfer=transfer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,6 +30,7 @@ class WeightTransfer(nn.Module):
         activation: str = "leaky_relu",
         normalize_input: bool = False,
         input_dropout: float = 0.0,
+        normalize_output: bool = False,
     ):
         super().__init__()
         if layers not in (1, 2, 3):
@@ -48,8 +51,14 @@ class WeightTransfer(nn.Module):
             if i < layers - 1 and activation != "none":
                 mods.append(nn.LeakyReLU(0.1) if activation == "leaky_relu" else nn.ReLU())
         self.mlp = nn.Sequential(*mods)
+        self.normalize_output = normalize_output
+        # w_seg = exp(log_scale) * T(x) / |T(x)|: every class's mask weights get the same norm
+        self.log_scale = nn.Parameter(torch.tensor(float(math.log(2.0)))) if normalize_output else None
 
     def forward(self, w_det: torch.Tensor) -> torch.Tensor:
         """``w_det`` [K, in_dim] -> ``w_seg`` [K, out_dim]."""
         x = F.normalize(w_det, dim=1) if self.normalize_input else w_det
-        return self.mlp(self.dropout(x))
+        w_seg = self.mlp(self.dropout(x))
+        if self.log_scale is not None:
+            w_seg = self.log_scale.exp() * F.normalize(w_seg, dim=1)
+        return w_seg

@@ -143,6 +143,8 @@ def test_interrupted_run_leaves_nothing(tmp_path):
         (dict(num_classes=1), "num_classes"),
         (dict(image_size=16), "image_size"),
         (dict(min_objects=4, max_objects=2), "min_objects"),
+        (dict(min_radius=20, max_radius=10), "min_radius <= max_radius"),
+        (dict(min_radius=1), "min_radius"),
         (dict(train_images=0), "image"),
         (dict(val_images=0), "image"),
     ],
@@ -165,3 +167,34 @@ def test_cli_data_synth(tmp_path):
     assert json.loads((out / "world.json").read_text())["config"]["seed"] == 5
     bad = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "x"), "--num-classes", "1"])
     assert bad.exit_code != 0 and not (tmp_path / "x").exists()
+    big = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "big"), "--train-images", "2", "--val-images", "1",
+                                   "--image-size", "48", "--min-radius", "12", "--max-radius", "20", "--max-objects", "3"])
+    assert big.exit_code == 0, big.output
+    config = json.loads((tmp_path / "big" / "world.json").read_text())["config"]
+    assert (config["min_radius"], config["max_radius"], config["max_objects"]) == (12.0, 20.0, 3)
+    wrong = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "y"), "--min-radius", "30", "--max-radius", "20"])
+    assert wrong.exit_code == 2 and "min_radius <= max_radius" in wrong.output and not (tmp_path / "y").exists()
+
+
+def test_world_from_before_radius_options_is_reused(tmp_path):
+    """A world.json written before min_radius / max_radius existed means the defaults."""
+    r = generate(SynthConfig(**TINY), tmp_path / "w")
+    manifest = json.loads((tmp_path / "w" / "world.json").read_text())
+    for key in ("min_radius", "max_radius"):
+        manifest["config"].pop(key)
+    (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
+    assert generate(SynthConfig(**TINY), tmp_path / "w") == r
+    with pytest.raises(MaskxError, match="another config"):
+        generate(SynthConfig(**{**TINY, "max_radius": 30.0}), tmp_path / "w")
+
+
+def test_radius_sets_object_size(tmp_path):
+    def mean_area(**kw):
+        r = generate(SynthConfig(**{**TINY, "train_images": 1, "val_images": 12, "min_objects": 1, "max_objects": 1, **kw}),
+                     tmp_path / str(kw))
+        anns = json.loads(r.val_json.read_text())["annotations"]
+        return np.mean([a["area"] for a in anns])
+
+    small, large = mean_area(min_radius=6, max_radius=8), mean_area(min_radius=20, max_radius=24)
+    # one object per image, radius r at 128 px -> about (r/2)^2 * pi * aspect pixels at 64 px
+    assert 20 < small < 60 and 200 < large < 500

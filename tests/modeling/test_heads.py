@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -31,6 +33,29 @@ def test_transfer_normalised_input_is_scale_free():
     t = WeightTransfer(10, 4, normalize_input=True).eval()
     w = torch.randn(3, 10)
     assert torch.allclose(t(w), t(5 * w), atol=1e-6)
+
+
+def test_transfer_normalised_output_has_one_learned_norm():
+    """normalize_output: every class's w_seg has norm exp(log_scale), the direction is T's, and the
+    scale is trained (it gets a gradient); without it the norms differ per class."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 10)
+    t = WeightTransfer(10, 4, hidden=6, normalize_output=True).eval()
+    assert t.log_scale.item() == pytest.approx(math.log(2.0))
+    with torch.no_grad():
+        t.log_scale.fill_(math.log(3.0))
+    out = t(w)
+    assert torch.allclose(out.norm(dim=1), torch.full((5,), 3.0), atol=1e-5)
+    raw = t.mlp(w)
+    assert torch.allclose(out, 3.0 * raw / raw.norm(dim=1, keepdim=True), atol=1e-5)
+    out.sum().backward()
+    assert t.log_scale.grad is not None and t.log_scale.grad.abs() > 0
+    plain = WeightTransfer(10, 4, hidden=6).eval()
+    assert plain.log_scale is None
+    assert plain(w).norm(dim=1).std() > 0.01
+    side = build_mask_side(HeadConfig(head="transfer", normalize_output=True, mask_dim=4, transfer_hidden=6, num_convs=1,
+                                      mlp_hidden=8, mlp_input_size=7), 5, 8, w)
+    assert side.predictor.transfer.log_scale is not None
 
 
 @pytest.mark.parametrize("head", ["transfer", "agnostic", "oracle"])

@@ -12,7 +12,7 @@ from maskx_cli.main import app
 runner = CliRunner()
 
 TINY = ["--train-images", "32", "--val-images", "6", "--detector-iterations", "2", "--mask-iterations", "2",
-        "--seed", "0", "--split", "voc",
+        "--seed", "0", "--split", "voc", "--max-objects", "4", "--min-radius", "12", "--max-radius", "30",
         "--set", "detector.min_size=96", "--set", "detector.max_size=96", "--set", "detector.fpn_channels=32",
         "--set", "detector.box_representation=64", "--set", "head.mask_dim=16", "--set", "head.mlp_hidden=32",
         "--set", "solver.warmup_iters=1"]
@@ -25,6 +25,8 @@ def test_quickstart_tiny(tmp_path):
     report = json.loads((out / "report.json").read_text())
     voc = report["splits"]["voc"]
     assert len(voc["set_a"]) == 20 and len(voc["set_b"]) == 60
+    world = json.loads((out / "world" / "world.json").read_text())["config"]
+    assert (world["max_objects"], world["min_radius"], world["max_radius"]) == (4, 12.0, 30.0)
     assert set(voc["heads"]) == {"class-agnostic+MLP", "transfer+MLP", "oracle"}
     for head in voc["heads"].values():
         assert set(head["mean"]["segm"]) == {"B", "A"}
