@@ -4,7 +4,7 @@
         --work diag_runs --seeds 0 1 --out diagnose.json
 
 ``QS`` is a ``maskx quickstart`` folder (or any detect-train run on the built-in synthetic world
-with its exported embeddings). Three questions, voc -> nonvoc:
+with its exported embeddings). Four questions, voc -> nonvoc:
 
 1. **Does ``w_det`` encode the world's factors so that they carry from A to B?** A ridge map
    fitted on set A's rows of ``w_cls`` (L2-normalised) to one-hot colour and texture predicts the
@@ -14,6 +14,7 @@ with its exported embeddings). Three questions, voc -> nonvoc:
    shares with A — against ``w_cls`` and the class-agnostic head.
 3. **Where is the gain lost?** Every head is scored twice with maskx's evaluation: through the
    detector's detections (the product's number) and on ground-truth boxes (``--gt-boxes``).
+4. **Is T's output as large on set B as on set A?** Mean ``|w_seg|`` over B classes / over A.
 
 Heads: class-agnostic+MLP, transfer+MLP (input ``cls``), transfer+MLP (``factor``), each with the
 recipe's 4-conv mask FCN and with a 1-conv one, stage 2 otherwise as the ``synthetic`` recipe.
@@ -59,6 +60,21 @@ def readout(w: np.ndarray, factors: np.ndarray, n_colours: int, set_a: np.ndarra
     p, t = x[~set_a] @ m, factors[~set_a]
     return {"colour_accuracy_on_B": float((p[:, :n_colours].argmax(1) == t[:, :n_colours].argmax(1)).mean()),
             "texture_accuracy_on_B": float((p[:, n_colours:].argmax(1) == t[:, n_colours:].argmax(1)).mean())}
+
+
+def w_seg_norm_ratio(run: Path, detector: Path) -> float:
+    """Mean norm of ``w_seg = T(w_det)`` over set-B classes divided by the mean over set A (eval mode)."""
+    import torch
+
+    from pipelines.stages.common import load_detector_run
+    from pipelines.stages.mask_train import load_mask_run
+
+    side, ckpt = load_mask_run(run, load_detector_run(detector))
+    predictor = side.predictor
+    with torch.no_grad():
+        norms = predictor.transfer(predictor.w_det).norm(dim=1)
+    in_a = torch.tensor([c["id"] in set(ckpt["set_a"]) for c in ckpt["categories"]])
+    return float(norms[~in_a].mean() / norms[in_a].mean())
 
 
 def main() -> None:
@@ -110,6 +126,8 @@ def main() -> None:
                     mask_train(cfg, args.detector, emb, run)
                     print(f"{key}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
                 runs[key] = run
+    report["w_seg_norm_b_over_a"] = {k: round(w_seg_norm_ratio(run, args.detector), 3) for k, run in runs.items()
+                                     if "transfer" in k}
     scores: dict[str, dict] = {k: {} for k in runs}
     for mode, gt_boxes in (("detections", False), ("gt_boxes", True)):  # one pass per mode: the detector runs once per image
         r = evaluate_heads(runs, EvalConfig(split="nonvoc", gt_boxes=gt_boxes), detector=args.detector)
@@ -120,6 +138,8 @@ def main() -> None:
                 [[k, round(v["colour_accuracy_on_B"], 2), round(v["texture_accuracy_on_B"], 2)] for k, v in report["readout"].items()])
     print_table("mask AP x100 (voc -> nonvoc)", ["head", "B (detections)", "A (detections)", "B (GT boxes)", "A (GT boxes)"],
                 [[k, v["detections"]["B"], v["detections"]["A"], v["gt_boxes"]["B"], v["gt_boxes"]["A"]] for k, v in scores.items()])
+    print_table("mean |w_seg| over set-B classes / over set-A classes", ["head", "ratio"],
+                [[k, v] for k, v in report["w_seg_norm_b_over_a"].items()])
     write_report(args.out, report)
 
 
