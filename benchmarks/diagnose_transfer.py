@@ -37,6 +37,7 @@ from _common import machine, print_table, write_report  # noqa: E402
 
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config  # noqa: E402
 from pipelines.io import read_json, read_yaml  # noqa: E402
+from pipelines.stages.common import load_detector_run  # noqa: E402
 from pipelines.stages.evaluate import evaluate_heads  # noqa: E402
 from pipelines.stages.mask_train import mask_train  # noqa: E402
 
@@ -62,14 +63,14 @@ def readout(w: np.ndarray, factors: np.ndarray, n_colours: int, set_a: np.ndarra
             "texture_accuracy_on_B": float((p[:, n_colours:].argmax(1) == t[:, n_colours:].argmax(1)).mean())}
 
 
-def w_seg_norm_ratio(run: Path, detector: Path) -> float:
-    """Mean norm of ``w_seg = T(w_det)`` over set-B classes divided by the mean over set A (eval mode)."""
+def w_seg_norm_ratio(run: Path, det) -> float:
+    """Mean norm of ``w_seg = T(w_det)`` over set-B classes divided by the mean over set A (eval
+    mode); ``det`` is the loaded detector run the mask run was trained on."""
     import torch
 
-    from pipelines.stages.common import load_detector_run
     from pipelines.stages.mask_train import load_mask_run
 
-    side, ckpt = load_mask_run(run, load_detector_run(detector))
+    side, ckpt = load_mask_run(run, det)
     predictor = side.predictor
     with torch.no_grad():
         norms = predictor.transfer(predictor.w_det).norm(dim=1)
@@ -126,8 +127,8 @@ def main() -> None:
                     mask_train(cfg, args.detector, emb, run)
                     print(f"{key}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
                 runs[key] = run
-    report["w_seg_norm_b_over_a"] = {k: round(w_seg_norm_ratio(run, args.detector), 3) for k, run in runs.items()
-                                     if "transfer" in k}
+    det = load_detector_run(args.detector)  # loaded once for every transfer head
+    report["w_seg_norm_b_over_a"] = {k: round(w_seg_norm_ratio(run, det), 3) for k, run in runs.items() if "transfer" in k}
     scores: dict[str, dict] = {k: {} for k in runs}
     for mode, gt_boxes in (("detections", False), ("gt_boxes", True)):  # one pass per mode: the detector runs once per image
         r = evaluate_heads(runs, EvalConfig(split="nonvoc", gt_boxes=gt_boxes), detector=args.detector)

@@ -51,7 +51,6 @@ class WeightTransfer(nn.Module):
             if i < layers - 1 and activation != "none":
                 mods.append(nn.LeakyReLU(0.1) if activation == "leaky_relu" else nn.ReLU())
         self.mlp = nn.Sequential(*mods)
-        self.normalize_output = normalize_output
         # w_seg = exp(log_scale) * T(x) / |T(x)|: every class's mask weights get the same norm
         self.log_scale = nn.Parameter(torch.tensor(float(math.log(2.0)))) if normalize_output else None
 
