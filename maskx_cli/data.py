@@ -23,9 +23,9 @@ def synth(
     val_images: Annotated[int, typer.Option(help="Validation images.")] = 300,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     min_objects: Annotated[int, typer.Option(help="Fewest objects per image.")] = 2,
-    max_objects: Annotated[int, typer.Option(help="Most objects per image.")] = 5,
-    min_radius: Annotated[float, typer.Option(help="Smallest object radius, pixels at 128 px (scaled with --image-size).")] = 9.0,
-    max_radius: Annotated[float, typer.Option(help="Largest object radius, pixels at 128 px.")] = 24.0,
+    max_objects: Annotated[int, typer.Option(help="Most objects per image.")] = 4,
+    min_radius: Annotated[float, typer.Option(help="Smallest object radius, pixels at 128 px (scaled with --image-size).")] = 14.0,
+    max_radius: Annotated[float, typer.Option(help="Largest object radius, pixels at 128 px.")] = 34.0,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same files.")] = 0,
 ) -> None:
     """Generate the built-in synthetic world (no download needed)."""

@@ -75,12 +75,17 @@ class SynthConfig:
     val_images: int = 300
     image_size: int = 128
     min_objects: int = 2
-    max_objects: int = 5
+    max_objects: int = 4
     # object radius range in pixels at image_size 128 (scaled with the image); larger objects are
     # easier to detect and leave more room between the class-agnostic head and the oracle
-    min_radius: float = 9.0
-    max_radius: float = 24.0
+    min_radius: float = 14.0
+    max_radius: float = 34.0
     seed: int = 0
+
+
+# A world.json written before the radius options existed was made with these radii (the
+# defaults of that time); a key missing from a manifest is read as this value, not today's default.
+LEGACY_RADII = {"min_radius": 9.0, "max_radius": 24.0}
 
 
 @dataclass
@@ -400,7 +405,7 @@ def _existing(out: Path, cfg: SynthConfig) -> SynthResult | None:
         isinstance(manifest, dict)
         and manifest.get("format") == FORMAT
         and manifest.get("version") == VERSION
-        and {**dataclasses.asdict(SynthConfig()), **(manifest.get("config") or {})} == dataclasses.asdict(cfg)
+        and {**LEGACY_RADII, **(manifest.get("config") or {})} == dataclasses.asdict(cfg)
         and all((out / p).exists() for p in ("instances_train.json", "instances_val.json", "train", "val"))
     ):
         return _result(out, manifest)

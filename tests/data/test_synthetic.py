@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -177,15 +178,22 @@ def test_cli_data_synth(tmp_path):
 
 
 def test_world_from_before_radius_options_is_reused(tmp_path):
-    """A world.json written before min_radius / max_radius existed means the defaults."""
-    r = generate(SynthConfig(**TINY), tmp_path / "w")
+    """A world.json written before min_radius / max_radius existed means the radii of that time (9-24)."""
+    legacy = {**TINY, "min_radius": 9.0, "max_radius": 24.0}
+    r = generate(SynthConfig(**legacy), tmp_path / "w")
     manifest = json.loads((tmp_path / "w" / "world.json").read_text())
     for key in ("min_radius", "max_radius"):
         manifest["config"].pop(key)
     (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
-    assert generate(SynthConfig(**TINY), tmp_path / "w") == r
-    with pytest.raises(MaskxError, match="another config"):
-        generate(SynthConfig(**{**TINY, "max_radius": 30.0}), tmp_path / "w")
+    assert generate(SynthConfig(**legacy), tmp_path / "w") == r
+    for other in (TINY, {**legacy, "max_radius": 30.0}):  # today's defaults (14-34) are another world
+        with pytest.raises(MaskxError, match="another config"):
+            generate(SynthConfig(**other), tmp_path / "w")
+
+
+def test_default_world_has_the_larger_objects():
+    cfg = SynthConfig()
+    assert (cfg.min_objects, cfg.max_objects, cfg.min_radius, cfg.max_radius) == (2, 4, 14.0, 34.0)
 
 
 def test_radius_sets_object_size(tmp_path):
@@ -198,3 +206,17 @@ def test_radius_sets_object_size(tmp_path):
     small, large = mean_area(min_radius=6, max_radius=8), mean_area(min_radius=20, max_radius=24)
     # one object per image, radius r at 128 px -> about (r/2)^2 * pi * aspect pixels at 64 px
     assert 20 < small < 60 and 200 < large < 500
+
+
+def test_cli_defaults_are_the_world_defaults():
+    """``maskx data synth`` and ``maskx quickstart`` default to exactly SynthConfig's world."""
+    import inspect
+
+    from maskx_cli.data import synth
+    from maskx_cli.quickstart import quickstart_cmd
+
+    cfg = dataclasses.asdict(SynthConfig())
+    for command in (synth, quickstart_cmd):
+        params = inspect.signature(command).parameters
+        for key in ("train_images", "val_images", "max_objects", "min_radius", "max_radius"):
+            assert params[key].default == cfg[key], (command.__name__, key)
