@@ -82,7 +82,8 @@ class Crops:
 
 
 def render(n_images: int, seed: int, split_id: int, looks: list[dict], args) -> Crops:
-    cfg = SynthConfig(num_classes=len(looks), image_size=128, seed=seed)
+    cfg = SynthConfig(num_classes=len(looks), image_size=128, seed=seed, max_objects=args.max_objects,
+                      min_radius=args.min_radius, max_radius=args.max_radius)
     min_area = min_visible_area(cfg.image_size)
     xs, ms, ys = [], [], []
     jit = np.random.default_rng([seed, split_id, 99])
@@ -267,6 +268,10 @@ def main() -> None:
     ap.add_argument("--jitter", type=float, default=0.08, help="box jitter, fraction of box size")
     ap.add_argument("--looks", default="factor", help="factor | blocked | random")
     ap.add_argument("--overlap", type=float, default=0.75)
+    # the world's defaults; the tables in docs/synthetic_world.md were made with 5 / 9 / 24
+    ap.add_argument("--max-objects", type=int, default=SynthConfig.max_objects)
+    ap.add_argument("--min-radius", type=float, default=SynthConfig.min_radius)
+    ap.add_argument("--max-radius", type=float, default=SynthConfig.max_radius)
     ap.add_argument("--no-clutter", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ablate-t", action="store_true", help="also train T with parts of its regularisation")
