@@ -26,7 +26,7 @@ def sweep_cmd(
                                                                           "e.g. --set solver.iterations=100 (repeatable).")] = None,
 ) -> None:
     """Train stage 1 once, every stage-2 variant of the spec on it, evaluate, write a paper-style table."""
-    from pipelines.stages.sweep import load_spec, run_sweep
+    from pipelines.stages.sweep import display_rows, load_spec, run_sweep
 
     s = load_spec(spec)
     if seeds:
@@ -39,7 +39,7 @@ def sweep_cmd(
             fail(f"no row of {spec} matches --only {' '.join(only)}")
     with progress_bars() as progress:
         r = run_sweep(s, out, detector, list(set_ or []), str(glove) if glove else None, progress)
-    columns = list(next(iter(r.rows.values())).keys())
-    console.print(metrics_table(s.title or "sweep (mask AP)", r.rows, columns))
+    _, shown = display_rows(s, r.rows)
+    console.print(metrics_table(s.title or "sweep (mask AP)", shown, list(next(iter(shown.values())).keys())))
     console.print(f"[green]done[/] {r.ran} run(s) trained/evaluated, {r.skipped} already finished, {r.seconds:.0f} s")
     print_paths(table=r.table_md, summary=r.summary_json, **({"figure": r.figure} if r.figure else {}))

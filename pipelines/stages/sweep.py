@@ -355,16 +355,30 @@ def table_rows(spec: SweepSpec, results: list[dict], metric: str = "AP") -> dict
     return rows
 
 
-def render_table(spec: SweepSpec, rows: dict, results: list[dict], val_images: int) -> str:
-    """The paper's layout: per direction, mask AP on B and AP on A (x100); notes for skipped runs."""
+WIDE = 2  # more directions than this: one table row per direction (random-split sweeps have 25)
+
+
+def display_rows(spec: SweepSpec, rows: dict[str, dict[str, float | None]]) -> tuple[str, dict[str, dict[str, float | None]]]:
+    """The rows to show: the paper's layout (one row per method, columns ``"<direction> B|A"``) for up
+    to ``WIDE`` directions, else transposed (one row per direction, columns ``"<method> B|A"``).
+    Returns the first column's heading and the rows."""
     dirs = spec.all_directions()
-    head1 = "| method | " + " | ".join(f"{direction_name(d)}: AP on B | {direction_name(d)}: AP on A" for d in dirs) + " |"
+    if len(dirs) <= WIDE:
+        return "method", rows
+    return "set A", {direction_name(d): {f"{name} {s}": vals.get(f"{direction_name(d)} {s}") for name, vals in rows.items()
+                                        for s in ("B", "A")} for d in dirs}
+
+
+def render_table(spec: SweepSpec, rows: dict, results: list[dict], val_images: int) -> str:
+    """Mask AP on B and on A (x100) per method and direction (layout: :func:`display_rows`); notes for skipped runs."""
+    first, shown = display_rows(spec, rows)
+    columns = list(next(iter(shown.values())).keys()) if shown else []
+    head = "| " + first + " | " + " | ".join(c[:-2] + ": AP on " + c[-1] for c in columns) + " |"
     lines = [f"# {spec.title or 'sweep'}", "",
              f"Mask AP (COCO AP@[.5:.95], x100) on {val_images} validation images; mean over stage-2 seeds {spec.seeds}.", "",
-             head1, "|---|" + "---:|" * (2 * len(dirs))]
-    for name, vals in rows.items():
-        cells = [format_value(vals.get(f"{direction_name(d)} {s}")) for d in dirs for s in ("B", "A")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+             head, "|---|" + "---:|" * len(columns)]
+    for name, vals in shown.items():
+        lines.append(f"| {name} | " + " | ".join(format_value(vals.get(c)) for c in columns) + " |")
     notes = sorted({f"{r['row']}: {r['note']}" for r in results if r.get("note")})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]

@@ -64,15 +64,23 @@ def test_sweep_writes_table_and_resumes(tiny_pipeline, tmp_path):
 
 
 def test_random_splits_figure(tiny_pipeline, tmp_path):
-    spec = _spec(tmp_path, random_splits={"sizes": [20, 40], "trials": 1},
+    spec = _spec(tmp_path, random_splits={"sizes": [20, 30, 40], "trials": 1},
                  figure={"numerator": "transfer+MLP", "denominator": "class-agnostic"})
     s = load_spec(spec)
     s.rows = s.rows[:2]
     r = run_sweep(s, tmp_path / "fig", tiny_pipeline["detector"])
     assert r.figure is not None and r.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     points = json.loads(r.summary_json.read_text())["figure_points"]
-    assert [p["direction"] for p in points] == ["random:20:0", "random:40:0"]
-    assert [p["size_a"] for p in points] == [20, 40] and all(p["masks_per_class_a"] > 0 for p in points)
+    assert [p["direction"] for p in points] == ["random:20:0", "random:30:0", "random:40:0"]
+    assert [p["size_a"] for p in points] == [20, 30, 40] and all(p["masks_per_class_a"] > 0 for p in points)
+    # three directions: one table row per direction, methods as columns
+    table = (r.out / "table.md").read_text().splitlines()
+    assert "| set A | class-agnostic: AP on B | class-agnostic: AP on A | transfer+MLP: AP on B | transfer+MLP: AP on A |" in table
+    body = [line.split(" | ")[0] for line in table if line.startswith("| ") and not line.startswith("| set A")]
+    assert body == ["| random:20:0", "| random:30:0", "| random:40:0"]
+    point = next(p for p in points if p["direction"] == "random:40:0")
+    row = next(line for line in table if line.startswith("| random:40:0 |")).split(" | ")
+    assert row[1] == f"{100 * point['ap_b_denominator']:.1f}" and row[3] == f"{100 * point['ap_b_numerator']:.1f}"
 
 
 def test_shipped_specs_load():
