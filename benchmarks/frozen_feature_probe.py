@@ -41,8 +41,10 @@ def frozen_builder(state: dict[str, torch.Tensor]):
         keep = {k: v for k, v in state.items() if k.startswith(FROZEN)}
         own = side.state_dict()
         bad = [k for k in keep if k not in own or own[k].shape != keep[k].shape]
-        if bad or not keep:
-            raise MaskxError(f"the source run's FCN / MLP branch does not fit this head ({bad[:1] or 'no MLP branch'})")
+        if not keep:
+            raise MaskxError("the source checkpoint holds no FCN / MLP-branch tensors")
+        if bad:
+            raise MaskxError(f"the source run's FCN / MLP branch does not fit this head ({bad[0]})")
         side.load_state_dict(keep, strict=False)
         for name, p in side.named_parameters():
             if name in keep:
@@ -50,6 +52,31 @@ def frozen_builder(state: dict[str, torch.Tensor]):
         return side
 
     return wrapped
+
+
+def train_probe(source: Path, detector: Path, embeddings: Path, work: Path, seed: int = 0,
+                extra: list[str] | None = None) -> Path:
+    """Train (or find) the probe run for ``source``: the oracle predictor on its frozen FCN and MLP
+    branch, stage-2 solver of the ``synthetic`` recipe (+ ``extra`` overrides). Returns the run folder."""
+    saved = read_yaml(source / "config.yaml", "run config") or {}
+    head, data = saved.get("head", {}), saved.get("data", {})
+    if not head.get("mlp"):
+        raise MaskxError("the probe needs a run with the MLP branch", source)
+    if data.get("mask_classes") != "voc":
+        raise MaskxError("the probe reports voc -> nonvoc; the run must be trained with data.mask_classes=voc", source)
+    over = [f"data.{k}={data[k]}" for k in ("train_json", "train_images", "val_json", "val_images", "mask_classes")]
+    over += [f"head.{k}={head[k]}" for k in ("mask_dim", "num_convs", "fcn", "mlp_hidden", "mlp_input_size", "roi_size")]
+    over += ["head.head=oracle", "head.mlp=true", f"solver.seed={seed}"] + list(extra or [])
+    cfg = load_config(MaskTrainConfig, "synthetic", over, section="mask_train")
+    run = work / f"probe_{source.name}_s{seed}"
+    if not (run / "mask_final.pth").is_file():
+        build = mask_train_stage.build_mask_side
+        mask_train_stage.build_mask_side = frozen_builder(load_checkpoint(source / "mask_final.pth", "mask")["model"])
+        try:
+            mask_train_stage.mask_train(cfg, detector, embeddings, run)
+        finally:
+            mask_train_stage.build_mask_side = build
+    return run
 
 
 def main() -> None:
@@ -62,24 +89,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
-    saved = read_yaml(args.source / "config.yaml", "run config") or {}
-    head, data = saved.get("head", {}), saved.get("data", {})
-    if not head.get("mlp"):
-        raise SystemExit("error: --from must be a run with the MLP branch")
-    if data.get("mask_classes") != "voc":
-        raise SystemExit("error: this probe reports voc -> nonvoc; --from must be trained with data.mask_classes=voc")
-    over = [f"data.{k}={data[k]}" for k in ("train_json", "train_images", "val_json", "val_images", "mask_classes")]
-    over += [f"head.{k}={head[k]}" for k in ("mask_dim", "num_convs", "fcn", "mlp_hidden", "mlp_input_size", "roi_size")]
-    over += ["head.head=oracle", "head.mlp=true", f"solver.seed={args.seed}"]
-    cfg = load_config(MaskTrainConfig, "synthetic", over, section="mask_train")
-    run = args.work / f"probe_{args.source.name}_s{args.seed}"
-    if not (run / "mask_final.pth").is_file():
-        build = mask_train_stage.build_mask_side
-        mask_train_stage.build_mask_side = frozen_builder(load_checkpoint(args.source / "mask_final.pth", "mask")["model"])
-        try:
-            mask_train_stage.mask_train(cfg, args.detector, args.embeddings, run)
-        finally:
-            mask_train_stage.build_mask_side = build
+    try:
+        run = train_probe(args.source, args.detector, args.embeddings, args.work, args.seed)
+    except MaskxError as e:
+        raise SystemExit(f"error: {e}") from None
     runs = {"source run": args.source, "oracle weights on its frozen features": run}
     r = evaluate_heads(runs, EvalConfig(split="nonvoc"), detector=args.detector)
     scores = {k: {s: round(100 * r.metrics[k]["segm"][s]["AP"], 1) for s in ("B", "A")} for k in runs}

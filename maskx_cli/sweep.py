@@ -39,7 +39,7 @@ def sweep_cmd(
             fail(f"no row of {spec} matches --only {' '.join(only)}")
     with progress_bars() as progress:
         r = run_sweep(s, out, detector, list(set_ or []), str(glove) if glove else None, progress)
-    _, shown = display_rows(s, r.rows)
-    console.print(metrics_table(s.title or "sweep (mask AP)", shown, list(next(iter(shown.values())).keys())))
+    _, columns, shown = display_rows(s, r.rows)
+    console.print(metrics_table(s.title or "sweep (mask AP)", shown, columns))
     console.print(f"[green]done[/] {r.ran} run(s) trained/evaluated, {r.skipped} already finished, {r.seconds:.0f} s")
     print_paths(table=r.table_md, summary=r.summary_json, **({"figure": r.figure} if r.figure else {}))

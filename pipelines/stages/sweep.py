@@ -358,21 +358,21 @@ def table_rows(spec: SweepSpec, results: list[dict], metric: str = "AP") -> dict
 WIDE = 2  # more directions than this: one table row per direction (random-split sweeps have 25)
 
 
-def display_rows(spec: SweepSpec, rows: dict[str, dict[str, float | None]]) -> tuple[str, dict[str, dict[str, float | None]]]:
+def display_rows(spec: SweepSpec, rows: dict[str, dict[str, float | None]]) -> tuple[str, list[str], dict[str, dict[str, float | None]]]:
     """The rows to show: the paper's layout (one row per method, columns ``"<direction> B|A"``) for up
     to ``WIDE`` directions, else transposed (one row per direction, columns ``"<method> B|A"``).
-    Returns the first column's heading and the rows."""
+    Returns the first column's heading, the other columns and the rows."""
     dirs = spec.all_directions()
     if len(dirs) <= WIDE:
-        return "method", rows
-    return "set A", {direction_name(d): {f"{name} {s}": vals.get(f"{direction_name(d)} {s}") for name, vals in rows.items()
-                                        for s in ("B", "A")} for d in dirs}
+        return "method", [f"{direction_name(d)} {s}" for d in dirs for s in ("B", "A")], rows
+    shown = {direction_name(d): {f"{name} {s}": vals.get(f"{direction_name(d)} {s}") for name, vals in rows.items()
+                                 for s in ("B", "A")} for d in dirs}
+    return "set A", [f"{name} {s}" for name in rows for s in ("B", "A")], shown
 
 
 def render_table(spec: SweepSpec, rows: dict, results: list[dict], val_images: int) -> str:
     """Mask AP on B and on A (x100) per method and direction (layout: :func:`display_rows`); notes for skipped runs."""
-    first, shown = display_rows(spec, rows)
-    columns = list(next(iter(shown.values())).keys()) if shown else []
+    first, columns, shown = display_rows(spec, rows)
     head = "| " + first + " | " + " | ".join(c[:-2] + ": AP on " + c[-1] for c in columns) + " |"
     lines = [f"# {spec.title or 'sweep'}", "",
              f"Mask AP (COCO AP@[.5:.95], x100) on {val_images} validation images; mean over stage-2 seeds {spec.seeds}.", "",
