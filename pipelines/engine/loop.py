@@ -30,7 +30,7 @@ from torch import nn
 
 from pipelines.config import SolverConfig
 from pipelines.engine import distributed as dist
-from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.engine.checkpoint import SCHEMAS, TRAINING, load_checkpoint, load_state, save_checkpoint
 from pipelines.engine.run_dir import MetricsLog
 from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.errors import MaskxError
@@ -57,16 +57,36 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random generator's state as plain data (tensors, numbers, lists): loadable weights-only.
+
+    ``torch``: uint8 tensor; ``numpy``: MT19937 ``key`` int64[624] + ``pos``, ``has_gauss``,
+    ``cached_gaussian``; ``python``: ``version``, ``internal`` (625 ints), ``gauss_next``;
+    ``cuda``: one uint8 tensor per GPU, if there are GPUs.
+    """
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` (also the tuple form that checkpoints of earlier versions hold)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)
+    p = state["python"]
+    if isinstance(p, dict):
+        p = (p["version"], tuple(p["internal"]), p["gauss_next"])
+    random.setstate(p)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -157,12 +177,12 @@ class Trainer:
         path = self.run_dir / LAST
         if not path.is_file():
             return False
-        ckpt = load_checkpoint(path, self.kind)
-        dist.unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        ckpt = load_checkpoint(path, self.kind, schema=SCHEMAS.get(self.kind, TRAINING))
+        load_state(dist.unwrap(self.model), ckpt["model"], path)
+        load_state(self.optimizer, ckpt["optimizer"], path, what="the optimizer state")
+        load_state(self.scheduler, ckpt["scheduler"], path, what="the schedule state")
         if "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
+            load_state(self.scaler, ckpt["scaler"], path, what="the loss-scaler state")
         ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
         # the same world size: every process continues its own random stream; otherwise rank 0's
         set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else ckpt["rng"])

@@ -22,6 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from pipelines.config import DetectorConfig
+from pipelines.engine.checkpoint import load_state, load_weights
 from pipelines.errors import MaskxError
 
 RESNETS = {
@@ -51,13 +52,10 @@ def build_backbone(cfg: DetectorConfig) -> BackboneWithFPN:
     body = ctor(weights=None, norm_layer=_norm_layer(cfg.norm))
     if cfg.pretrained_backbone:
         path = Path(cfg.pretrained_backbone)
-        if not path.is_file():
-            raise MaskxError("pretrained backbone weights not found", path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-            raise MaskxError(f"cannot read backbone weights ({exc.__class__.__name__})", path) from None
-        missing, unexpected = body.load_state_dict(state, strict=False)
+        state = load_weights(path, "pretrained backbone weights")  # weights-only: a shared file runs no code
+        if not isinstance(state, dict):
+            raise MaskxError("pretrained backbone weights are not a state dict", path)
+        missing, unexpected = load_state(body, state, path, strict=False, what=f"{cfg.backbone} backbone weights")
         if len(missing) > 10:
             raise MaskxError(f"backbone weights do not fit {cfg.backbone} ({len(missing)} tensors missing)", path)
     if not 0 <= cfg.trainable_backbone_layers <= 5:

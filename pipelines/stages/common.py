@@ -10,7 +10,7 @@ from torchvision.models.detection import FasterRCNN
 
 from pipelines.config import DetectorConfig, from_dict
 from pipelines.data.coco import LoadReport, load_coco
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.engine.checkpoint import load_checkpoint, load_state
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
 from pipelines.modeling.detector import build_detector
@@ -47,7 +47,7 @@ def load_detector_run(run: str | Path) -> DetectorRun:
     ckpt = load_checkpoint(path, "detector")
     det_cfg = from_dict(DetectorConfig, ckpt["config"]["detector"])
     model = build_detector(det_cfg, len(ckpt["categories"]))
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt["model"], path)
     model.eval().requires_grad_(False)
     return DetectorRun(path.parent, path, sha256_file(path), ckpt["config"], ckpt["categories"], model)
 

@@ -181,7 +181,7 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
 def load_mask_run(run: str | Path, det: DetectorRun | None = None):
     """(mask side in eval mode, checkpoint dict) of a ``mask-train`` run; checks it fits ``det``."""
     from pipelines.config import HeadConfig, from_dict
-    from pipelines.engine.checkpoint import load_checkpoint
+    from pipelines.engine.checkpoint import load_checkpoint, load_state
 
     run = Path(run)
     path = run if run.is_file() else run / MASK_CKPT
@@ -193,6 +193,6 @@ def load_mask_run(run: str | Path, det: DetectorRun | None = None):
                          f"given detector {det.sha256[:12]}…)", path)
     head = from_dict(HeadConfig, ckpt["head"])
     side = build_mask_side(head, len(ckpt["categories"]), ckpt["in_channels"], None, embed_dim=ckpt["embed_dim"])
-    side.load_state_dict(ckpt["model"])
+    load_state(side, ckpt["model"], path)
     side.eval().requires_grad_(False)
     return side, ckpt

@@ -34,7 +34,7 @@ from pipelines.config import (
 from pipelines.data.coco import CocoDataset, check_same_categories
 from pipelines.data.splits import resolve_split
 from pipelines.engine import distributed as dist
-from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.engine.checkpoint import load_checkpoint, load_state, save_checkpoint
 from pipelines.engine.device import resolve_device
 from pipelines.engine.loop import TrainStats, seed_everything
 from pipelines.engine.run_dir import file_record, prepare_run_dir, update_manifest
@@ -159,7 +159,7 @@ def train_e2e(cfg: TrainE2EConfig, out: str | Path, progress: Progress = NULL_PR
 
     detector = build_detector(cfg.detector, len(categories))
     if init_state is not None:
-        detector.load_state_dict(init_state)
+        load_state(detector, init_state, init_path)
     live = cfg.head.head == "transfer" and cfg.head.input in LIVE_INPUTS
     embed_dim = live_embed_dim(cfg.head.input, cfg.detector.box_representation) if live else None
     side = build_mask_side(cfg.head, len(categories), cfg.detector.fpn_channels, table, embed_dim=embed_dim)

@@ -99,7 +99,7 @@ def _mask_cfg(tiny_pipeline, *extra):
 def test_embeddings_from_another_detector(tiny_pipeline, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_pipeline["detector"], other)
-    ckpt = torch.load(other / "model_final.pth", weights_only=False)
+    ckpt = torch.load(other / "model_final.pth", weights_only=True)
     ckpt["iteration"] = 999  # another checkpoint: another hash
     torch.save(ckpt, other / "model_final.pth")
     with pytest.raises(MaskxError, match="another detector"):

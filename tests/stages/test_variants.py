@@ -160,7 +160,7 @@ def test_end_to_end_run_is_read_by_eval_and_export(tiny_pipeline, tmp_path):
                                          "head.mask_dim=8", "head.mlp_hidden=16", f"init_detector={tiny_pipeline['detector']}"]
     cfg = load_e2e_config("synthetic", over)
     r = train_e2e(cfg, tmp_path / "e2e")
-    ckpt = torch.load(r.mask_checkpoint, map_location="cpu", weights_only=False)
+    ckpt = torch.load(r.mask_checkpoint, map_location="cpu", weights_only=True)
     from pipelines.io import sha256_file
     from pipelines.stages.common import load_detector_run
 
