@@ -178,7 +178,12 @@ def option_overrides(set_: list[str] | None, options: dict[str, object]) -> list
     return overrides
 
 
+def warn(*lines: str) -> None:
+    """One ``warning:`` line each, on stderr."""
+    for line in lines:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+
 def warn_missing_glove(missing: list[str]) -> None:
     if missing:
-        err_console.print(f"[yellow]warning:[/] {len(missing)} class name(s) have no GloVe vector (zero rows): "
-                          f"{', '.join(missing[:5])}", highlight=False, soft_wrap=True)
+        warn(f"{len(missing)} class name(s) have no GloVe vector (zero rows): {', '.join(missing[:5])}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from maskx_cli.console import console, err_console, fail, guarded, print_paths, progress_bars
+from maskx_cli.console import console, fail, guarded, print_paths, progress_bars, warn
 from maskx_cli.main import app
 
 
@@ -40,9 +40,9 @@ def predict_cmd(
         r = predict(mask, list(images), out, detector=detector, score_thresh=score_thresh, classes=names, only=only,
                     visualize=visualize, scale=scale, device=device, batch_images=batch_images, progress=progress)
     for path, reason in r.skipped[:10]:
-        err_console.print(f"[yellow]warning:[/] {path}: skipped: {reason}", highlight=False, soft_wrap=True)
+        warn(f"{path}: skipped: {reason}")
     if len(r.skipped) > 10:
-        err_console.print(f"[yellow]warning:[/] ... and {len(r.skipped) - 10} more", highlight=False)
+        warn(f"... and {len(r.skipped) - 10} more")
     skipped = f", [yellow]{len(r.skipped)} unreadable skipped[/]" if r.skipped else ""
     console.print(f"[green]predicted[/] {r.images} images, {r.detections} detections{skipped} in {r.seconds:.1f} s")
     paths = {"predictions": r.predictions}

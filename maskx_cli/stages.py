@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from maskx_cli.console import (console, err_console, guarded, metrics_table, option_overrides, print_paths, progress_bars,
+from maskx_cli.console import (console, guarded, metrics_table, option_overrides, print_paths, progress_bars, warn,
                                warn_missing_glove)
 from maskx_cli.main import app
 
@@ -19,11 +19,6 @@ SetOpt = Annotated[
 ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe: a path or a shipped name (synthetic, coco_voc_r50, ...).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")]
-
-
-def _warn(lines: list[str]) -> None:
-    for line in lines:
-        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
 
 
 @app.command("detect-train")
@@ -53,8 +48,7 @@ def detect_train_cmd(
         write_yaml(out / "recipe.yaml", read_yaml(resolve_config_path(config)))
     console.print(f"[green]detector trained[/] {result.num_classes} classes, {result.train_images} images, "
                   f"{result.stats.iterations} iterations in {result.stats.seconds:.0f} s, final loss {result.stats.mean_loss_last_window:.3f}")
-    if result.degenerate_boxes:
-        _warn([f"{cfg.data.train_json}: skipped {result.degenerate_boxes} annotation(s) with degenerate boxes"])
+    warn(*result.data_warnings)
     print_paths(checkpoint=result.checkpoint, config=out / "config.yaml", metrics=out / "metrics.jsonl")
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from maskx_cli.console import console, guarded, option_overrides, print_paths, progress_bars, warn_missing_glove
+from maskx_cli.console import console, guarded, option_overrides, print_paths, progress_bars, warn, warn_missing_glove
 from maskx_cli.main import app
 from maskx_cli.stages import ConfigOpt, DeviceOpt, ResumeOpt, SetOpt
 
@@ -44,6 +44,7 @@ def train_cmd(
     with progress_bars() as progress:
         r = train_e2e(cfg, out, progress=progress, resume=resume)
     warn_missing_glove(r.missing_glove)
+    warn(*r.data_warnings)
     console.print(f"[green]trained end to end[/] {r.head}, set A = {len(r.set_a)} classes, {r.train_images} images, "
                   f"{r.stats.iterations} iterations in {r.stats.seconds:.0f} s, final loss {r.stats.mean_loss_last_window:.3f}")
     print_paths(detector=r.detector_checkpoint, mask=r.mask_checkpoint, config=out / "config.yaml")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,18 +25,54 @@ def _umask() -> int:
     return mask
 
 
+TMP_SUFFIX = ".tmp"
+# What atomic_path's temporaries are called: ".<name>.<8 random characters>.tmp" beside <name>.
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")
+# Below this much free space, a writer's own error (not an OSError) is taken for a full disk.
+_NEARLY_FULL = 1 << 20
+
+
+def os_error_reason(exc: OSError) -> str:
+    """An OSError in a few words: the system's text for its errno ("No space left on device").
+
+    h5py raises OSErrors with an errno whose text is HDF5's multi-line internals; the errno's own
+    text is what a user needs.
+    """
+    if exc.errno:
+        return os.strerror(exc.errno)
+    lines = [s.strip() for s in str(exc.strerror or exc).splitlines() if s.strip()]
+    return lines[0] if lines else exc.__class__.__name__
+
+
+def make_parent(path: str | Path) -> Path:
+    """Create the folder of ``path`` (and its parents) or raise one MaskxError naming the culprit."""
+    path = Path(path)
+    for ancestor in [path.parent, *path.parent.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise MaskxError(f"is a file, not a folder: cannot write {path} inside it", ancestor)
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MaskxError(f"cannot write here: {os_error_reason(exc)}", path.parent) from exc
+    return path.parent
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    Readers never see a half-written file: on any exception the temporary file is removed.
+    Readers never see a half-written file: on any exception the temporary file is removed, and a
+    failed write (a full disk, a quota, an I/O error: an OSError, or a writer's own error such as
+    ``torch.save``'s RuntimeError when the disk is full) is one MaskxError naming ``path``.
     """
     path = Path(path)
+    make_parent(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as exc:
-        raise MaskxError(f"cannot write here: {exc.strerror or exc}", path.parent) from exc
+        raise MaskxError(f"cannot write here: {os_error_reason(exc)}", path.parent) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -40,12 +80,123 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp_path.is_file():  # mkstemp makes owner-only files; give the result a normal file's mode
             tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, path)
+    except MaskxError:
+        tmp_path.unlink(missing_ok=True)
+        raise
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise MaskxError(f"could not be written: {exc.strerror or exc}", path) from exc
+        raise MaskxError(f"could not be written: {os_error_reason(exc)}", path) from exc
+    except Exception as exc:
+        full = _nearly_full(path.parent)  # measured before the temporary file frees its space
+        tmp_path.unlink(missing_ok=True)
+        if full:
+            raise MaskxError(f"could not be written: {os.strerror(errno.ENOSPC)}", path) from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def hdf5_file(path: str | Path) -> Iterator[Any]:
+    """An ``h5py.File`` opened for writing that lands on ``path`` atomically (see :func:`atomic_path`).
+
+    HDF5 cannot be let meet a failed write itself: when a write or its flush hits a full disk,
+    HDF5 (1.8 to 2.0) leaves its objects half-closed and the process dies of a segmentation fault
+    on exit (h5py issue 914). So HDF5 writes through a Python file that keeps the first OSError and
+    from then on drops what it is given; once HDF5 has closed the file, that OSError is raised and
+    becomes the one ``could not be written: No space left on device`` line, with the temporary
+    file removed.
+    """
+    import h5py
+
+    with atomic_path(path) as tmp, open(tmp, "w+b", buffering=0) as raw:
+        sink = _KeepFirstError(raw)
+        try:
+            with h5py.File(sink, "w") as f:
+                yield f
+        except Exception:
+            if sink.error is not None:  # what HDF5 made of the dropped writes: the disk's error is the cause
+                raise sink.error from None
+            raise
+        if sink.error is not None:
+            raise sink.error
+
+
+class _KeepFirstError(io.RawIOBase):
+    """A seekable binary file whose writes never fail: the first OSError is kept, later writes dropped."""
+
+    def __init__(self, f):
+        super().__init__()
+        self._f, self.error = f, None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b) -> int:
+        return self._f.readinto(b)
+
+    def write(self, b) -> int:
+        n = len(memoryview(b))
+        if self.error is None:
+            try:
+                return self._f.write(b)
+            except OSError as exc:
+                self.error = exc
+        end = self._f.seek(n, os.SEEK_CUR)
+        if end > os.fstat(self._f.fileno()).st_size:
+            with contextlib.suppress(OSError):  # a sparse extension: HDF5 sees the end of file it expects
+                self._f.truncate(end)
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self._f.truncate(size)
+        except OSError as exc:
+            self.error = self.error or exc
+            return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporaries :func:`atomic_path` left in ``folder`` when a process was killed mid-write.
+
+    Only call this where no other process is writing (a run folder being opened by its one writer).
+    Returns the files removed.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if _TMP_NAME.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -69,7 +220,9 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         with open(path, "rb") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        raise MaskxError(f"not valid JSON (truncated or corrupt?): {exc.msg} at line {exc.lineno}", path) from exc
+        where = f"line {exc.lineno}, column {exc.colno}"  # "Unterminated string starting at" ends in "at" itself
+        problem = f"{exc.msg} {where}" if exc.msg.endswith(" at") else f"{exc.msg} at {where}"
+        raise MaskxError(f"not valid JSON (truncated or corrupt?): {problem}", path) from exc
     except UnicodeDecodeError as exc:
         raise MaskxError("not valid JSON: not UTF-8 text", path) from exc
 

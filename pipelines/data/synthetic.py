@@ -40,6 +40,7 @@ from pycocotools import mask as mask_utils
 
 from pipelines.data.splits import COCO_CATEGORIES, VOC_COCO_IDS
 from pipelines.errors import MaskxError
+from pipelines.io import make_parent, os_error_reason
 from pipelines.progress import NULL_PROGRESS, Progress
 
 FORMAT = "maskx-synthetic-world"
@@ -426,11 +427,11 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: Progress = NULL_PR
     if found is not None:
         return found
     cats = synth_categories(cfg.num_classes)
+    make_parent(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as exc:
-        raise MaskxError(f"cannot write here: {exc.strerror or exc}", out.parent) from exc
+        raise MaskxError(f"cannot write here: {os_error_reason(exc)}", out.parent) from exc
     task = progress.task("synthetic world", total=cfg.train_images + cfg.val_images)
     try:
         train = _make_split(cfg, "train", cfg.train_images, cats, tmp, task)
@@ -454,7 +455,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: Progress = NULL_PR
         os.replace(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MaskxError(f"could not write the synthetic world: {exc.strerror or exc}", out) from exc
+        raise MaskxError(f"could not write the synthetic world: {os_error_reason(exc)}", out) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,7 +35,7 @@ from pipelines.config import CacheConfig
 from pipelines.data.coco import CocoDataset, collate
 from pipelines.engine.sampler import IterationBatches
 from pipelines.errors import MaskxError
-from pipelines.io import atomic_path, sha256_json
+from pipelines.io import hdf5_file, sha256_json
 from pipelines.progress import NULL_PROGRESS, Progress
 
 FORMAT = "maskx-feature-cache"
@@ -229,30 +229,29 @@ def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset: CocoDa
     dtype = DTYPES[cfg.dtype]
     task = progress.task("feature cache", len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_images, collate_fn=collate, num_workers=0)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset("features", (0, channels, s, s), maxshape=(None, channels, s, s), dtype=dtype,
-                                     chunks=(chunk_rows, channels, s, s))
-            masks = f.create_dataset("masks", (0, m, m), maxshape=(None, m, m), dtype=np.uint8, chunks=(chunk_rows, m, m),
-                                     compression="lzf")
-            labels: list[np.ndarray] = []
-            n = 0
-            for images, targets in loader:
-                batch = extract_rois(model, roi_pool, list(images), list(targets), cfg, generator)
-                r = batch.labels.shape[0]
-                if r:
-                    feats.resize(n + r, axis=0)
-                    masks.resize(n + r, axis=0)
-                    feats[n : n + r] = batch.features.cpu().numpy().astype(dtype)
-                    masks[n : n + r] = batch.masks.cpu().numpy()
-                    labels.append(batch.labels.cpu().numpy())
-                    n += r
-                task.advance(len(images))
-            f.create_dataset("labels", data=np.concatenate(labels) if labels else np.zeros(0, np.int64))
-            f.attrs.update({"format": FORMAT, "version": VERSION, "key": key, "instances": instances, "roi_size": roi_size,
-                            "channels": channels, "dtype": cfg.dtype, "proposals_per_instance": cfg.proposals_per_instance,
-                            "images": len(dataset)})
-            f.attrs["complete"] = True  # written last
+    with hdf5_file(path) as f:  # a full disk: one error line, not an HDF5 crash
+        feats = f.create_dataset("features", (0, channels, s, s), maxshape=(None, channels, s, s), dtype=dtype,
+                                 chunks=(chunk_rows, channels, s, s))
+        masks = f.create_dataset("masks", (0, m, m), maxshape=(None, m, m), dtype=np.uint8, chunks=(chunk_rows, m, m),
+                                 compression="lzf")
+        labels: list[np.ndarray] = []
+        n = 0
+        for images, targets in loader:
+            batch = extract_rois(model, roi_pool, list(images), list(targets), cfg, generator)
+            r = batch.labels.shape[0]
+            if r:
+                feats.resize(n + r, axis=0)
+                masks.resize(n + r, axis=0)
+                feats[n : n + r] = batch.features.cpu().numpy().astype(dtype)
+                masks[n : n + r] = batch.masks.cpu().numpy()
+                labels.append(batch.labels.cpu().numpy())
+                n += r
+            task.advance(len(images))
+        f.create_dataset("labels", data=np.concatenate(labels) if labels else np.zeros(0, np.int64))
+        f.attrs.update({"format": FORMAT, "version": VERSION, "key": key, "instances": instances, "roi_size": roi_size,
+                        "channels": channels, "dtype": cfg.dtype, "proposals_per_instance": cfg.proposals_per_instance,
+                        "images": len(dataset)})
+        f.attrs["complete"] = True  # written last
     task.close()
     cache = open_cache(path, key)
     assert cache is not None

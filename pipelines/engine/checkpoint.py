@@ -14,6 +14,7 @@ file and the key rather than a ``KeyError`` deep in a stage.
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -122,9 +123,36 @@ _MISSING = object()
 
 # -- reading and writing ------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, kind: str, **payload: Any) -> None:
-    """Write ``{"format", "kind", **payload}`` to ``path`` via a temporary file and a rename."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "kind": kind, **payload}, tmp)
+    """Write ``{"format", "kind", **payload}`` to ``path`` via a temporary file and a rename.
+
+    A failed write (a full disk) is one MaskxError naming ``path``; the file there before is intact.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
+        writer = _Writer(f)
+        try:
+            torch.save({"format": FORMAT, "kind": kind, **payload}, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch reports a failed write as "unexpected pos": say why it failed
+                raise writer.error from None
+            raise
+
+
+class _Writer(io.RawIOBase):
+    """A file for ``torch.save`` that keeps the OSError of a failed write (torch turns it into a RuntimeError)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self._f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def load_weights(path: str | Path, what: str = "checkpoint") -> Any:

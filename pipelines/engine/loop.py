@@ -18,8 +18,9 @@ import json
 import math
 import random
 import signal
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,14 +32,12 @@ from torch import nn
 from pipelines.config import SolverConfig
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import SCHEMAS, TRAINING, load_checkpoint, load_state, save_checkpoint
-from pipelines.engine.run_dir import MetricsLog
+from pipelines.engine.run_dir import LAST, TENSORBOARD, MetricsLog
 from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.errors import MaskxError
-from pipelines.io import atomic_path
+from pipelines.io import atomic_path, os_error_reason
 from pipelines.progress import NULL_PROGRESS, Progress
 
-LAST = "last.pth"
-TENSORBOARD = "tb"
 
 
 @dataclass
@@ -209,30 +208,52 @@ class Trainer:
 
     @contextmanager
     def _tensorboard(self):
-        """A SummaryWriter on ``run_dir/tb`` on rank 0 (None elsewhere); events after a resume point are purged."""
+        """A SummaryWriter on ``run_dir/tb`` on rank 0 (None elsewhere); events after a resume point are purged.
+
+        A failed write of the events (a full disk) is one MaskxError naming ``tb/``: the writer's
+        background thread hands its OSError to this thread, and is kept from printing it too.
+        """
         if not dist.is_main():
             yield None
             return
         from torch.utils.tensorboard import SummaryWriter
 
+        path = self.run_dir / TENSORBOARD
+        previous_hook = threading.excepthook
+
+        def hook(args) -> None:
+            if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+                previous_hook(args)
+
+        threading.excepthook = hook
         try:
-            writer = SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=self.start_iter or None)
-        except OSError as exc:
-            raise MaskxError(f"cannot write TensorBoard logs: {exc.strerror or exc}", self.run_dir / TENSORBOARD) from None
-        try:
-            yield writer
+            try:
+                writer = SummaryWriter(str(path), purge_step=self.start_iter or None)
+            except OSError as exc:
+                raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", path) from None
+            try:
+                yield writer
+            except BaseException:
+                with suppress(OSError):  # the error that stopped the run is the one to report
+                    writer.close()
+                raise
+            try:
+                writer.close()
+            except OSError as exc:
+                raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", path) from None
         finally:
-            writer.close()
+            threading.excepthook = previous_hook
 
     def _log(self, tb, iteration: int, **scalars: float) -> None:
+        self.log.write(iteration=iteration, **scalars)
+        if tb is None:
+            return
         try:
-            self.log.write(iteration=iteration, **scalars)
-            if tb is not None:
-                for key, value in scalars.items():
-                    tb.add_scalar(key, value, iteration)
-                tb.flush()
+            for key, value in scalars.items():
+                tb.add_scalar(key, value, iteration)
+            tb.flush()
         except OSError as exc:
-            raise MaskxError(f"cannot write metrics: {exc.strerror or exc}", self.log.path) from None
+            raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", self.run_dir / TENSORBOARD) from None
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, step: Callable[[int], dict[str, torch.Tensor]]) -> TrainStats:
@@ -252,10 +273,11 @@ class Trainer:
                 # one all-reduce agrees on both: any rank non-finite, any rank signalled
                 bad, stop = dist.all_reduce_sum([0.0 if math.isfinite(value) else 1.0, 1.0 if flag["stop"] else 0.0])
                 if bad:
+                    kept = f"the last good checkpoint ({LAST}) is kept" if (self.run_dir / LAST).is_file() else \
+                        "no checkpoint had been written yet"
                     raise MaskxError(
                         f"loss became non-finite ({value if not math.isfinite(value) else 'on another process'}) at "
-                        f"iteration {it}; stopped, the last good checkpoint ({LAST}) is kept — lower the learning rate "
-                        f"or check the data",
+                        f"iteration {it}; stopped, {kept} — lower the learning rate or check the data",
                         self.run_dir,
                     )
                 self.optimizer.zero_grad(set_to_none=True)

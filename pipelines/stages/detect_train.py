@@ -13,7 +13,7 @@ from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import save_checkpoint
 from pipelines.engine.device import autocast, resolve_device
 from pipelines.engine.loop import Trainer, TrainStats, seed_everything
-from pipelines.engine.run_dir import prepare_run_dir, update_manifest
+from pipelines.engine.run_dir import prepare_run_dir, training_run, update_manifest
 from pipelines.engine.sampler import IterationBatches
 from pipelines.errors import MaskxError
 from pipelines.modeling.detector import build_detector
@@ -29,6 +29,7 @@ class DetectTrainResult:
     train_images: int
     degenerate_boxes: int
     stats: TrainStats
+    data_warnings: list[str]  # what loading the annotations skipped, one line each (with the first annotation ids)
 
 
 def detect_train(cfg: DetectTrainConfig, out: str | Path, progress: Progress = NULL_PROGRESS, resume: bool = False) -> DetectTrainResult:
@@ -36,6 +37,11 @@ def detect_train(cfg: DetectTrainConfig, out: str | Path, progress: Progress = N
     out = Path(out)
     if (out / DETECTOR_CKPT).exists() and not resume:
         raise MaskxError(f"already holds a finished detector ({DETECTOR_CKPT}); choose another --out", out)
+    with training_run(out, resume, (DETECTOR_CKPT,)):
+        return _detect_train(cfg, out, progress, resume)
+
+
+def _detect_train(cfg: DetectTrainConfig, out: Path, progress: Progress, resume: bool) -> DetectTrainResult:
     device = resolve_device(cfg.solver.device)
     dist.init_from_env(device)
     device = dist.local_device(device)  # cuda:LOCAL_RANK under torchrun
@@ -58,12 +64,13 @@ def detect_train(cfg: DetectTrainConfig, out: str | Path, progress: Progress = N
     def finish() -> None:
         save_checkpoint(final, "detector", model=model.state_dict(), config=to_dict(cfg), categories=categories,
                         iteration=cfg.solver.iterations)
-        update_manifest(out, train_images=len(dataset), degenerate_boxes_skipped=report.degenerate_boxes,
+        update_manifest(out, status="finished", train_images=len(dataset), degenerate_boxes_skipped=report.degenerate_boxes,
                         seconds=round(stats.seconds, 1), world_size=dist.world_size(),
                         effective_lr=cfg.solver.effective_lr(), images_per_process=cfg.solver.batch_size // dist.world_size())
 
     dist.main_first(finish, others=False)  # rank 0 writes; the others wait for it
-    return DetectTrainResult(out, final, len(categories), len(dataset), report.degenerate_boxes, stats)
+    return DetectTrainResult(out, final, len(categories), len(dataset), report.degenerate_boxes, stats,
+                             report.warnings(cfg.data.train_json))
 
 
 def train_on_images(model: torch.nn.Module, dataset: CocoDataset, solver: SolverConfig, out: Path, kind: str, extra: dict,

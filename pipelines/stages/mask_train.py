@@ -21,7 +21,7 @@ from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source
 from pipelines.engine.checkpoint import save_checkpoint
 from pipelines.engine.device import autocast, resolve_device
 from pipelines.engine.loop import Trainer, TrainStats, rng_state, seed_everything, set_rng_state
-from pipelines.engine.run_dir import prepare_run_dir, update_manifest
+from pipelines.engine.run_dir import prepare_run_dir, training_run, update_manifest
 from pipelines.errors import MaskxError
 from pipelines.modeling.embeddings import INPUTS, detector_embedding, glove_embedding, randn_embedding
 from pipelines.modeling.mask_heads import FCNS
@@ -29,7 +29,7 @@ from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, 
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.stages.cache import check_cache_config, ensure_cache
 from pipelines.stages.common import MASK_CKPT, DetectorRun, load_detector_run, load_split
-from pipelines.stages.export_embeddings import Embeddings, read_embeddings
+from pipelines.stages.export_embeddings import Embeddings, check_embeddings_fit, read_embeddings
 
 
 @dataclass
@@ -82,13 +82,15 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
     out = Path(out)
     if (out / MASK_CKPT).exists() and not resume:
         raise MaskxError(f"already holds a finished mask head ({MASK_CKPT}); choose another --out", out)
+    with training_run(out, resume, (MASK_CKPT,)):
+        return _mask_train(cfg, detector, embeddings, out, progress, resume)
+
+
+def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Path, out: Path, progress: Progress,
+                resume: bool) -> MaskTrainResult:
     det = load_detector_run(detector)
     emb = read_embeddings(embeddings)
-    if emb.detector_sha256 != det.sha256:
-        raise MaskxError(f"embeddings were exported from another detector (checkpoint sha256 {emb.detector_sha256[:12]}…, "
-                         f"this detector's is {det.sha256[:12]}…): run 'maskx export-embeddings' on it", embeddings)
-    if emb.class_ids != [c["id"] for c in det.categories]:
-        raise MaskxError("the embeddings' class list does not match the detector's", embeddings)
+    check_embeddings_fit(emb, det)
     data, _ = load_split(cfg.data.train_json, "train", require_masks=True)
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     categories = det.categories
@@ -170,7 +172,7 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
         save_checkpoint(final, "mask", model=mask_side.state_dict(), config=to_dict(cfg), head=to_dict(cfg.head),
                         categories=categories, set_a=set_a, detector_sha256=det.sha256, embed_dim=int(w_det.shape[1]),
                         in_channels=fpn_channels, iteration=cfg.solver.iterations)
-        update_manifest(out, train_rois=train_rois, cache=str(cache_path) if cache_path else None, cache_built=built,
+        update_manifest(out, status="finished", train_rois=train_rois, cache=str(cache_path) if cache_path else None, cache_built=built,
                         seconds=round(stats.seconds, 1), missing_glove=missing, world_size=dist.world_size(),
                         effective_lr=cfg.solver.effective_lr())
 

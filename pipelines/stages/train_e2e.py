@@ -37,7 +37,7 @@ from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import load_checkpoint, load_state, save_checkpoint
 from pipelines.engine.device import resolve_device
 from pipelines.engine.loop import TrainStats, seed_everything
-from pipelines.engine.run_dir import file_record, prepare_run_dir, update_manifest
+from pipelines.engine.run_dir import file_record, prepare_run_dir, training_run, update_manifest
 from pipelines.errors import MaskxError
 from pipelines.io import read_yaml, sha256_file
 from pipelines.modeling.detector import build_detector, detection_weights
@@ -72,6 +72,7 @@ class TrainE2EResult:
     train_images: int
     stats: TrainStats
     missing_glove: list[str]
+    data_warnings: list[str]  # what loading the annotations skipped, one line each (with the first annotation ids)
 
 
 def load_e2e_config(recipe: str | Path | None, overrides: list[str] | None = None) -> TrainE2EConfig:
@@ -134,6 +135,11 @@ def train_e2e(cfg: TrainE2EConfig, out: str | Path, progress: Progress = NULL_PR
     out = Path(out)
     if (out / MASK_CKPT).exists() and not resume:
         raise MaskxError(f"already holds a finished end-to-end run ({MASK_CKPT}); choose another --out", out)
+    with training_run(out, resume, (DETECTOR_CKPT, MASK_CKPT)):
+        return _train_e2e(cfg, out, progress, resume)
+
+
+def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool) -> TrainE2EResult:
     data, report = load_split(cfg.data.train_json, "train", require_masks=True)
     categories = data["categories"]
     set_a = resolve_split(cfg.data.mask_classes, categories)
@@ -187,8 +193,9 @@ def train_e2e(cfg: TrainE2EConfig, out: str | Path, progress: Progress = NULL_PR
         save_checkpoint(mask_path, "mask", model=side.state_dict(), config=to_dict(mask_cfg), head=to_dict(cfg.head),
                         categories=categories, set_a=set_a, detector_sha256=sha256_file(det_path), embed_dim=w_det_dim,
                         in_channels=cfg.detector.fpn_channels, iteration=cfg.solver.iterations, end_to_end=True)
-        update_manifest(out, inputs={**{k: file_record(v) for k, v in inputs.items()}, "detector": file_record(det_path)},
+        update_manifest(out, status="finished", inputs={**{k: file_record(v) for k, v in inputs.items()}, "detector": file_record(det_path)},
                         train_images=len(dataset), degenerate_boxes_skipped=report.degenerate_boxes,
                         seconds=round(stats.seconds, 1), world_size=dist.world_size(), missing_glove=missing)
     dist.barrier()
-    return TrainE2EResult(out, det_path, mask_path, cfg.head.head, set_a, len(dataset), stats, missing)
+    return TrainE2EResult(out, det_path, mask_path, cfg.head.head, set_a, len(dataset), stats, missing,
+                          report.warnings(cfg.data.train_json))

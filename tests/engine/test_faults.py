@@ -58,6 +58,13 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_p
     assert torch.isfinite(model.weight).all()  # the optimizer never stepped on the NaN
 
 
+def test_non_finite_loss_before_any_checkpoint_says_there_is_none(tmp_path):
+    model = torch.nn.Linear(4, 1)
+    with pytest.raises(MaskxError, match=r"at iteration 1; stopped, no checkpoint had been written yet — lower the"):
+        Trainer(model, solver(), tmp_path, "test").run(regression_step(model, bad_at=1))
+    assert not (tmp_path / "last.pth").exists()
+
+
 def test_full_disk_gives_clear_error_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model = torch.nn.Linear(4, 1)
     trainer = Trainer(model, solver(), tmp_path, "test")
@@ -66,7 +73,7 @@ def test_full_disk_gives_clear_error_and_keeps_previous_checkpoint(tmp_path, mon
     def save(obj, f, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 2:  # the checkpoint at iteration 6 meets a full disk half-way
-            Path(f).write_bytes(b"partial")
+            f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **kw)
 

@@ -11,6 +11,7 @@ import torch
 
 from pipelines.data.coco import CocoDataset
 from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.engine.run_dir import read_manifest
 from pipelines.errors import MaskxError
 from pipelines.stages.detect_train import detect_train
 from pipelines.stages.export_embeddings import export_embeddings
@@ -66,8 +67,13 @@ def test_detector_stopped_by_sigterm_then_resumed_matches_uninterrupted(runs, mo
     assert load_checkpoint(out / "last.pth")["iteration"] == 3
     assert not (out / "model_final.pth").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    manifest = read_manifest(out)
+    assert manifest["status"] == "failed" and manifest["error"].startswith(f"{out}: stopped by SIGTERM at iteration 3")
+    stale = out / ".last.pth.x1y2z3w4.tmp"  # what a kill -9 in the middle of a checkpoint write leaves
+    stale.write_bytes(b"cut short")
 
     detect_train(detect_config(world, *ITERS), out, resume=True)
+    assert not stale.exists() and read_manifest(out)["status"] == "finished"
     full = load_checkpoint(root / "det_full" / "model_final.pth")["model"]
     resumed = load_checkpoint(out / "model_final.pth")["model"]
     assert_same_state(full, resumed)

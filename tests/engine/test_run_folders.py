@@ -1,0 +1,105 @@
+"""Run folders: a failed run leaves nothing new or says it failed; a rerun starts clean; temporaries are swept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from maskx_cli.main import app
+from pipelines.engine.run_dir import read_manifest
+from tests.engine.tiny_runs import cli_overrides, make_world
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("runs"), train_images=4, val_images=1)
+
+
+def detect_train(world, out, *extra: str, iterations: int = 2, resume: bool = False):
+    return runner.invoke(app, ["detect-train", "--config", "synthetic", "--out", str(out), "--iterations", str(iterations),
+                               *(["--resume"] if resume else []), *cli_overrides(world, "solver.checkpoint_every=1", *extra)])
+
+
+def errors(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def broken_world(world, tmp_path):
+    """A copy of ``world`` whose first training image is missing (training fails on its first step)."""
+    root = tmp_path / "broken"
+    shutil.copytree(world.out_dir, root)
+    data = json.loads((root / "instances_train.json").read_text())
+    (root / "train" / data["images"][0]["file_name"]).unlink()
+    return [f"data.train_json={root / 'instances_train.json'}", f"data.train_images={root / 'train'}"]
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(world, tmp_path):
+    """Was: config.yaml, manifest.json and tb/ left in a folder with no checkpoint."""
+    out = tmp_path / "run"
+    broken = broken_world(world, tmp_path)
+    r = detect_train(world, out, *broken)
+    assert r.exit_code == 2 and len(errors(r)) == 1 and "image file not found" in errors(r)[0], r.output
+    assert not out.exists()
+
+    # in a folder that was there before, only the run's own files go
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = detect_train(world, out, *broken)
+    assert r.exit_code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_rerun_without_resume_starts_clean(world, tmp_path):
+    """What an earlier failed attempt left (no checkpoint) is removed: no stale metrics lines or TensorBoard events."""
+    out = tmp_path / "run"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "events.out.tfevents.1.old.0.0").write_bytes(b"stale events")
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "loss": 9.0}) + "\n" for i in range(1, 11)))
+    (out / "manifest.json").write_text(json.dumps({"stage": "detect-train", "status": "running"}))
+    (out / ".last.pth.k2j4h5g6.tmp").write_bytes(b"cut short by kill -9")
+    r = detect_train(world, out)
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not any(p.name.endswith(".old.0.0") for p in (out / "tb").iterdir())
+    assert not list(out.glob(".*.tmp"))
+    assert read_manifest(out)["status"] == "finished"
+
+    # a folder holding a run that can be resumed is not thrown away without a word
+    (out / "model_final.pth").unlink()
+    r = detect_train(world, out)
+    assert r.exit_code == 2
+    assert errors(r) == [f"error: {out}: holds an unfinished run (last.pth): add --resume to continue it, or choose another --out"]
+    assert (out / "last.pth").is_file()
+
+
+def test_a_run_that_fails_after_a_checkpoint_says_so_in_its_manifest(world, tmp_path):
+    out = tmp_path / "run"
+    assert detect_train(world, out, iterations=2).exit_code == 0
+    (out / "model_final.pth").unlink()  # as if it had stopped after its checkpoint at iteration 1
+    r = detect_train(world, out, *broken_world(world, tmp_path), resume=True)
+    assert r.exit_code == 2, r.output
+    manifest = read_manifest(out)
+    assert manifest["status"] == "failed" and "image file not found" in manifest["error"]
+    assert manifest["error"] == errors(r)[0].removeprefix("error: ")
+    assert (out / "last.pth").is_file()
+
+
+def test_degenerate_box_warning_gives_the_annotation_ids(world, tmp_path):
+    """data/README.md promises the count and the first annotation ids."""
+    data = json.loads(world.train_json.read_text())
+    for ann in data["annotations"][:2]:
+        ann["bbox"][2] = 0
+    path = tmp_path / "instances_train.json"
+    path.write_text(json.dumps(data))
+    r = detect_train(world, tmp_path / "run", f"data.train_json={path}", iterations=1)
+    assert r.exit_code == 0, r.output
+    ids = ", ".join(str(a["id"]) for a in data["annotations"][:2])
+    warnings = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {path}: skipped 2 annotation(s) with a zero-area, negative or out-of-image box "
+                        f"(annotation id {ids})"]
