@@ -8,12 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from maskx_cli.console import console, err_console, guarded, print_paths, progress_bars
+from maskx_cli.console import console, guarded, print_paths, progress_bars, warn
 from maskx_cli.data import data_app
-
-
-def _warn(message: str) -> None:
-    err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 @data_app.command("prepare-vg")
@@ -58,7 +54,7 @@ def prepare_vg_cmd(
     with progress_bars() as progress:
         result = prepare_vg(cfg, progress=progress)
     for w in result.warnings:
-        _warn(w)
+        warn(w)
 
     table = Table(title=f"Visual Genome {result.num_classes} classes", title_justify="left")
     table.add_column("", style="bold")
@@ -97,16 +93,16 @@ def prepare_vg_cmd(
 @guarded
 def check_cmd(
     annotations: Annotated[Path, typer.Argument(help="COCO or LVIS v1 instances file.")],
-    images: Annotated[Optional[Path], typer.Option(help="Image root: check that every listed image exists.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image root: open every listed image, as training will.")] = None,
     masks: Annotated[bool, typer.Option("--masks", help="Require a segmentation on every annotation.")] = False,
 ) -> None:
     """Validate a COCO / LVIS annotation file (and its images) the way training will read it."""
-    from pipelines.data.coco import is_lvis, load_coco, missing_images
+    from pipelines.data.coco import is_lvis, load_coco, unreadable_images
     from pipelines.errors import MaskxError
 
     data, report = load_coco(annotations, require_masks=masks)
     for w in report.warnings(annotations):
-        _warn(w)
+        warn(w)
     table = Table(title=f"{annotations.name} ({'LVIS' if is_lvis(data) else 'COCO'} format)", title_justify="left")
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
@@ -116,11 +112,17 @@ def check_cmd(
     table.add_row("annotations kept", f"{len(data['annotations']):,}")
     table.add_row("crowd regions (eval only)", f"{report.crowd_annotations:,}")
     table.add_row("degenerate boxes skipped", f"{report.degenerate_boxes:,}")
-    if images is not None:
-        missing = missing_images(data, images)
-        table.add_row("missing image files", f"{len(missing):,}")
+    if images is None:
         console.print(table)
-        if missing:
-            raise MaskxError(f"{len(missing)} image file(s) listed in {annotations.name} are missing, first: {missing[0]}", images)
         return
+    with progress_bars() as progress:
+        bad = unreadable_images(data, images, progress)
+    table.add_row("missing or unreadable image files", f"{len(bad):,}")
     console.print(table)
+    for name, reason in bad[:10]:
+        warn(f"{images / name}: {reason}")
+    if len(bad) > 10:
+        warn(f"... and {len(bad) - 10} more")
+    if bad:
+        raise MaskxError(f"{len(bad)} of the {len(data['images'])} image file(s) listed in {annotations.name} are missing or "
+                         f"cannot be read, first: {bad[0][0]} ({bad[0][1]})", images)

@@ -30,6 +30,7 @@ from pycocotools import mask as mask_utils
 
 from pipelines.errors import MaskxError
 from pipelines.io import read_json
+from pipelines.progress import NULL_PROGRESS, Progress
 
 
 @dataclass
@@ -219,20 +220,30 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(np.uint8)
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """An RGB image as ``float32[3, H, W]`` in [0, 1] (grayscale, palette and CMYK converted).
+def open_image(path: str | Path) -> Image.Image:
+    """The decoded RGB image at ``path`` (grayscale, palette and CMYK converted), or one MaskxError.
 
     EXIF orientation is not applied: COCO's annotations refer to the stored pixel grid.
     """
+    path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise MaskxError("image cannot be read: the file is empty (0 bytes)", path)
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            return im.convert("RGB")
     except FileNotFoundError:
         raise MaskxError("image file not found", path) from None
     except IsADirectoryError:
         raise MaskxError("is a folder, not an image file", path) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise MaskxError("image cannot be read: not an image file (or a format Pillow does not know)", path) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise MaskxError(f"image cannot be read ({exc.__class__.__name__}: {exc})", path) from None
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """An RGB image as ``float32[3, H, W]`` in [0, 1] (see :func:`open_image`)."""
+    arr = np.asarray(open_image(path))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -249,6 +260,28 @@ def missing_images(data: dict, image_root: str | Path, limit: int = 0) -> list[s
             if limit and len(out) >= limit:
                 break
     return out
+
+
+def unreadable_images(data: dict, image_root: str | Path, progress: Progress = NULL_PROGRESS) -> list[tuple[str, str]]:
+    """``(file_name, reason)`` of every image in ``data`` that training could not read.
+
+    Opens and decodes each image as :class:`CocoDataset` does: missing, empty (0 bytes), not an
+    image, truncated or corrupt files, and images whose size differs from their record.
+    """
+    root = Path(image_root)
+    bad = []
+    task = progress.task("open images", len(data["images"]))
+    for img in data["images"]:
+        try:
+            size = open_image(root / img["file_name"]).size
+            if size != (img["width"], img["height"]):
+                bad.append((img["file_name"], f"image is {size[0]}x{size[1]} but its record (id {img['id']}) says "
+                                              f"{img['width']}x{img['height']}"))
+        except MaskxError as exc:
+            bad.append((img["file_name"], exc.message))
+        task.advance(1, unreadable=len(bad))
+    task.close()
+    return bad
 
 
 class CocoDataset(torch.utils.data.Dataset):

@@ -300,12 +300,15 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
     names: dict[str, Counter] = {}
     layout: dict = {}
 
+    with_record: set = set()
+
     def on_record(iid) -> None:
         if iid not in images:
             raise MaskxError(
                 f"objects record of image {iid}, which is not in {Path(cfg.image_data).name}: the two files do not belong together",
                 objects_path,
             )
+        with_record.add(iid)
         task.advance()
 
     for iid, oid, x, y, w, h, syn, name in _iter_objects(raw_objects, objects_path, layout, on_record):
@@ -325,6 +328,13 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
             names.setdefault(syn[0], Counter())[str(name).strip().lower()] += 1
     task.close()
     del raw_objects
+    if len(with_record) < len(images):  # VG lists one objects record (maybe empty) per image
+        first = min(set(images) - with_record)
+        raise MaskxError(
+            f"{len(images) - len(with_record)} of the {len(images)} images of {Path(cfg.image_data).name} have no objects "
+            f"record here (first: image {first}): the two files do not belong together, or this one is cut short",
+            objects_path,
+        )
     stats["distinct_synsets"] = len(freq)
 
     ranked = [s for s, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))][: cfg.num_classes]

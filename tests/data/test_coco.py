@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipelines.data.coco import CocoDataset, annotation_mask, load_coco, missing_images, read_image
+from pipelines.data.coco import CocoDataset, annotation_mask, load_coco, missing_images, read_image, unreadable_images
 from pipelines.data.splits import COCO_CATEGORIES, VOC_COCO_IDS, complement, resolve_split
 from pipelines.errors import MaskxError
 
@@ -231,3 +231,45 @@ def test_cli_check_counts_skipped_boxes_and_fails_on_a_missing_image(tmp_path):
     path.write_text(path.read_text()[:-30])
     res = _run(["data", "check", str(path)])
     assert res.exit_code == 2 and "instances.json" in res.output and "truncated" in res.output
+
+
+def test_truncated_json_names_line_and_column(tmp_path):
+    path = tmp_path / "cut.json"
+    path.write_text('{"images": [{"file_name": "a.jp')
+    with pytest.raises(MaskxError) as err:
+        load_coco(path)
+    assert err.value.message == "not valid JSON (truncated or corrupt?): Unterminated string starting at line 1, column 27"
+    path.write_text('{"images": [\n  {"id": 1,')
+    with pytest.raises(MaskxError) as err:
+        load_coco(path)
+    assert err.value.message == "not valid JSON (truncated or corrupt?): Expecting property name enclosed in double quotes at line 2, column 12"
+
+
+def test_cli_check_images_opens_every_image_and_reports_the_unreadable(tmp_path):
+    path = write_coco(tmp_path)
+    (tmp_path / "images" / "gray.jpg").write_bytes(b"")  # 0 bytes
+    (tmp_path / "images" / "cmyk.jpg").write_text("not an image at all")
+    res = _run(["data", "check", str(path), "--images", str(tmp_path / "images")])
+    assert res.exit_code == 2, res.output
+    warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert warnings == [
+        f"warning: {tmp_path / 'images' / 'gray.jpg'}: image cannot be read: the file is empty (0 bytes)",
+        f"warning: {tmp_path / 'images' / 'cmyk.jpg'}: image cannot be read: not an image file (or a format Pillow does not know)",
+    ]
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'images'}: 2 of the 4 image file(s) listed in instances.json are missing or cannot "
+                      f"be read, first: gray.jpg (image cannot be read: the file is empty (0 bytes))"]
+    assert "Traceback" not in res.output
+
+
+def test_unreadable_images_reports_truncated_and_missized_images(tmp_path):
+    data, _ = load_coco(write_coco(tmp_path))
+    rgb = tmp_path / "images" / "rgb.jpg"
+    rgb.write_bytes(rgb.read_bytes()[:150])  # cut mid-stream
+    Image.new("RGB", (W + 1, H), (0, 0, 0)).save(tmp_path / "images" / "empty.jpg")
+    (tmp_path / "images" / "gray.jpg").unlink()
+    bad = dict(unreadable_images(data, tmp_path / "images"))
+    assert sorted(bad) == ["empty.jpg", "gray.jpg", "rgb.jpg"]
+    assert bad["gray.jpg"] == "image file not found"
+    assert bad["empty.jpg"] == f"image is {W + 1}x{H} but its record (id 4) says {W}x{H}"
+    assert bad["rgb.jpg"].startswith("image cannot be read (OSError:")

@@ -225,6 +225,27 @@ def test_unknown_vg_layout_is_one_error_naming_the_file(tmp_path):
     assert not (tmp_path / "out" / "vg_train.json").exists()  # nothing half-written
 
 
+def test_vg_files_that_do_not_belong_together_are_refused_both_ways(tmp_path):
+    cfg = _cfg(tmp_path)
+    image_data = json.loads(Path(cfg.image_data).read_text())
+    objects = json.loads(Path(cfg.objects).read_text())
+    # objects.json longer: a record of an image image_data.json does not list
+    Path(cfg.image_data).write_text(json.dumps(image_data[:-1]))
+    with pytest.raises(MaskxError, match=r"objects record of image 5, which is not in image_data.json: the two files do "
+                                         r"not belong together") as err:
+        prepare_vg(cfg)
+    assert err.value.path == cfg.objects
+    # objects.json shorter (cut short, or of another release): images with no objects record at all
+    Path(cfg.image_data).write_text(json.dumps(image_data))
+    Path(cfg.objects).write_text(json.dumps(objects[:-2]))
+    with pytest.raises(MaskxError) as err:
+        prepare_vg(cfg)
+    assert err.value.path == cfg.objects
+    assert err.value.message == ("2 of the 5 images of image_data.json have no objects record here (first: image 4): the "
+                                 "two files do not belong together, or this one is cut short")
+    assert not (tmp_path / "out" / "vg_train.json").exists()
+
+
 def test_missing_vg_image_fails_unless_allowed(tmp_path):
     cfg = _cfg(tmp_path)
     (Path(cfg.images) / "VG_100K_2" / "3.jpg").unlink()
