@@ -111,7 +111,7 @@ def hdf5_file(path: str | Path) -> Iterator[Any]:
     import h5py
 
     with atomic_path(path) as tmp, open(tmp, "w+b", buffering=0) as raw:
-        sink = _KeepFirstError(raw)
+        sink = KeepWriteError(raw, drop_after_error=True)
         try:
             with h5py.File(sink, "w") as f:
                 yield f
@@ -123,12 +123,17 @@ def hdf5_file(path: str | Path) -> Iterator[Any]:
             raise sink.error
 
 
-class _KeepFirstError(io.RawIOBase):
-    """A seekable binary file whose writes never fail: the first OSError is kept, later writes dropped."""
+class KeepWriteError(io.RawIOBase):
+    """A seekable binary file that keeps the OSError of its first failed write in ``error``.
 
-    def __init__(self, f):
+    ``drop_after_error=False``: the error is raised as well (``torch.save`` then stops, with a
+    RuntimeError that hides it). ``True``: writes never fail; after the first error they are dropped
+    (for HDF5, which must not see a write fail, see :func:`hdf5_file`).
+    """
+
+    def __init__(self, f, drop_after_error: bool):
         super().__init__()
-        self._f, self.error = f, None
+        self._f, self.error, self._drop = f, None, drop_after_error
 
     def readable(self) -> bool:
         return True
@@ -155,6 +160,8 @@ class _KeepFirstError(io.RawIOBase):
                 return self._f.write(b)
             except OSError as exc:
                 self.error = exc
+                if not self._drop:
+                    raise
         end = self._f.seek(n, os.SEEK_CUR)
         if end > os.fstat(self._f.fileno()).st_size:
             with contextlib.suppress(OSError):  # a sparse extension: HDF5 sees the end of file it expects
@@ -166,6 +173,8 @@ class _KeepFirstError(io.RawIOBase):
             return self._f.truncate(size)
         except OSError as exc:
             self.error = self.error or exc
+            if not self._drop:
+                raise
             return self.tell() if size is None else size
 
     def flush(self) -> None:
@@ -173,6 +182,8 @@ class _KeepFirstError(io.RawIOBase):
             self._f.flush()
         except OSError as exc:
             self.error = self.error or exc
+            if not self._drop:
+                raise
 
 
 def _nearly_full(folder: Path) -> bool:

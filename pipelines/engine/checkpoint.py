@@ -14,7 +14,6 @@ file and the key rather than a ``KeyError`` deep in a stage.
 
 from __future__ import annotations
 
-import io
 import pickle
 import re
 import warnings
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from pipelines.errors import MaskxError
-from pipelines.io import atomic_path
+from pipelines.io import KeepWriteError, atomic_path
 
 FORMAT = "maskx-checkpoint"
 
@@ -128,30 +127,12 @@ def save_checkpoint(path: str | Path, kind: str, **payload: Any) -> None:
     A failed write (a full disk) is one MaskxError naming ``path``; the file there before is intact.
     """
     with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
-        writer = _Writer(f)
+        writer = KeepWriteError(f, drop_after_error=False)
         try:
             torch.save({"format": FORMAT, "kind": kind, **payload}, writer)
         except RuntimeError:
             if writer.error is not None:  # torch reports a failed write as "unexpected pos": say why it failed
                 raise writer.error from None
-            raise
-
-
-class _Writer(io.RawIOBase):
-    """A file for ``torch.save`` that keeps the OSError of a failed write (torch turns it into a RuntimeError)."""
-
-    def __init__(self, f):
-        super().__init__()
-        self._f, self.error = f, None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        try:
-            return self._f.write(b)
-        except OSError as exc:
-            self.error = exc
             raise
 
 

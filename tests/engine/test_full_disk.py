@@ -167,32 +167,25 @@ def test_logs_on_a_disk_that_fills_during_the_run(small_disk, capfd):
     assert "Exception in thread" not in capfd.readouterr().err  # the event writer's thread prints nothing
 
 
-def test_metrics_on_a_full_disk_name_the_metrics_file(tmp_path, monkeypatch):
-    def fake_open(path, mode="r", **kw):
-        if "a" in mode:
-            raise OSError(errno.ENOSPC, ENOSPC, str(path))
-        return open(path, mode, **kw)
-
-    monkeypatch.setattr(run_dir_module, "open", fake_open, raising=False)
-    model = torch.nn.Linear(4, 1)
-    x = torch.randn(8, 4)
-    with pytest.raises(MaskxError) as exc:
-        Trainer(model, solver(checkpoint_every=0), tmp_path, "test").run(lambda it: {"l": model(x).pow(2).mean()})
-    assert exc.value.line() == f"{tmp_path / 'metrics.jsonl'}: could not be written: {ENOSPC}"
-
-
-def test_tensorboard_events_on_a_full_disk_name_the_events_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["metrics", "tensorboard"])
+def test_each_log_on_a_full_disk_names_its_own_file(tmp_path, monkeypatch, writer):
     from torch.utils.tensorboard import SummaryWriter
 
-    def full(self, *args, **kwargs):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, ENOSPC)
 
-    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    if writer == "metrics":  # metrics.jsonl is appended to with open(..., "a")
+        monkeypatch.setattr(run_dir_module, "open", lambda path, mode="r", **kw: full() if "a" in mode else open(path, mode, **kw),
+                            raising=False)
+        expected = f"{tmp_path / 'metrics.jsonl'}: could not be written: {ENOSPC}"
+    else:
+        monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+        expected = f"{tmp_path / 'tb'}: cannot write TensorBoard logs: {ENOSPC}"
     model = torch.nn.Linear(4, 1)
     x = torch.randn(8, 4)
     with pytest.raises(MaskxError) as exc:
         Trainer(model, solver(checkpoint_every=0), tmp_path, "test").run(lambda it: {"l": model(x).pow(2).mean()})
-    assert exc.value.line() == f"{tmp_path / 'tb'}: cannot write TensorBoard logs: {ENOSPC}"
+    assert exc.value.line() == expected
 
 
 # -- embeddings, feature cache, pictures --------------------------------------------------------
