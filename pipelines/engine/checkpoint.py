@@ -156,7 +156,8 @@ def load_weights(path: str | Path, what: str = "checkpoint") -> Any:
             except Exception:  # noqa: BLE001 - then it is not what it looked like
                 pass
         needs = f"loading it would call {', '.join(unsafe)}" if unsafe else f"the weights-only reader refused it: {_refusal(exc)}"
-        raise MaskxError(f"not a maskx {what}, or one that carries code ({needs}); nothing of it was run", path) from None
+        kind = "a maskx checkpoint" if what == "checkpoint" else f"plain {what}"
+        raise MaskxError(f"not {kind}, or one that carries code ({needs}); nothing of it was run", path) from None
     except Exception as exc:  # noqa: BLE001 - a truncated zip, a wrong magic number: whatever the reader says
         raise MaskxError(f"{what} cannot be read (truncated or corrupt? {exc.__class__.__name__})", path) from None
 

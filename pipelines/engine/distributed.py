@@ -41,6 +41,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` launched it: also before :func:`init_from_env` joins the group."""
+    return rank() if is_dist() else int(os.environ.get("RANK", "0"))
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the process group that ``torchrun`` describes in the environment; return whether joined."""
     if is_dist() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:

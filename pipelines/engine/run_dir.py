@@ -77,7 +77,7 @@ def training_run(out: str | Path, resume: bool, finished: tuple[str, ...]) -> It
     """
     out = Path(out)
     created = not out.exists()
-    if dist.is_main() and not created:
+    if dist.launched_rank() == 0 and not created:  # before the process group is joined, too
         if (out / LAST).is_file() and not resume:
             raise MaskxError(f"holds an unfinished run ({LAST}): add --resume to continue it, or choose another --out", out)
         remove_stale_temporaries(out)
@@ -92,7 +92,8 @@ def training_run(out: str | Path, resume: bool, finished: tuple[str, ...]) -> It
 
 
 def _has_checkpoint(out: Path, finished: tuple[str, ...]) -> bool:
-    return any((out / name).is_file() for name in (LAST, *finished))
+    """Whether ``out`` holds a checkpoint: this stage's, or any other (a folder of another stage is not swept)."""
+    return any((out / name).is_file() for name in (LAST, *finished)) or any(out.glob("*.pth"))
 
 
 def _remove_attempt(out: Path) -> None:

@@ -115,7 +115,7 @@ def test_a_bare_pickle_carrying_code_is_refused(tmp_path):
 def test_third_party_backbone_weights_are_read_weights_only(tmp_path):
     marker, path = tmp_path / "MARKER", tmp_path / "resnet18.pth"
     torch.save({"conv1.weight": torch.zeros(1), "x": Payload(marker)}, path)
-    with pytest.raises(MaskxError, match="not a maskx pretrained backbone weights, or one that carries code") as exc:
+    with pytest.raises(MaskxError, match="not plain pretrained backbone weights, or one that carries code") as exc:
         build_backbone(DetectorConfig(backbone="resnet18", pretrained_backbone=str(path)))
     assert exc.value.path == str(path) and not marker.exists()
 

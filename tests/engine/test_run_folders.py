@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
-from pipelines.engine.run_dir import read_manifest
+from pipelines.engine.run_dir import read_manifest, training_run
 from tests.engine.tiny_runs import cli_overrides, make_world
 
 pytestmark = pytest.mark.slow
@@ -103,3 +103,27 @@ def test_degenerate_box_warning_gives_the_annotation_ids(world, tmp_path):
     warnings = [line for line in r.output.splitlines() if line.startswith("warning:")]
     assert warnings == [f"warning: {path}: skipped 2 annotation(s) with a zero-area, negative or out-of-image box "
                         f"(annotation id {ids})"]
+
+
+def test_the_folder_of_another_stage_is_never_swept(tmp_path, monkeypatch):
+    """``mask-train --out`` pointed at a detector run: its config, manifest and logs stay, whatever happens."""
+    out = tmp_path / "det"
+    out.mkdir()
+    for name in ("model_final.pth", "config.yaml", "manifest.json", "metrics.jsonl"):
+        (out / name).write_text("the detector's")
+    with pytest.raises(RuntimeError, match="boom"):
+        with training_run(out, resume=False, finished=("mask_final.pth",)):
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "manifest.json", "metrics.jsonl", "model_final.pth"]
+
+
+def test_only_the_first_process_sweeps_even_before_it_joins_the_group(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("stale\n")
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it, before init_process_group
+    with training_run(out, resume=False, finished=()):
+        assert (out / "metrics.jsonl").is_file()
+    monkeypatch.setenv("RANK", "0")
+    with training_run(out, resume=False, finished=()):
+        assert not (out / "metrics.jsonl").exists()
