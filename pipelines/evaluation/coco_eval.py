@@ -5,13 +5,17 @@ at most 100 detections per image and class, COCO's small / medium / large area r
 ground truth ignored. AP on a class subset is the mean over the subset's classes, exactly what
 ``COCOeval`` gives with ``params.catIds`` set to the subset.
 
+This module is the COCO engine of :func:`pipelines.evaluation.scoring.score` (which validates the
+inputs and picks COCO's or LVIS's rules from the ground truth), and holds the helpers both engines
+share: ground truth and results as COCOeval indexes them, and subset summaries of a precision array.
+
 Backends (``backend=``):
 
-``"pycocotools"``
-    The reference implementation (``pycocotools.cocoeval.COCOeval``).
 ``"faster"``
     ``faster_coco_eval.COCOeval_faster``: the same algorithm with the per-image matching and
-    accumulation in C++; tests check that it gives the same numbers as pycocotools.
+    accumulation in C++; tests check that it gives the same numbers as the reference.
+``"reference"`` (also accepted under its old name ``"pycocotools"``)
+    The reference implementation (``pycocotools.cocoeval.COCOeval``).
 
 Details that matter for the numbers:
 
@@ -30,20 +34,25 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from pipelines.errors import MaskxError
+from pipelines.progress import NULL_PROGRESS, Progress
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-BACKENDS = ("faster", "pycocotools")
+BACKENDS = ("faster", "reference")
 DEFAULT_BACKEND = "faster"
 IOU_TYPES = ("segm", "bbox")
+COCO_MAX_DETS = 100  # per image and class
 
-# metric -> (area range label, IoU threshold or None for the mean over 0.50:0.95); maxDets 100.
+_ALIASES = {"pycocotools": "reference"}
+
+# metric -> (area range label, IoU threshold or None for the mean over 0.50:0.95).
 _SPEC: dict[str, tuple[str, float | None]] = {
     "AP": ("all", None),
     "AP50": ("all", 0.5),
@@ -53,47 +62,56 @@ _SPEC: dict[str, tuple[str, float | None]] = {
     "APl": ("large", None),
 }
 
+Metrics = dict[str, float | None]
+
 
 def _noop(*args: Any, **kwargs: Any) -> None:
     pass
 
 
 @contextlib.contextmanager
-def _silenced():
+def silenced():
     """Swallow what COCO/COCOeval print to stdout."""
     with contextlib.redirect_stdout(io.StringIO()):
         yield
 
 
+def backend_name(name: str) -> str:
+    """The canonical name of a backend (``"pycocotools"`` -> ``"reference"``); MaskxError if unknown."""
+    name = _ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise MaskxError(f"unknown evaluation backend '{name}' (expected one of: {', '.join(BACKENDS)})")
+    return name
+
+
 def _backend(name: str) -> tuple[type, Callable[[Any, Any, str], Any]]:
     """(COCO index class, factory of an evaluator for (coco_gt, coco_dt, iou_type)) of a backend."""
-    if name == "pycocotools":
+    if backend_name(name) == "reference":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
         return COCO, lambda gt, dt, iou_type: COCOeval(gt, dt, iou_type)
-    if name == "faster":
-        from faster_coco_eval import COCO, COCOeval_faster
+    from faster_coco_eval import COCO, COCOeval_faster
 
-        return COCO, lambda gt, dt, iou_type: COCOeval_faster(gt, dt, iou_type, print_function=_noop)
-    raise MaskxError(f"unknown evaluation backend '{name}' (expected one of: {', '.join(BACKENDS)})")
+    return COCO, lambda gt, dt, iou_type: COCOeval_faster(gt, dt, iou_type, print_function=_noop)
 
 
-def _index(coco_cls: type, dataset: dict) -> Any:
+def index(coco_cls: type, dataset: dict) -> Any:
+    """A COCO API object (pycocotools' or faster-coco-eval's ``COCO``) over a dict, without copying it."""
     coco = coco_cls()
     coco.dataset = dataset
     coco.createIndex()
     return coco
 
 
-def _prepare_gt(gt: Mapping, need_masks: bool) -> dict:
-    """Validated shallow copy of a COCO dict, annotation ids renumbered 1..N."""
+def prepare_gt(gt: Mapping, need_masks: bool, path: str | Path | None = None) -> dict:
+    """Validated shallow copy of a COCO dict, annotation ids renumbered 1..N (``path`` names it in errors)."""
     if not isinstance(gt, Mapping) or "images" not in gt or "categories" not in gt:
-        raise MaskxError("ground truth is not a COCO dict (needs 'images' and 'categories')")
+        raise MaskxError("ground truth is not a COCO dict (needs 'images' and 'categories')", path)
     images = []
     for img in gt["images"]:
         if "id" not in img:
-            raise MaskxError(f"ground-truth image record {img} has no 'id'")
+            raise MaskxError(f"ground-truth image record {img} has no 'id'", path)
         im = dict(img)
         im["id"] = int(im["id"])
         images.append(im)
@@ -109,47 +127,19 @@ def _prepare_gt(gt: Mapping, need_masks: bool) -> dict:
             b["category_id"] = int(a["category_id"])
             bbox = a["bbox"]
         except KeyError as exc:
-            raise MaskxError(f"ground-truth annotation {aid} has no '{exc.args[0]}'") from None
+            raise MaskxError(f"ground-truth annotation {aid} has no '{exc.args[0]}'", path) from None
         if b["image_id"] not in image_ids:
-            raise MaskxError(f"ground-truth annotation {aid} points at image {b['image_id']}, which is not in the image list")
+            raise MaskxError(f"ground-truth annotation {aid} points at image {b['image_id']}, which is not in the image list", path)
         if b["category_id"] not in cat_ids:
-            raise MaskxError(f"ground-truth annotation {aid} has category {b['category_id']}, which is not in the category list")
+            raise MaskxError(f"ground-truth annotation {aid} has category {b['category_id']}, which is not in the category list", path)
         if need_masks and "segmentation" not in a:
-            raise MaskxError(f"ground-truth annotation {aid} has no 'segmentation' (mask AP needs every instance's mask)")
+            raise MaskxError(f"ground-truth annotation {aid} has no 'segmentation' (mask AP needs every instance's mask)", path)
         b["id"] = i + 1
         b.setdefault("iscrowd", 0)
         if "area" not in b:
             b["area"] = float(bbox[2]) * float(bbox[3])
         anns.append(b)
     return {"images": images, "categories": categories, "annotations": anns}
-
-
-def _check_results(results: list[dict], image_ids: set[int], cat_ids: set[int], iou_types: Iterable[str]) -> None:
-    if not isinstance(results, list):
-        raise MaskxError("results must be a list of COCO result dicts")
-    need = ["image_id", "category_id", "score"]
-    if "segm" in iou_types:
-        need.append("segmentation")
-    if "bbox" in iou_types:
-        need.append("bbox")
-    for i, r in enumerate(results):
-        for k in need:
-            if k not in r:
-                raise MaskxError(f"result {i} has no '{k}'")
-    bad_images = {r["image_id"] for r in results} - image_ids
-    if bad_images:
-        i = next(i for i, r in enumerate(results) if r["image_id"] in bad_images)
-        raise MaskxError(
-            f"result {i} points at image {results[i]['image_id']}, which is not in the ground truth "
-            f"({len(bad_images)} unknown image id(s))"
-        )
-    bad_cats = {r["category_id"] for r in results} - cat_ids
-    if bad_cats:
-        i = next(i for i, r in enumerate(results) if r["category_id"] in bad_cats)
-        raise MaskxError(
-            f"result {i} has category {results[i]['category_id']}, which is not in the ground truth's "
-            f"category list ({len(bad_cats)} unknown category id(s))"
-        )
 
 
 def _compressed(seg: Any, height: int, width: int) -> dict:
@@ -163,26 +153,25 @@ def _compressed(seg: Any, height: int, width: int) -> dict:
     raise MaskxError(f"segmentation of type {type(seg).__name__} is not a mask (expected RLE or polygons)")
 
 
-def _prepare_results(results: list[dict], iou_type: str, images: dict[int, dict], keep: Callable[[dict], bool]) -> list[dict]:
+def prepare_results(results: Sequence[dict], iou_type: str, images: dict[int, dict]) -> list[dict]:
     """Result annotations as pycocotools' ``loadRes`` makes them (segm: without ``bbox``, so that the
-    area is the mask area), for the results that ``keep`` accepts."""
-    kept = [r for r in results if keep(r)]
+    area is the mask area; compressed RLE), numbered 1..N in the given order."""
     anns = []
     if iou_type == "segm":
         segs = []
-        for r in kept:
+        for r in results:
             img = images[r["image_id"]]
             segs.append(_compressed(r["segmentation"], img.get("height", 0), img.get("width", 0)))
         # one call per mask, as loadRes does (pycocotools' batched area() fails past 255 masks)
         areas = [mask_utils.area(seg) for seg in segs]
         boxes = mask_utils.toBbox(segs) if segs else []
-        for i, (r, seg) in enumerate(zip(kept, segs)):
+        for i, (r, seg) in enumerate(zip(results, segs)):
             anns.append({
                 "image_id": int(r["image_id"]), "category_id": int(r["category_id"]), "score": r["score"],
                 "segmentation": seg, "area": areas[i], "bbox": boxes[i], "id": i + 1, "iscrowd": 0,
             })
     else:
-        for i, r in enumerate(kept):
+        for i, r in enumerate(results):
             bb = r["bbox"]
             anns.append({
                 "image_id": int(r["image_id"]), "category_id": int(r["category_id"]), "score": r["score"],
@@ -191,115 +180,53 @@ def _prepare_results(results: list[dict], iou_type: str, images: dict[int, dict]
     return anns
 
 
-def _summarize(coco_eval: Any, subset: Iterable[int]) -> dict[str, float | None]:
-    """The six metrics of a class subset from an accumulated COCOeval, as ``COCOeval.summarize``
-    would compute them had it been run with ``params.catIds = subset``."""
-    p = coco_eval.params
-    precision = np.asarray(coco_eval.eval["precision"])  # [T, R, K, A, M]
-    position = {int(c): k for k, c in enumerate(p.catIds)}
+def summarize_precision(precision: np.ndarray, cat_ids: Sequence[int], subset: Iterable[int], area_labels: Sequence[str],
+                        iou_thrs: np.ndarray) -> Metrics:
+    """The six metrics of a class subset from an accumulated precision array ``[T, R, K, A]`` (IoU
+    thresholds, recall points, the classes ``cat_ids`` in that order, area ranges ``area_labels``),
+    as ``summarize`` computes them had the evaluation run on ``subset`` alone (classes are
+    independent). None where no entry is defined (COCOeval's -1)."""
+    position = {int(c): k for k, c in enumerate(cat_ids)}
     kidx = np.array(sorted(position[int(c)] for c in set(subset)), dtype=np.intp)
-    mind = len(p.maxDets) - 1
-    out: dict[str, float | None] = {}
+    out: Metrics = {}
     for name, (area, thr) in _SPEC.items():
         s = precision
         if thr is not None:
-            s = s[np.where(thr == p.iouThrs)[0]]
-        s = s[:, :, kidx, p.areaRngLbl.index(area), mind]
+            s = s[np.where(np.isclose(iou_thrs, thr))[0]]
+        s = s[:, :, kidx, list(area_labels).index(area)]
         valid = s[s > -1]
         out[name] = float(np.mean(valid)) if valid.size else None
     return out
 
 
-def evaluate_sets(
-    gt: dict,
-    results: list[dict],
-    sets: Mapping[str, list[int]],
-    iou_types: Iterable[str] = ("segm", "bbox"),
-    backend: str = DEFAULT_BACKEND,
-    image_ids: list[int] | None = None,
-) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Metrics of several class subsets for several IoU types.
-
-    ``gt``: COCO dict in memory (``images`` with ``height``/``width``, ``annotations``,
-    ``categories``); ``results``: COCO result dicts (see :mod:`pipelines.evaluation.results`);
-    ``sets``: name -> category ids, e.g. ``{"B": [...], "A": [...], "all": [...]}``;
-    ``image_ids``: evaluate these images only (default: every ground-truth image).
-
-    Returns ``{iou_type: {set name: {metric: value}}}`` with the keys of ``sets`` in their order and
-    the metrics of :data:`METRICS`, each in [0, 1] or None when undefined.
+def coco_scores(gt_ds: dict, results: list[dict], subsets: Mapping[str, set[int]], iou_types: Sequence[str],
+                backend: str, img_subset: set[int], progress: Progress = NULL_PROGRESS) -> dict[str, dict[str, Metrics]]:
+    """COCOeval on prepared inputs: ``gt_ds`` from :func:`prepare_gt`, ``results`` validated, every
+    subset non-empty. Returns ``{iou_type: {set name: metrics}}``.
 
     The ground truth is indexed once, the results once per IoU type, and COCOeval's matching runs
     once per IoU type over the union of the sets; each set is then summarised from the accumulated
     precision array (the same numbers as separate runs, at the cost of one).
-
-    Raises MaskxError for results whose image or category is not in the ground truth, set or image
-    ids not in the ground truth, missing fields, an unknown IoU type or backend.
     """
-    iou_types = tuple(iou_types)
-    for t in iou_types:
-        if t not in IOU_TYPES:
-            raise MaskxError(f"unknown IoU type '{t}' (expected one of: {', '.join(IOU_TYPES)})")
     coco_cls, make_eval = _backend(backend)
-    gt_ds = _prepare_gt(gt, need_masks="segm" in iou_types)
     images = {im["id"]: im for im in gt_ds["images"]}
-    cat_ids = {c["id"] for c in gt_ds["categories"]}
-    subsets: dict[str, set[int]] = {}
-    for name, ids in sets.items():
-        unknown = sorted({int(c) for c in ids} - cat_ids)
-        if unknown:
-            raise MaskxError(f"class set '{name}': category {unknown[0]} is not in the ground truth's category list")
-        subsets[name] = {int(c) for c in ids}
-    if image_ids is not None:
-        img_subset = {int(i) for i in image_ids}
-        if not img_subset:
-            raise MaskxError("image_ids is empty: no image to evaluate")
-        unknown = sorted(img_subset - set(images))
-        if unknown:
-            raise MaskxError(f"image {unknown[0]} is not in the ground truth's image list")
-    else:
-        img_subset = set(images)
-    _check_results(results, set(images), cat_ids, iou_types)
-
-    union = sorted(set().union(*subsets.values())) if subsets else []
+    union = sorted(set().union(*subsets.values()))
     union_set = set(union)
-
-    def keep(r: dict) -> bool:
-        return r["category_id"] in union_set and r["image_id"] in img_subset
-
-    undefined = {m: None for m in METRICS}
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
-    with _silenced():
-        coco_gt = _index(coco_cls, gt_ds) if union else None
+    kept = [r for r in results if r["category_id"] in union_set and r["image_id"] in img_subset]
+    out: dict[str, dict[str, Metrics]] = {}
+    task = progress.task("COCOeval", len(iou_types))
+    with silenced():
+        coco_gt = index(coco_cls, gt_ds)
         for t in iou_types:
-            if not union:
-                out[t] = {name: dict(undefined) for name in subsets}
-                continue
-            dt_ds = {"images": gt_ds["images"], "categories": gt_ds["categories"],
-                     "annotations": _prepare_results(results, t, images, keep)}
-            coco_eval = make_eval(coco_gt, _index(coco_cls, dt_ds), t)
+            dt_ds = {"images": gt_ds["images"], "categories": gt_ds["categories"], "annotations": prepare_results(kept, t, images)}
+            coco_eval = make_eval(coco_gt, index(coco_cls, dt_ds), t)
             coco_eval.params.catIds = union
             coco_eval.params.imgIds = sorted(img_subset)
             coco_eval.evaluate()
             coco_eval.accumulate()
-            out[t] = {name: (_summarize(coco_eval, ids) if ids else dict(undefined)) for name, ids in subsets.items()}
+            p = coco_eval.params
+            precision = np.asarray(coco_eval.eval["precision"])[..., len(p.maxDets) - 1]  # [T, R, K, A] at 100 dets
+            out[t] = {name: summarize_precision(precision, p.catIds, ids, p.areaRngLbl, p.iouThrs) for name, ids in subsets.items()}
+            task.advance(1)
+    task.close()
     return out
-
-
-def evaluate(
-    gt: dict,
-    results: list[dict],
-    iou_type: str,
-    cat_ids: list[int] | None = None,
-    backend: str = DEFAULT_BACKEND,
-    image_ids: list[int] | None = None,
-) -> dict[str, float | None]:
-    """COCO AP of one IoU type (``"segm"`` or ``"bbox"``) on a class subset.
-
-    ``cat_ids``: the classes to average over (default: every ground-truth category; an empty list
-    gives all None). Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in [0, 1], None where
-    undefined (no ground truth of the subset in that area range). Empty ``results`` give 0.0 for
-    every defined metric. See :func:`evaluate_sets` for errors; never prints.
-    """
-    if cat_ids is None:
-        cat_ids = [c["id"] for c in gt.get("categories", [])] if isinstance(gt, Mapping) else []
-    return evaluate_sets(gt, results, {"_": list(cat_ids)}, (iou_type,), backend, image_ids)[iou_type]["_"]

@@ -7,12 +7,18 @@ A COCO result is one dict per detection::
      "segmentation": {"size": [H, W], "counts": str}}       # compressed RLE, only with masks
 
 This is the format of the COCO results files and of ``maskx predict``'s JSON output.
+:func:`validate_results` checks such a list against its ground truth, once, before any scoring.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from pipelines.errors import MaskxError
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
@@ -77,3 +83,90 @@ def to_coco_results(
             r["segmentation"] = rles[i]
         out.append(r)
     return out
+
+
+IOU_FIELDS = {"segm": "segmentation", "bbox": "bbox"}
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), float("-inf"))
+
+
+def validate_results(results: object, gt: dict, iou_types: Iterable[str] | None = None,
+                     path: str | Path | None = None) -> tuple[str, ...]:
+    """Check COCO results against their ground truth; return the IoU types they can be scored on.
+
+    ``results``: what a results file holds (it must be a list of result dicts, see the module
+    docstring); ``gt``: the ground-truth dict (``images`` with ``id``/``height``/``width``,
+    ``categories``); ``path`` names the results file in errors. Every result needs ``image_id`` (an
+    image of ``gt``), ``category_id`` (a category of ``gt``) and a numeric ``score``; a ``bbox`` is 4
+    numbers; a ``segmentation`` is polygons or an RLE whose ``size`` is its image's ``[height, width]``.
+
+    ``iou_types`` (``"segm"``, ``"bbox"``): require the field of each on every result. ``None``:
+    infer them: ``segm`` if every result has a segmentation, ``bbox`` if every result has a box
+    (a field on some results but not all is an error). An empty list is valid: both types.
+
+    Raises MaskxError with one line naming ``path`` and the index of the first bad result.
+    """
+    if not isinstance(results, list):
+        raise MaskxError(f"not a COCO results file: the top level is {_kind(results)} (expected a list of detections)", path)
+    sizes = {im["id"]: (im.get("height"), im.get("width")) for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    counts = {"segmentation": 0, "bbox": 0}
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise MaskxError(f"result {i} is {_kind(r)}, not a detection object", path)
+        try:
+            img, cat, score = r["image_id"], r["category_id"], r["score"]
+        except KeyError as exc:
+            raise MaskxError(f"result {i} has no '{exc.args[0]}'", path) from None
+        size = sizes.get(img)
+        if size is None:
+            unknown = {x.get("image_id") for x in results if isinstance(x, dict)} - set(sizes)
+            raise MaskxError(f"result {i} is on image {img!r}, which is not in the ground truth "
+                             f"({len(unknown)} unknown image id(s) in the file)", path)
+        if cat not in cat_ids:
+            unknown = {x.get("category_id") for x in results if isinstance(x, dict)} - cat_ids
+            raise MaskxError(f"result {i} has category {cat!r}, which is not in the ground truth's category list "
+                             f"({len(unknown)} unknown category id(s) in the file)", path)
+        if not _is_number(score):
+            raise MaskxError(f"result {i} has score {score!r} (expected a finite number)", path)
+        box = r.get("bbox")
+        if box is not None:
+            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+                raise MaskxError(f"result {i} has bbox {box!r} (expected [x, y, width, height] numbers)", path)
+            counts["bbox"] += 1
+        seg = r.get("segmentation")
+        if seg is not None:
+            if isinstance(seg, dict):
+                if "counts" not in seg or "size" not in seg:
+                    raise MaskxError(f"result {i} has an RLE segmentation without 'counts' and 'size'", path)
+                if not isinstance(seg["size"], (list, tuple)) or list(seg["size"]) != [size[0], size[1]]:
+                    raise MaskxError(f"result {i} has a mask of size {seg['size']!r} but its image {img} is "
+                                     f"{size[0]}x{size[1]} (height x width)", path)
+            elif not (isinstance(seg, list) and all(isinstance(p, list) and len(p) % 2 == 0 for p in seg)):
+                raise MaskxError(f"result {i} has a segmentation that is {_kind(seg)} (expected an RLE or polygons)", path)
+            counts["segmentation"] += 1
+    n = len(results)
+    wanted = tuple(IOU_FIELDS) if iou_types is None else tuple(iou_types)
+    for t in wanted:
+        if t not in IOU_FIELDS:
+            raise MaskxError(f"unknown IoU type '{t}' (expected one of: {', '.join(IOU_FIELDS)})")
+    if n == 0:
+        return wanted
+    found = []
+    for t in wanted:
+        key = IOU_FIELDS[t]
+        if counts[key] == n:
+            found.append(t)
+        elif counts[key] or iou_types is not None:
+            i = next(i for i, r in enumerate(results) if r.get(key) is None)
+            others = f" but {counts[key]} other result(s) have one" if counts[key] else ""
+            raise MaskxError(f"result {i} has no '{key}'{others} ({'mask' if t == 'segm' else 'box'} AP needs one on every result)", path)
+    if not found:
+        raise MaskxError("result 0 has neither 'segmentation' nor 'bbox': nothing to score", path)
+    return tuple(found)

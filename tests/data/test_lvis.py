@@ -1,4 +1,5 @@
-"""LVIS v1: reading into the COCO dict, class splits, and AP with the LVIS API's federated rules."""
+"""LVIS v1: reading into the COCO dict, class splits, and AP with the LVIS API's federated rules
+(the comparison with LVISEval run by hand is in tests/evaluation/test_lvis_eval.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pipelines.data.coco import load_coco
 from pipelines.data.lvis import file_name_from_url, load_lvis, resolve_lvis_split
 from pipelines.errors import MaskxError
-from pipelines.evaluation.lvis_eval import METRIC_KEYS, evaluate_lvis
+from pipelines.evaluation import BACKENDS, LVIS_METRICS, evaluate, score
 
 S = 100  # image side
 
@@ -113,52 +114,58 @@ def test_lvis_splits(gt):
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
-def test_perfect_detections_give_ap_one(gt):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perfect_detections_give_ap_one(gt, backend):
     for iou_type in ("segm", "bbox"):
-        res = evaluate_lvis(gt, perfect(gt), iou_type=iou_type)
-        assert set(res) == set(METRIC_KEYS)
+        res = evaluate(gt, perfect(gt), iou_type, backend=backend)
+        assert list(res) == LVIS_METRICS
         for k in ("AP", "AP50", "AP75", "APm", "APc", "APf"):
             assert res[k] == pytest.approx(1.0), (iou_type, k)
-        assert res["APs"] == -1 and res["APl"] == -1  # no small or large object
-        assert res["APr"] == -1  # the rare class has no ground truth here
+        assert res["APs"] is None and res["APl"] is None  # no small or large object
+        assert res["APr"] is None  # the rare class has no ground truth here
     # a subset (set B): only its classes count
-    res = evaluate_lvis(gt, perfect(gt)[:1], cat_ids=[2])  # one of the two persons found
-    assert res["AP"] == pytest.approx(0.5, abs=0.01) and res["APc"] == -1 and res["APf"] == pytest.approx(res["AP"])
+    res = evaluate(gt, perfect(gt)[:1], "segm", cat_ids=[2], backend=backend)  # one of the two persons found
+    assert res["AP"] == pytest.approx(0.5, abs=0.01) and res["APc"] is None and res["APf"] == pytest.approx(res["AP"])
 
 
-def test_federated_rules(gt):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_federated_rules(gt, backend):
     good = perfect(gt)
+
+    def dog_ap(g, res):
+        return evaluate(g, res, "segm", cat_ids=[3], backend=backend)["AP"]
+
     dog_on_1 = _det(1, 3, 60, 60, 0.95)  # dog on image 1, where dog was checked absent: a false positive
-    res = evaluate_lvis(gt, good + [dog_on_1], cat_ids=[3])
-    assert res["AP"] == pytest.approx(0.5)
+    assert dog_ap(gt, good + [dog_on_1]) == pytest.approx(0.5)
     # the same detection on image 3, which has no dog and does not list dog as absent: ignored
-    dog_on_3 = _det(3, 3, 60, 60, 0.95)
-    assert evaluate_lvis(gt, good + [dog_on_3], cat_ids=[3])["AP"] == pytest.approx(1.0)
+    assert dog_ap(gt, good + [_det(3, 3, 60, 60, 0.95)]) == pytest.approx(1.0)
     # an unmatched dog on image 2, where dog is not exhaustively marked: ignored, not a false positive
     extra_dog_on_2 = _det(2, 3, 0, 55, 0.95)
-    assert evaluate_lvis(gt, good + [extra_dog_on_2], cat_ids=[3])["AP"] == pytest.approx(1.0)
+    assert dog_ap(gt, good + [extra_dog_on_2]) == pytest.approx(1.0)
     exhaustive = copy.deepcopy(gt)
     exhaustive["images"][1]["not_exhaustive_category_ids"] = []
-    assert evaluate_lvis(exhaustive, good + [extra_dog_on_2], cat_ids=[3])["AP"] == pytest.approx(0.5)
+    assert dog_ap(exhaustive, good + [extra_dog_on_2]) == pytest.approx(0.5)
 
 
-def test_eval_is_silent_and_leaves_gt_alone(gt, capsys, caplog):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_is_silent_and_leaves_gt_alone(gt, capsys, caplog, backend):
     before = copy.deepcopy(gt)
     with caplog.at_level(logging.DEBUG):
-        evaluate_lvis(gt, perfect(gt))
-        empty = evaluate_lvis(gt, [])
+        evaluate(gt, perfect(gt), "segm", backend=backend)
+        empty = evaluate(gt, [], "segm", backend=backend)
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
     assert not [r for r in caplog.records if r.name.startswith("lvis")]
     assert gt == before
-    assert empty["AP"] == 0.0 and empty["APr"] == -1
+    assert empty["AP"] == 0.0 and empty["APr"] is None
 
 
 def test_eval_errors(gt):
-    with pytest.raises(MaskxError, match="not in the ground truth"):
-        evaluate_lvis(gt, [_det(9, 2, 0, 0, 0.5)])
+    with pytest.raises(MaskxError, match="result 0 is on image 9, which is not in the ground truth"):
+        evaluate(gt, [_det(9, 2, 0, 0, 0.5)], "segm")
     with pytest.raises(MaskxError, match="category 9"):
-        evaluate_lvis(gt, perfect(gt), cat_ids=[9])
-    coco_like = {**gt, "images": [{k: v for k, v in i.items() if k != "neg_category_ids"} for i in gt["images"]]}
-    with pytest.raises(MaskxError, match="not LVIS"):
-        evaluate_lvis(coco_like, perfect(gt))
+        evaluate(gt, perfect(gt), "segm", cat_ids=[9])
+    broken = {**gt, "images": [{k: v for k, v in i.items() if k != "not_exhaustive_category_ids"} for i in gt["images"]]}
+    with pytest.raises(MaskxError, match="not LVIS: image 1"):
+        evaluate(broken, perfect(gt), "segm")
+    assert score(gt, perfect(gt), {"all": [1, 2, 3, 4]}).protocol == "lvis"

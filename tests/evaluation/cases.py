@@ -71,3 +71,31 @@ def random_case(seed: int, n_images: int = 20, n_cats: int = 6, crowd: bool = Tr
                             "segmentation": blob_rle(rng, box, height, width)})
     gt = {"images": images, "annotations": anns, "categories": cats}
     return gt, results
+
+
+def image(img_id: int, height: int = 200, width: int = 200) -> dict:
+    return {"id": img_id, "file_name": f"{img_id}.png", "height": height, "width": width}
+
+
+def gt_rect(ann_id: int, img_id: int, cat: int, x: int, y: int, w: int, h: int, iscrowd: int = 0, size=(200, 200)) -> dict:
+    return {"id": ann_id, "image_id": img_id, "category_id": cat, "bbox": [x, y, w, h], "area": float(w * h),
+            "iscrowd": iscrowd, "segmentation": rect_rle(x, y, w, h, *size)}
+
+
+def det_rect(img_id: int, cat: int, score: float, x: int, y: int, w: int, h: int, size=(200, 200)) -> dict:
+    return {"image_id": img_id, "category_id": cat, "score": score, "bbox": [x, y, w, h],
+            "segmentation": rect_rle(x, y, w, h, *size)}
+
+
+def all_sizes_gt() -> dict:
+    """Two classes, objects small (8x8), medium (40x40) and large (120x120) on two images."""
+    anns = [
+        gt_rect(1, 1, 1, 5, 5, 8, 8), gt_rect(2, 1, 1, 30, 30, 40, 40), gt_rect(3, 1, 3, 70, 70, 120, 120),
+        gt_rect(4, 2, 3, 10, 10, 8, 8), gt_rect(5, 2, 3, 100, 20, 40, 40), gt_rect(6, 2, 1, 20, 70, 120, 120),
+    ]
+    return {"images": [image(1), image(2)], "annotations": anns, "categories": categories(2)}
+
+
+def perfect_results(gt: dict) -> list[dict]:
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0, "bbox": list(a["bbox"]),
+             "segmentation": dict(a["segmentation"])} for a in gt["annotations"]]

@@ -10,7 +10,7 @@ from pycocotools.cocoeval import COCOeval
 
 from pipelines.errors import MaskxError
 from pipelines.evaluation import BACKENDS, METRICS, evaluate, evaluate_sets
-from tests.evaluation.cases import categories, random_case, rect_rle
+from tests.evaluation.cases import all_sizes_gt, categories, det_rect, gt_rect, image, perfect_results, random_case
 
 # pycocotools divides by (tp + fp + np.spacing(1)), so a precision of 1 can come out as 1 - 2.2e-16;
 # faster-coco-eval gives 1.0. Hand-computed values are therefore compared to 1e-12.
@@ -24,34 +24,6 @@ def assert_metrics(got: dict, expected: dict) -> None:
             assert got[k] is None, k
         else:
             assert got[k] == pytest.approx(expected[k], abs=TOL), k
-
-
-def image(img_id: int, height: int = 200, width: int = 200) -> dict:
-    return {"id": img_id, "file_name": f"{img_id}.png", "height": height, "width": width}
-
-
-def gt_rect(ann_id: int, img_id: int, cat: int, x: int, y: int, w: int, h: int, iscrowd: int = 0, size=(200, 200)) -> dict:
-    return {"id": ann_id, "image_id": img_id, "category_id": cat, "bbox": [x, y, w, h], "area": float(w * h),
-            "iscrowd": iscrowd, "segmentation": rect_rle(x, y, w, h, *size)}
-
-
-def det_rect(img_id: int, cat: int, score: float, x: int, y: int, w: int, h: int, size=(200, 200)) -> dict:
-    return {"image_id": img_id, "category_id": cat, "score": score, "bbox": [x, y, w, h],
-            "segmentation": rect_rle(x, y, w, h, *size)}
-
-
-def all_sizes_gt() -> dict:
-    """Two classes, objects small (8x8), medium (40x40) and large (120x120) on two images."""
-    anns = [
-        gt_rect(1, 1, 1, 5, 5, 8, 8), gt_rect(2, 1, 1, 30, 30, 40, 40), gt_rect(3, 1, 3, 70, 70, 120, 120),
-        gt_rect(4, 2, 3, 10, 10, 8, 8), gt_rect(5, 2, 3, 100, 20, 40, 40), gt_rect(6, 2, 1, 20, 70, 120, 120),
-    ]
-    return {"images": [image(1), image(2)], "annotations": anns, "categories": categories(2)}
-
-
-def perfect_results(gt: dict) -> list[dict]:
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0, "bbox": list(a["bbox"]),
-             "segmentation": dict(a["segmentation"])} for a in gt["annotations"]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,7 +144,7 @@ def _by_hand(tmp_path, gt: dict, results: list[dict], iou_type: str, cat_ids) ->
 def test_equals_pycocotools_by_hand(tmp_path, iou_type, cat_ids):
     gt, res = random_case(seed=1, n_images=20)
     expected = _by_hand(tmp_path, gt, res, iou_type, cat_ids)
-    assert list(evaluate(gt, res, iou_type, cat_ids, backend="pycocotools").values()) == expected
+    assert list(evaluate(gt, res, iou_type, cat_ids, backend="reference").values()) == expected
     got = list(evaluate(gt, res, iou_type, cat_ids, backend="faster").values())
     assert [v is None for v in got] == [v is None for v in expected]
     assert [v for v in got if v is not None] == pytest.approx([v for v in expected if v is not None], abs=TOL)
@@ -195,7 +167,7 @@ def _cases():
 @pytest.mark.parametrize("name,gt,res", list(_cases()), ids=lambda x: x if isinstance(x, str) else "")
 def test_faster_backend_equals_pycocotools(name, gt, res):
     sets = {"A": [1, 3], "B": [c["id"] for c in gt["categories"] if c["id"] not in (1, 3)], "all": [c["id"] for c in gt["categories"]]}
-    ref = evaluate_sets(gt, res, sets, backend="pycocotools")
+    ref = evaluate_sets(gt, res, sets, backend="reference")
     got = evaluate_sets(gt, res, sets, backend="faster")
     for t in ref:
         for s in ref[t]:
