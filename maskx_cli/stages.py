@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from maskx_cli.console import (console, guarded, metrics_table, option_overrides, print_paths, progress_bars, warn,
-                               warn_missing_glove)
+from maskx_cli.console import (console, err_console, fail, guarded, metrics_table, option_overrides, print_paths, progress_bars,
+                               warn, warn_missing_glove)
 from maskx_cli.main import app
 
 SetOpt = Annotated[
@@ -131,32 +131,64 @@ def _detector_data(detector: Path, data):
 @app.command("eval")
 @guarded
 def eval_cmd(
-    runs: Annotated[list[Path], typer.Argument(help="Mask run folder(s) trained on the same detector.")],
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Mask run folder(s) trained on the same detector (none with --results).")] = None,
+    results: Annotated[Optional[Path], typer.Option("--results", help="Score this COCO results file (a JSON list of detections: "
+                                                    "image_id, category_id, score, bbox, segmentation) on --gt instead of running a model.")] = None,
     split: Annotated[str, typer.Option(help="Set B, the classes reported as unseen: nonvoc | voc | random:N:SEED | ...")] = "nonvoc",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics file (default: <first run>/metrics_<split>.json).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics file (default: <first run>/metrics_<split>.json, "
+                                                     "or <results>_metrics_<split>.json).")] = None,
     detector: Annotated[Optional[Path], typer.Option(help="Detector run (default: the one the mask run names).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="COCO-format validation annotations (default: the run's data.val_json).")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Image folder of --data.")] = None,
-    max_images: Annotated[int, typer.Option(help="Evaluate on the first N images only (0 = all).")] = 0,
-    backend: Annotated[str, typer.Option(help="faster | pycocotools (identical numbers).")] = "faster",
+    data: Annotated[Optional[Path], typer.Option("--gt", "--data", help="Ground-truth annotations, COCO or LVIS v1 (LVIS's rules "
+                                                 "then apply); with runs the default is the run's data.val_json.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder of --gt (runs only).")] = None,
+    max_images: Annotated[int, typer.Option(help="Evaluate on the first N images only (0 = all; runs only).")] = 0,
+    backend: Annotated[str, typer.Option(help="faster | reference (pycocotools' COCOeval, lvis' LVISEval): identical numbers.")] = "faster",
     gt_boxes: Annotated[bool, typer.Option("--gt-boxes", help="Segment the ground-truth boxes and classes (score 1) "
                                            "instead of the detections: mask quality without detection errors.")] = False,
 ) -> None:
-    """Mask and box AP on set B, set A and all classes (pycocotools COCOeval)."""
+    """Mask and box AP on set B, set A and all classes, of mask runs or of a results file (--gt, --results).
+
+    COCO's rules (COCOeval), or LVIS's (LVISEval: federated labels, 300 detections per image, APr/APc/APf) on an LVIS ground truth.
+    Examples: maskx eval runs/transfer --split nonvoc;
+    maskx eval --gt instances_val2017.json --results detections.json --split nonvoc --json metrics.json
+    """
     from pipelines.config import EvalConfig
+
+    cfg = EvalConfig(split=split, max_images=max_images, backend=backend, gt_boxes=gt_boxes)
+    if results is not None:
+        if runs or detector or images:
+            fail("--results scores a results file: give --gt, not mask runs, --detector or --images")
+        if data is None:
+            fail("--results needs the ground truth: --gt FILE")
+        return _eval_results(data, results, cfg, json_out)
+    if not runs:
+        fail("nothing to evaluate: give mask run folder(s), or --gt FILE --results FILE")
     from pipelines.stages.evaluate import evaluate_heads
 
     names = _unique_names(runs)
     suffix = "_gt_boxes" if gt_boxes else ""
     json_out = json_out or runs[0] / f"metrics_{split.replace(':', '_')}{suffix}.json"
-    cfg = EvalConfig(split=split, max_images=max_images, backend=backend, gt_boxes=gt_boxes)
     with progress_bars() as progress:
         r = evaluate_heads(dict(zip(names, runs)), cfg, data, images, detector, progress, json_out)
     for iou in ("segm",) if gt_boxes else ("segm", "bbox"):
         rows = {f"{name} · {s}": r.metrics[name][iou][s] for name in names for s in r.sets}
-        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split}"
-                                    f"{'; ground-truth boxes' if gt_boxes else ''})", rows,
-                                    ["AP", "AP50", "AP75", "APs", "APm", "APl"]))
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split}; {r.protocol.upper()} rules"
+                                    f"{'; ground-truth boxes' if gt_boxes else ''})", rows, r.metric_names))
+    print_paths(metrics=json_out)
+
+
+def _eval_results(gt: Path, results: Path, cfg, json_out: Optional[Path]) -> None:
+    from pipelines.stages.eval_results import default_metrics_path, evaluate_results_file
+
+    json_out = json_out or default_metrics_path(results, cfg.split)
+    with progress_bars() as progress:
+        r = evaluate_results_file(gt, results, cfg, json_out, progress)
+    warn(*r.warnings)
+    for note in r.scores.notes:
+        err_console.print(f"[yellow]note:[/] {results}: {note}", highlight=False, soft_wrap=True)
+    for iou, by_set in r.scores.metrics.items():
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP of {results.name} ({r.images} images, {r.detections} "
+                                    f"detections; B = {cfg.split}; {r.scores.protocol.upper()} rules)", by_set, r.scores.metric_names))
     print_paths(metrics=json_out)
 
 

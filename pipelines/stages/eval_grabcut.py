@@ -15,15 +15,14 @@ import torch
 from pipelines.config import EvalConfig, to_dict
 from pipelines.data.coco import CocoDataset, check_same_categories, collate
 from pipelines.data.grabcut import grabcut_masks
-from pipelines.data.splits import complement, resolve_split
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import file_record
 from pipelines.errors import MaskxError
-from pipelines.evaluation import evaluate_sets, to_coco_results
+from pipelines.evaluation import class_sets, protocol_of, score, to_coco_results
 from pipelines.io import write_json
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.stages.common import load_detector_run, load_split
-from pipelines.stages.evaluate import EvalResult
+from pipelines.stages.evaluate import EvalResult, set_inference_limits
 
 
 @torch.no_grad()
@@ -57,21 +56,22 @@ def evaluate_grabcut(detector: str | Path, cfg: EvalConfig, val_json: str | Path
     val_images = val_images or data_cfg.get("val_images")
     gt, _ = load_split(str(val_json) if val_json else "", "val", require_masks=True)
     check_same_categories(det.categories, gt["categories"], "the detector's classes", val_json)
-    set_b = resolve_split(cfg.split, gt["categories"])
-    sets = {"B": set_b, "A": complement(set_b, gt["categories"]), "all": [c["id"] for c in gt["categories"]]}
-    if not sets["A"]:
-        sets.pop("A")
+    sets = class_sets(cfg.split, gt["categories"])
     dataset = CocoDataset(gt, val_images, with_masks=False, max_images=cfg.max_images)
     if len(dataset) == 0:
         raise MaskxError("the validation split has no images", val_json)
-    det.model.roi_heads.score_thresh = cfg.score_thresh
+    set_inference_limits(det.model, gt, cfg)
     t0 = time.perf_counter()
     results = grabcut_predictions(det.model, dataset, det.categories, resolve_device("auto"), iterations, progress)
-    metrics = {"grabcut": evaluate_sets(gt, results, sets, backend=cfg.backend, image_ids=[im["id"] for im in dataset.images])}
+    metrics = {"grabcut": score(gt, results, sets, backend=cfg.backend, image_ids=[im["id"] for im in dataset.images],
+                                progress=progress).metrics}
     seconds = time.perf_counter() - t0
+    protocol = protocol_of(gt)
     if json_out:
         write_json(json_out, {
             "split": cfg.split,
+            "protocol": protocol.name,
+            "max_dets": protocol.max_dets,
             "sets": {k: v for k, v in sets.items() if k != "all"},
             "heads": {"grabcut": {"run": str(det.run_dir), "head": "grabcut", "grabcut_iterations": iterations, **metrics["grabcut"]}},
             "images": len(dataset),
@@ -79,4 +79,4 @@ def evaluate_grabcut(detector: str | Path, cfg: EvalConfig, val_json: str | Path
             "config": to_dict(cfg),
             "inputs": {"detector": file_record(det.checkpoint), "val_json": file_record(val_json)},
         })
-    return EvalResult(metrics, sets, len(dataset), seconds, {"grabcut": results})
+    return EvalResult(metrics, sets, len(dataset), seconds, {"grabcut": results}, protocol.name, list(protocol.metrics))

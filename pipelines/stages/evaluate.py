@@ -1,7 +1,10 @@
-"""Evaluation: mask and box AP on set B, set A and all classes (pycocotools' COCOeval).
+"""Evaluation: mask and box AP on set B, set A and all classes, by COCO's or LVIS's rules
+(:func:`pipelines.evaluation.score` picks them from the ground truth).
 
 Several mask heads trained on the same frozen detector are evaluated in one pass: the detector
-runs once per image and every head predicts masks for the same detections.
+runs once per image and every head predicts masks for the same detections. On an LVIS ground
+truth the detector keeps up to 300 detections per image (the LVIS protocol's limit) whatever its
+``box_detections_per_img``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,10 @@ from torchvision.models.detection.transform import resize_boxes
 
 from pipelines.config import EvalConfig, to_dict
 from pipelines.data.coco import CocoDataset, check_same_categories, collate
-from pipelines.data.splits import complement, resolve_split
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import file_record, read_manifest
 from pipelines.errors import MaskxError
-from pipelines.evaluation import evaluate_sets, to_coco_results
+from pipelines.evaluation import LVIS, METRICS, class_sets, protocol_of, score, to_coco_results
 from pipelines.io import write_json
 from pipelines.modeling.detector import FPN_LEVELS
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
@@ -35,6 +37,8 @@ class EvalResult:
     images: int
     seconds: float
     detections: dict[str, list[dict]] = field(default_factory=dict)
+    protocol: str = "coco"  # "coco" or "lvis": whose rules scored the detections
+    metric_names: list[str] = field(default_factory=lambda: list(METRICS))
 
 
 def detector_of_mask_run(mask_run: str | Path) -> Path:
@@ -124,6 +128,14 @@ def predict_dataset(det: DetectorRun, heads: dict[str, torch.nn.Module], dataset
     return results
 
 
+def set_inference_limits(model, gt: dict, cfg: EvalConfig) -> None:
+    """The detector's test-time score threshold (``cfg.score_thresh``) and, on an LVIS ground truth,
+    LVIS's 300 detections per image in place of the detector's ``box_detections_per_img``."""
+    model.roi_heads.score_thresh = cfg.score_thresh
+    if protocol_of(gt) is LVIS:
+        model.roi_heads.detections_per_img = LVIS.max_dets
+
+
 def score_heads(det: DetectorRun, heads: dict[str, torch.nn.Module], gt: dict, dataset: CocoDataset,
                 jobs: dict[str, tuple[str, dict[str, list[int]]]], roi_size: int, cfg: EvalConfig,
                 progress: Progress = NULL_PROGRESS) -> tuple[dict[str, dict], dict[str, list[dict]]]:
@@ -133,15 +145,12 @@ def score_heads(det: DetectorRun, heads: dict[str, torch.nn.Module], gt: dict, d
     appear in several jobs (e.g. the oracle scored under two class splits). Returns (job name ->
     ``evaluate_sets`` metrics, head name -> COCO results).
     """
-    det.model.roi_heads.score_thresh = cfg.score_thresh
+    set_inference_limits(det.model, gt, cfg)
     results = predict_dataset(det, heads, dataset, roi_size, resolve_device("auto"), progress, gt_boxes=cfg.gt_boxes)
     image_ids = [im["id"] for im in dataset.images]
     metrics: dict[str, dict] = {}
-    task = progress.task("COCOeval", len(jobs))
     for job, (head, sets) in jobs.items():
-        metrics[job] = evaluate_sets(gt, results[head], sets, backend=cfg.backend, image_ids=image_ids)
-        task.advance(1)
-    task.close()
+        metrics[job] = score(gt, results[head], sets, backend=cfg.backend, image_ids=image_ids, progress=progress).metrics
     return metrics, results
 
 
@@ -165,11 +174,7 @@ def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: 
     val_images = val_images or data_cfg.get("val_images")
     gt, _ = load_split(str(val_json) if val_json else "", "val", require_masks=True)
     check_same_categories(det.categories, gt["categories"], "the detector's classes", val_json)
-    set_b = resolve_split(cfg.split, gt["categories"])
-    set_a = complement(set_b, gt["categories"])
-    sets = {"B": set_b, "A": set_a, "all": [c["id"] for c in gt["categories"]]}
-    if not set_a:
-        sets.pop("A")
+    sets = class_sets(cfg.split, gt["categories"])
     dataset = CocoDataset(gt, val_images, with_masks=False, max_images=cfg.max_images)
     if len(dataset) == 0:
         raise MaskxError("the validation split has no images", val_json)
@@ -180,9 +185,12 @@ def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: 
     t0 = time.perf_counter()
     metrics, results = score_heads(det, heads, gt, dataset, {name: (name, sets) for name in heads}, roi_size, cfg, progress)
     seconds = time.perf_counter() - t0
+    protocol = protocol_of(gt)
     if json_out:
         record = {
             "split": cfg.split,
+            "protocol": protocol.name,
+            "max_dets": protocol.max_dets,
             "sets": {k: v for k, v in sets.items() if k != "all"},
             "heads": {name: {"run": str(mask_runs[name]), "head": ckpts[name]["head"]["head"], "mlp": ckpts[name]["head"]["mlp"],
                              "input": ckpts[name]["head"]["input"], "trained_set_a": ckpts[name]["set_a"], **metrics[name]}
@@ -193,4 +201,4 @@ def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: 
             "inputs": {"detector": file_record(det.checkpoint), "val_json": file_record(val_json)},
         }
         write_json(json_out, record)
-    return EvalResult(metrics, sets, len(dataset), seconds, results)
+    return EvalResult(metrics, sets, len(dataset), seconds, results, protocol.name, list(protocol.metrics))

@@ -52,7 +52,7 @@ from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.stages.common import DETECTOR_CKPT, MASK_CKPT, load_detector_run
 from pipelines.stages.detect_train import detect_train
 from pipelines.stages.eval_grabcut import grabcut_predictions
-from pipelines.stages.evaluate import score_heads
+from pipelines.stages.evaluate import score_heads, set_inference_limits
 from pipelines.stages.export_embeddings import export_embeddings, read_embeddings
 from pipelines.stages.mask_train import load_mask_run, mask_train
 from pipelines.stages.train_e2e import load_e2e_config, train_e2e
@@ -301,7 +301,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = No
     gc_jobs = [j for j in todo if j.row.train == "grabcut-test" and not j.result.is_file()]
     if gc_jobs:
         t1 = time.perf_counter()
-        det.model.roi_heads.score_thresh = eval_cfg.score_thresh
+        set_inference_limits(det.model, gt, eval_cfg)
         results = grabcut_predictions(det.model, dataset, det.categories, resolve_device("auto"), progress=progress)
         per = (time.perf_counter() - t1) / len(gc_jobs)
         for j in gc_jobs:
