@@ -170,11 +170,20 @@ def eval_cmd(
     json_out = json_out or runs[0] / f"metrics_{split.replace(':', '_')}{suffix}.json"
     with progress_bars() as progress:
         r = evaluate_heads(dict(zip(names, runs)), cfg, data, images, detector, progress, json_out)
+    _print_protocol(r.protocol)
     for iou in ("segm",) if gt_boxes else ("segm", "bbox"):
         rows = {f"{name} · {s}": r.metrics[name][iou][s] for name in names for s in r.sets}
-        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split}; {r.protocol.upper()} rules"
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split}"
                                     f"{'; ground-truth boxes' if gt_boxes else ''})", rows, r.metric_names))
     print_paths(metrics=json_out)
+
+
+_PROTOCOL_LINE = {"coco": "COCO's rules (COCOeval: 100 detections per image and class)",
+                  "lvis": "LVIS's rules (LVISEval: federated labels, 300 detections per image)"}
+
+
+def _print_protocol(protocol: str) -> None:
+    console.print(f"[dim]scored by[/] {_PROTOCOL_LINE[protocol]}", highlight=False, soft_wrap=True)
 
 
 def _eval_results(gt: Path, results: Path, cfg, json_out: Optional[Path]) -> None:
@@ -186,9 +195,10 @@ def _eval_results(gt: Path, results: Path, cfg, json_out: Optional[Path]) -> Non
     warn(*r.warnings)
     for note in r.scores.notes:
         err_console.print(f"[yellow]note:[/] {results}: {note}", highlight=False, soft_wrap=True)
+    _print_protocol(r.scores.protocol)
     for iou, by_set in r.scores.metrics.items():
-        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP of {results.name} ({r.images} images, {r.detections} "
-                                    f"detections; B = {cfg.split}; {r.scores.protocol.upper()} rules)", by_set, r.scores.metric_names))
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP of {results.name} ({r.detections} detections "
+                                    f"on {r.images} images; B = {cfg.split})", by_set, r.scores.metric_names))
     print_paths(metrics=json_out)
 
 

@@ -99,3 +99,49 @@ def all_sizes_gt() -> dict:
 def perfect_results(gt: dict) -> list[dict]:
     return [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0, "bbox": list(a["bbox"]),
              "segmentation": dict(a["segmentation"])} for a in gt["annotations"]]
+
+
+S = 100  # side of the LVIS fixture's images
+
+
+def _lvis_square(x, y, s=40):
+    return [[x, y, x + s, y, x + s, y + s, x, y + s]]
+
+
+def lvis_dict() -> dict:
+    """An LVIS v1 file's content: three images; person (f), dog (c), aerosol can (r), zebra (f).
+
+    Image 1: one person; dog checked absent (neg). Image 2: one dog, dog not exhaustively marked.
+    Image 3: one person and one zebra; nothing checked absent.
+    """
+    cats = [
+        {"id": 1, "name": "aerosol_can", "synset": "aerosol.n.02", "frequency": "r", "image_count": 3, "instance_count": 4},
+        {"id": 2, "name": "person", "synset": "person.n.01", "frequency": "f", "image_count": 900, "instance_count": 9000},
+        {"id": 3, "name": "dog", "synset": "dog.n.01", "frequency": "c", "image_count": 90, "instance_count": 100},
+        {"id": 4, "name": "zebra", "synset": "zebra.n.01", "frequency": "f", "image_count": 200, "instance_count": 800},
+    ]
+    images = [
+        {"id": 1, "coco_url": "http://images.cocodataset.org/train2017/000000000001.jpg", "width": S, "height": S,
+         "neg_category_ids": [3], "not_exhaustive_category_ids": []},
+        {"id": 2, "coco_url": "http://images.cocodataset.org/val2017/000000000002.jpg", "width": S, "height": S,
+         "neg_category_ids": [], "not_exhaustive_category_ids": [3]},
+        {"id": 3, "coco_url": "http://images.cocodataset.org/train2017/000000000003.jpg", "width": S, "height": S,
+         "neg_category_ids": [], "not_exhaustive_category_ids": []},
+    ]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 2, "bbox": [10, 10, 40, 40], "area": 1600, "segmentation": _lvis_square(10, 10)},
+        {"id": 2, "image_id": 2, "category_id": 3, "bbox": [20, 20, 40, 40], "area": 1600, "segmentation": _lvis_square(20, 20)},
+        {"id": 3, "image_id": 3, "category_id": 2, "bbox": [5, 5, 40, 40], "area": 1600, "segmentation": _lvis_square(5, 5)},
+        {"id": 4, "image_id": 3, "category_id": 4, "bbox": [50, 50, 40, 40], "area": 1600, "segmentation": _lvis_square(50, 50)},
+    ]
+    return {"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": cats}
+
+
+def lvis_det(image_id, cat, x, y, score, s=40):
+    rle = mask_utils.merge(mask_utils.frPyObjects(_lvis_square(x, y, s), S, S))
+    return {"image_id": image_id, "category_id": cat, "score": score, "bbox": [x, y, s, s],
+            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}}
+
+
+def lvis_perfect(gt: dict) -> list[dict]:
+    return [lvis_det(a["image_id"], a["category_id"], a["bbox"][0], a["bbox"][1], 0.9) for a in gt["annotations"]]
