@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -120,12 +121,12 @@ def guarded(fn: Callable) -> Callable:
         except MaskxError as exc:
             if STATE["verbose"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc.line()}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(exc.line())}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             if STATE["verbose"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc.filename}: {exc.strerror}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(f'{exc.filename}: {exc.strerror}')}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
@@ -161,7 +162,7 @@ def print_paths(**paths: Any) -> None:
 
 def fail(message: str) -> None:
     """Exit with one error line (for checks the CLI itself makes)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

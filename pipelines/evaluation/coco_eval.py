@@ -153,22 +153,29 @@ def _compressed(seg: Any, height: int, width: int) -> dict:
     raise MaskxError(f"segmentation of type {type(seg).__name__} is not a mask (expected RLE or polygons)")
 
 
+def _mask_areas(segs: list[dict]) -> list:
+    """``mask_utils.area`` of each RLE (batches of 255: pycocotools counts a batch in a uint8)."""
+    out: list = []
+    for i in range(0, len(segs), 255):
+        out.extend(mask_utils.area(segs[i : i + 255]))
+    return out
+
+
 def prepare_results(results: Sequence[dict], iou_type: str, images: dict[int, dict]) -> list[dict]:
-    """Result annotations as pycocotools' ``loadRes`` makes them (segm: without ``bbox``, so that the
-    area is the mask area; compressed RLE), numbered 1..N in the given order."""
+    """Result annotations as pycocotools' ``loadRes`` makes them, numbered 1..N in the given order.
+
+    segm: compressed RLE and the mask's area, no ``bbox`` (loadRes would size masks by a given box;
+    mask matching needs no box); bbox: the box and its area."""
     anns = []
     if iou_type == "segm":
         segs = []
         for r in results:
             img = images[r["image_id"]]
             segs.append(_compressed(r["segmentation"], img.get("height", 0), img.get("width", 0)))
-        # one call per mask, as loadRes does (pycocotools' batched area() fails past 255 masks)
-        areas = [mask_utils.area(seg) for seg in segs]
-        boxes = mask_utils.toBbox(segs) if segs else []
-        for i, (r, seg) in enumerate(zip(results, segs)):
+        for i, (r, seg, area) in enumerate(zip(results, segs, _mask_areas(segs))):
             anns.append({
                 "image_id": int(r["image_id"]), "category_id": int(r["category_id"]), "score": r["score"],
-                "segmentation": seg, "area": areas[i], "bbox": boxes[i], "id": i + 1, "iscrowd": 0,
+                "segmentation": seg, "area": area, "id": i + 1, "iscrowd": 0,
             })
     else:
         for i, r in enumerate(results):

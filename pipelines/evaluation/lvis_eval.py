@@ -179,31 +179,48 @@ def _groups(union: list[int], relevant: Mapping[int, set[int]]) -> Iterator[tupl
         yield cats, sorted(imgs)
 
 
-def _faster(gt_ds: dict, coco_gt, results: list[dict], union: list[int], iou_type: str, img_subset: set[int],
+def _faster(gt_ds: dict, results: list[dict], union: list[int], iou_type: str, img_subset: set[int],
             progress: Progress) -> tuple[np.ndarray, object]:
-    """faster-coco-eval's LVIS mode per group of classes: precision ``[T, R, K, A]`` over ``union``."""
+    """faster-coco-eval's LVIS mode per group of classes: precision ``[T, R, K, A]`` over ``union``.
+
+    ``results`` are already capped at 300 per image. Each group gets its own small ground-truth and
+    detection indexes (its classes, its images), dropped after the run: faster-coco-eval writes a
+    decoded copy of every mask into the annotations it evaluates.
+    """
     coco_cls, _ = _backend("faster")
     from faster_coco_eval import COCOeval_faster
 
+    union_set = set(union)
+    gt_by_cat: dict[int, list[dict]] = defaultdict(list)
     gt_cats: dict[int, set[int]] = defaultdict(set)
     for a in gt_ds["annotations"]:
-        gt_cats[a["image_id"]].add(a["category_id"])
-    union_set = set(union)
+        if a["image_id"] in img_subset and a["category_id"] in union_set:
+            gt_by_cat[a["category_id"]].append(a)
+            gt_cats[a["image_id"]].add(a["category_id"])
     relevant: dict[int, set[int]] = defaultdict(set)  # class -> images where its detections count
     for im in gt_ds["images"]:
         if im["id"] in img_subset:
             for c in gt_cats[im["id"]].union(im["neg_category_ids"]) & union_set:
                 relevant[c].add(im["id"])
-    kept = [r for r in results if r["image_id"] in relevant.get(r["category_id"], ())]
+    dt_by_cat: dict[int, list[dict]] = defaultdict(list)
+    for r in results:
+        if r["image_id"] in relevant.get(r["category_id"], ()):
+            dt_by_cat[r["category_id"]].append(r)
     images = {im["id"]: im for im in gt_ds["images"]}
-    coco_dt = index(coco_cls, {"images": gt_ds["images"], "categories": gt_ds["categories"],
-                               "annotations": prepare_results(kept, iou_type, images)})
+    categories = {c["id"]: c for c in gt_ds["categories"]}
     groups = list(_groups(union, relevant))
     position = {c: k for k, c in enumerate(union)}
+    shape = None
     precision = None
-    task = progress.task(f"LVIS eval ({iou_type})", sum(len(cats) for cats, _ in groups))
     params = None
+    task = progress.task(f"LVIS eval ({iou_type})", sum(len(cats) for cats, _ in groups))
     for cats, imgs in groups:
+        group_images = [images[i] for i in imgs]
+        group_cats = [categories[c] for c in cats]
+        coco_gt = index(coco_cls, {"images": group_images, "categories": group_cats,
+                                   "annotations": [dict(a) for c in cats for a in gt_by_cat[c]]})
+        coco_dt = index(coco_cls, {"images": group_images, "categories": group_cats,
+                                   "annotations": prepare_results([r for c in cats for r in dt_by_cat[c]], iou_type, images)})
         ev = COCOeval_faster(coco_gt, coco_dt, iou_type, lvis_style=True, print_function=_noop)
         ev.params.catIds = cats
         ev.params.imgIds = imgs
@@ -213,13 +230,14 @@ def _faster(gt_ds: dict, coco_gt, results: list[dict], union: list[int], iou_typ
         part = np.asarray(ev.eval["precision"])[..., 0]  # [T, R, k, A]
         if precision is None:
             params = ev.params
-            precision = -np.ones(part.shape[:2] + (len(union),) + part.shape[3:])
-        precision[:, :, [position[c] for c in ev.params.catIds], :] = part
+            shape = part.shape
+            precision = -np.ones(shape[:2] + (len(union),) + shape[3:])
+        precision[:, :, [position[int(c)] for c in ev.params.catIds], :] = part
         task.advance(len(cats))
     task.close()
     if precision is None:  # no class of the subsets can count anywhere: everything undefined
-        ev = COCOeval_faster(coco_gt, coco_dt, iou_type, lvis_style=True, print_function=_noop)
-        params = ev.params
+        empty = index(coco_cls, {"images": [], "categories": [], "annotations": []})
+        params = COCOeval_faster(empty, empty, iou_type, lvis_style=True, print_function=_noop).params
         precision = -np.ones((len(params.iouThrs), len(params.recThrs), len(union), len(params.areaRngLbl)))
     return precision, params
 
@@ -243,12 +261,10 @@ def lvis_scores(gt_ds: dict, results: list[dict], subsets: Mapping[str, set[int]
     out: dict[str, dict[str, Metrics]] = {}
     with _quiet():
         if backend == "faster":
-            coco_cls, _ = _backend("faster")
-            coco_gt = index(coco_cls, gt_ds)
             capped = cap_per_image(in_images)
         for t in iou_types:
             if backend == "faster":
-                precision, p = _faster(gt_ds, coco_gt, capped, union, t, img_subset, progress)
+                precision, p = _faster(gt_ds, capped, union, t, img_subset, progress)
                 cat_order, area_labels, iou_thrs = union, p.areaRngLbl, p.iouThrs
             else:
                 task = progress.task(f"LVISEval ({t})", 1)

@@ -92,8 +92,53 @@ def _kind(value: object) -> str:
     return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
 
 
+_NUMBER = (int, float)  # compared with type(): bool is not a number here
+
+
 def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), float("-inf"))
+    """A finite int or float (numpy's too), not a bool."""
+    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            and bool(np.isfinite(v)))
+
+
+def _raise_problem(i: int, r: object, results: list, sizes: dict, cat_ids: set, path: str | Path | None) -> None:
+    """Raise the error of result ``i`` if it has one (the slow, complete check of one result)."""
+    if not isinstance(r, dict):
+        raise MaskxError(f"result {i} is {_kind(r)}, not a detection object", path)
+    for key in ("image_id", "category_id", "score"):
+        if key not in r:
+            raise MaskxError(f"result {i} has no '{key}'", path)
+    img, cat, score = r["image_id"], r["category_id"], r["score"]
+    try:
+        size = sizes.get(img)
+    except TypeError:  # an unhashable image id
+        size = None
+    if size is None:
+        unknown = {str(x.get("image_id")) for x in results if isinstance(x, dict)} - {str(k) for k in sizes}
+        raise MaskxError(f"result {i} is on image {img!r}, which is not in the ground truth "
+                         f"({len(unknown)} unknown image id(s) in the file)", path)
+    try:
+        known = cat in cat_ids
+    except TypeError:  # an unhashable category id
+        known = False
+    if not known:
+        unknown = {str(x.get("category_id")) for x in results if isinstance(x, dict)} - {str(c) for c in cat_ids}
+        raise MaskxError(f"result {i} has category {cat!r}, which is not in the ground truth's category list "
+                         f"({len(unknown)} unknown category id(s) in the file)", path)
+    if not _is_number(score):
+        raise MaskxError(f"result {i} has score {score!r} (expected a finite number)", path)
+    box = r.get("bbox")
+    if box is not None and not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+        raise MaskxError(f"result {i} has bbox {box!r} (expected [x, y, width, height] numbers)", path)
+    seg = r.get("segmentation")
+    if isinstance(seg, dict):
+        if "counts" not in seg or "size" not in seg:
+            raise MaskxError(f"result {i} has an RLE segmentation without 'counts' and 'size'", path)
+        if not isinstance(seg["size"], (list, tuple)) or list(seg["size"]) != size:
+            raise MaskxError(f"result {i} has a mask of size {seg['size']!r} but its image {img} is "
+                             f"{size[0]}x{size[1]} (height x width)", path)
+    elif seg is not None and not (isinstance(seg, list) and all(isinstance(q, list) and len(q) % 2 == 0 for q in seg)):
+        raise MaskxError(f"result {i} has a segmentation that is {_kind(seg)} (expected an RLE or polygons)", path)
 
 
 def validate_results(results: object, gt: dict, iou_types: Iterable[str] | None = None,
@@ -103,54 +148,53 @@ def validate_results(results: object, gt: dict, iou_types: Iterable[str] | None 
     ``results``: what a results file holds (it must be a list of result dicts, see the module
     docstring); ``gt``: the ground-truth dict (``images`` with ``id``/``height``/``width``,
     ``categories``); ``path`` names the results file in errors. Every result needs ``image_id`` (an
-    image of ``gt``), ``category_id`` (a category of ``gt``) and a numeric ``score``; a ``bbox`` is 4
-    numbers; a ``segmentation`` is polygons or an RLE whose ``size`` is its image's ``[height, width]``.
+    image of ``gt``), ``category_id`` (a category of ``gt``) and a finite ``score``; a ``bbox`` is 4
+    finite numbers; a ``segmentation`` is polygons or an RLE whose ``size`` is its image's
+    ``[height, width]``.
 
     ``iou_types`` (``"segm"``, ``"bbox"``): require the field of each on every result. ``None``:
     infer them: ``segm`` if every result has a segmentation, ``bbox`` if every result has a box
     (a field on some results but not all is an error). An empty list is valid: both types.
 
-    Raises MaskxError with one line naming ``path`` and the index of the first bad result.
+    Raises MaskxError with one line naming ``path`` and the index of the first bad result. (One
+    pass with cheap checks; a result that fails one is then examined in full for the message.)
     """
     if not isinstance(results, list):
         raise MaskxError(f"not a COCO results file: the top level is {_kind(results)} (expected a list of detections)", path)
-    sizes = {im["id"]: (im.get("height"), im.get("width")) for im in gt["images"]}
+    sizes = {im["id"]: [im.get("height"), im.get("width")] for im in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
     counts = {"segmentation": 0, "bbox": 0}
+    number = _NUMBER
     for i, r in enumerate(results):
-        if not isinstance(r, dict):
-            raise MaskxError(f"result {i} is {_kind(r)}, not a detection object", path)
         try:
-            img, cat, score = r["image_id"], r["category_id"], r["score"]
-        except KeyError as exc:
-            raise MaskxError(f"result {i} has no '{exc.args[0]}'", path) from None
-        size = sizes.get(img)
-        if size is None:
-            unknown = {x.get("image_id") for x in results if isinstance(x, dict)} - set(sizes)
-            raise MaskxError(f"result {i} is on image {img!r}, which is not in the ground truth "
-                             f"({len(unknown)} unknown image id(s) in the file)", path)
-        if cat not in cat_ids:
-            unknown = {x.get("category_id") for x in results if isinstance(x, dict)} - cat_ids
-            raise MaskxError(f"result {i} has category {cat!r}, which is not in the ground truth's category list "
-                             f"({len(unknown)} unknown category id(s) in the file)", path)
-        if not _is_number(score):
-            raise MaskxError(f"result {i} has score {score!r} (expected a finite number)", path)
-        box = r.get("bbox")
-        if box is not None:
-            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
-                raise MaskxError(f"result {i} has bbox {box!r} (expected [x, y, width, height] numbers)", path)
-            counts["bbox"] += 1
-        seg = r.get("segmentation")
-        if seg is not None:
-            if isinstance(seg, dict):
-                if "counts" not in seg or "size" not in seg:
-                    raise MaskxError(f"result {i} has an RLE segmentation without 'counts' and 'size'", path)
-                if not isinstance(seg["size"], (list, tuple)) or list(seg["size"]) != [size[0], size[1]]:
-                    raise MaskxError(f"result {i} has a mask of size {seg['size']!r} but its image {img} is "
-                                     f"{size[0]}x{size[1]} (height x width)", path)
-            elif not (isinstance(seg, list) and all(isinstance(p, list) and len(p) % 2 == 0 for p in seg)):
-                raise MaskxError(f"result {i} has a segmentation that is {_kind(seg)} (expected an RLE or polygons)", path)
-            counts["segmentation"] += 1
+            size = sizes[r["image_id"]]
+            ok = r["category_id"] in cat_ids and type(r["score"]) in number
+        except (KeyError, TypeError):
+            ok = False
+        if ok:
+            box = r.get("bbox")
+            if box is not None:
+                counts["bbox"] += 1
+                ok = (type(box) is list and len(box) == 4 and type(box[0]) in number and type(box[1]) in number
+                      and type(box[2]) in number and type(box[3]) in number)
+            seg = r.get("segmentation")
+            if seg is not None:
+                counts["segmentation"] += 1
+                ok = ok and type(seg) is dict and seg.get("size") == size and "counts" in seg
+        if not ok:
+            _raise_problem(i, r, results, sizes, cat_ids, path)  # raises, or accepts e.g. polygons, tuples
+    # NaN and infinities, all at once
+    scores = np.fromiter((r["score"] for r in results), np.float64, len(results))
+    if not np.isfinite(scores).all():
+        _raise_problem(int(np.flatnonzero(~np.isfinite(scores))[0]), results[int(np.flatnonzero(~np.isfinite(scores))[0])],
+                       results, sizes, cat_ids, path)
+    if counts["bbox"]:
+        with_box = [i for i, r in enumerate(results) if r.get("bbox") is not None] if counts["bbox"] < len(results) else None
+        boxes = np.array([results[i]["bbox"] for i in with_box] if with_box is not None else [r["bbox"] for r in results], np.float64)
+        bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1))
+        if bad.size:
+            i = int(bad[0]) if with_box is None else with_box[int(bad[0])]
+            _raise_problem(i, results[i], results, sizes, cat_ids, path)
     n = len(results)
     wanted = tuple(IOU_FIELDS) if iou_types is None else tuple(iou_types)
     for t in wanted:

@@ -148,6 +148,12 @@ def _bad_size(gt):
      "result 3 has no 'segmentation' but 5 other result(s) have one"),
     (lambda gt: [dict(d, score="high") if i == 1 else d for i, d in enumerate(perfect_results(gt))],
      "result 1 has score 'high' (expected a finite number)"),
+    (lambda gt: [dict(d, score=float("nan")) if i == 2 else d for i, d in enumerate(perfect_results(gt))],
+     "result 2 has score nan (expected a finite number)"),
+    (lambda gt: [dict(d, bbox=[0, 0, float("inf"), 4]) if i == 5 else d for i, d in enumerate(perfect_results(gt))],
+     "result 5 has bbox [0, 0, inf, 4] (expected [x, y, width, height] numbers)"),
+    (lambda gt: [dict(d, category_id=[1]) if i == 1 else d for i, d in enumerate(perfect_results(gt))],
+     "result 1 has category [1], which is not in the ground truth's category list"),
     (lambda gt: [{"image_id": 1, "category_id": 1, "score": 0.5}], "result 0 has neither 'segmentation' nor 'bbox'"),
 ])
 def test_bad_results_file_is_one_error_line(tmp_path, make, message):
