@@ -53,5 +53,5 @@ def eval_grabcut_cmd(
     for iou in ("segm", "bbox"):
         rows = {f"grabcut · {s}": r.metrics["grabcut"][iou][s] for s in r.sets}
         console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split})", rows,
-                                    ["AP", "AP50", "AP75", "APs", "APm", "APl"]))
+                                    r.metric_names))
     print_paths(metrics=json_out)
