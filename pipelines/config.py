@@ -47,8 +47,17 @@ class DetectorConfig:
     fpn_channels: int = 256
     box_representation: int = 1024  # width of the box head: w_cls is this long, w_box 4x
     trainable_backbone_layers: int = 3
-    pretrained_backbone: str = ""  # path to ImageNet weights (a torchvision state dict), optional
-    norm: str = "frozen_bn"  # frozen_bn | bn | gn
+    # ImageNet weights of the ResNet, optional: a torchvision state dict file, or the name of one of
+    # torchvision's weights for this backbone (IMAGENET1K_V1, ...), fetched into torch's cache
+    pretrained_backbone: str = ""
+    norm: str = "frozen_bn"  # norm layers of the ResNet: frozen_bn | bn | gn
+    norm_eps: float = 1e-5  # their eps (torchvision's COCO_V1 fasterrcnn_resnet50_fpn release: 0.0)
+    fpn_norm: str = "none"  # norm after each FPN conv: none | frozen_bn | bn | gn (fasterrcnn_resnet50_fpn_v2: bn)
+    rpn_head_convs: int = 1  # 3x3 convs of the RPN head (fasterrcnn_resnet50_fpn_v2: 2)
+    # box head: 2fc (two FC layers, the paper's and fasterrcnn_resnet50_fpn's) | 4conv1fc (four 3x3
+    # convs of fpn_channels, then one FC layer; fasterrcnn_resnet50_fpn_v2's); both box_representation wide
+    box_head: str = "2fc"
+    box_head_norm: str = "none"  # norm after each conv of the 4conv1fc head: none | frozen_bn | bn | gn
     min_size: int = 800
     max_size: int = 1333
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
@@ -139,6 +148,20 @@ class DetectTrainConfig:
 
 
 @dataclass
+class DetectImportConfig:
+    """A torchvision COCO detector imported as a detector run (``maskx detect-import``)."""
+
+    source: str = "torchvision:fasterrcnn_resnet50_fpn"  # torchvision:<model> (pipelines/stages/detect_import.py)
+    weights: str = ""  # its state dict file; "" = torchvision's COCO release, from torch's cache or downloaded
+    # data.train_json names the data set whose categories the detector gets (by COCO id); the whole
+    # section is kept for the later stages, as detect-train keeps it
+    data: DataConfig = field(default_factory=DataConfig)
+    # settings over the source's layout (min_size, box_score_thresh, trainable_backbone_layers, ...);
+    # the layout itself (backbone, FPN, heads, widths) is the source's
+    detector: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class MaskTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -175,6 +198,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise MaskxError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(v, item_tp, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MaskxError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
     if origin in (types.UnionType, typing.Union):
         return value
     if tp is bool:
@@ -209,9 +236,12 @@ def _from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
     return cls(**kwargs)
 
 
-def from_dict(cls: type[C], data: dict) -> C:
-    """Build a config dataclass from a (possibly partial) nested dict, checking keys and types."""
-    return _from_dict(cls, data or {})
+def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
+    """Build a config dataclass from a (possibly partial) nested dict, checking keys and types.
+
+    ``prefix`` (``"detector."``) is how errors name the keys of a nested section.
+    """
+    return _from_dict(cls, data or {}, prefix)
 
 
 def to_dict(cfg: Any) -> dict:

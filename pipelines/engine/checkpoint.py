@@ -180,11 +180,14 @@ def load_checkpoint(path: str | Path, kind: str | None = None, schema: dict[str,
     return ckpt
 
 
-def load_state(module: Any, state: dict, path: str | Path, strict: bool = True, what: str = "the weights"):
-    """``module.load_state_dict(state)`` (a module, an optimizer, a schedule), one error line naming ``path`` if it does not fit."""
+def load_state(module: Any, state: dict, path: str | Path, strict: bool = True, what: str = "the weights", assign: bool = False):
+    """``module.load_state_dict(state)`` (a module, an optimizer, a schedule), one error line naming ``path`` if it does not fit.
+
+    ``assign``: a module takes the state's tensors themselves (for a module built on the meta device).
+    """
     try:
         if isinstance(module, torch.nn.Module):
-            return module.load_state_dict(state, strict=strict)
+            return module.load_state_dict(state, strict=strict, assign=assign)
         return module.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         lines = [s.strip() for s in str(exc).splitlines() if s.strip()]

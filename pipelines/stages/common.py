@@ -10,10 +10,10 @@ from torchvision.models.detection import FasterRCNN
 
 from pipelines.config import DetectorConfig, from_dict
 from pipelines.data.coco import LoadReport, load_coco
-from pipelines.engine.checkpoint import load_checkpoint, load_state
+from pipelines.engine.checkpoint import load_checkpoint
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
-from pipelines.modeling.detector import build_detector
+from pipelines.modeling.detector import detector_from_state
 
 DETECTOR_CKPT = "model_final.pth"
 MASK_CKPT = "mask_final.pth"
@@ -46,8 +46,7 @@ def load_detector_run(run: str | Path) -> DetectorRun:
     path = detector_checkpoint_path(run)
     ckpt = load_checkpoint(path, "detector")
     det_cfg = from_dict(DetectorConfig, ckpt["config"]["detector"])
-    model = build_detector(det_cfg, len(ckpt["categories"]))
-    load_state(model, ckpt["model"], path)
+    model = detector_from_state(det_cfg, len(ckpt["categories"]), ckpt["model"], path)
     model.eval().requires_grad_(False)
     return DetectorRun(path.parent, path, sha256_file(path), ckpt["config"], ckpt["categories"], model)
 

@@ -54,9 +54,9 @@ def _detect_train(cfg: DetectTrainConfig, out: Path, progress: Progress, resume:
     if len(dataset) == 0:
         raise MaskxError("the training split has no image with a box annotation", cfg.data.train_json)
     categories = data["categories"]
+    # built (ImageNet weights read or fetched) before the run folder is made: a failure leaves nothing behind
+    model = build_detector(cfg.detector, len(categories), progress=progress).to(device)
     dist.main_first(lambda: prepare_run_dir(out, "detect-train", to_dict(cfg), {"train_json": cfg.data.train_json}), others=False)
-
-    model = build_detector(cfg.detector, len(categories)).to(device)
     stats = train_on_images(model, dataset, cfg.solver, out, "detector-train", {"config": to_dict(cfg), "categories": categories},
                             device, progress, resume, "detect-train")
     final = out / DETECTOR_CKPT

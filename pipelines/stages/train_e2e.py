@@ -34,13 +34,13 @@ from pipelines.config import (
 from pipelines.data.coco import CocoDataset, check_same_categories
 from pipelines.data.splits import resolve_split
 from pipelines.engine import distributed as dist
-from pipelines.engine.checkpoint import load_checkpoint, load_state, save_checkpoint
+from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.engine.device import resolve_device
 from pipelines.engine.loop import TrainStats, seed_everything
 from pipelines.engine.run_dir import file_record, prepare_run_dir, training_run, update_manifest
 from pipelines.errors import MaskxError
 from pipelines.io import read_yaml, sha256_file
-from pipelines.modeling.detector import build_detector, detection_weights
+from pipelines.modeling.detector import build_detector, detection_weights, detector_from_state
 from pipelines.modeling.embeddings import detector_embedding, glove_embedding, randn_embedding
 from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn
 from pipelines.progress import NULL_PROGRESS, Progress
@@ -163,9 +163,10 @@ def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool)
     if len(dataset) == 0:
         raise MaskxError("the training split has no image with a box annotation", cfg.data.train_json)
 
-    detector = build_detector(cfg.detector, len(categories))
     if init_state is not None:
-        load_state(detector, init_state, init_path)
+        detector = detector_from_state(cfg.detector, len(categories), init_state, init_path)
+    else:
+        detector = build_detector(cfg.detector, len(categories), progress=progress)
     live = cfg.head.head == "transfer" and cfg.head.input in LIVE_INPUTS
     embed_dim = live_embed_dim(cfg.head.input, cfg.detector.box_representation) if live else None
     side = build_mask_side(cfg.head, len(categories), cfg.detector.fpn_channels, table, embed_dim=embed_dim)
