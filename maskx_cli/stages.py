@@ -1,4 +1,4 @@
-"""The four stages: ``detect-train``, ``export-embeddings``, ``mask-train``, ``eval``."""
+"""The four stages: ``detect-train`` (or ``detect-import``), ``export-embeddings``, ``mask-train``, ``eval``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,36 @@ def detect_train_cmd(
                   f"{result.stats.iterations} iterations in {result.stats.seconds:.0f} s, final loss {result.stats.mean_loss_last_window:.3f}")
     warn(*result.data_warnings)
     print_paths(checkpoint=result.checkpoint, config=out / "config.yaml", metrics=out / "metrics.jsonl")
+
+
+@app.command("detect-import")
+@guarded
+def detect_import_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
+    source: Annotated[Optional[str], typer.Option("--from", help="torchvision:fasterrcnn_resnet50_fpn (default) | "
+                                                  "torchvision:fasterrcnn_resnet50_fpn_v2 | torchvision:maskrcnn_resnet50_fpn[_v2] (box part only).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="The model's state dict file (default: torchvision's COCO_V1 release, "
+                                                    "from torch's cache or downloaded).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="COCO-format annotations whose categories the detector gets, by COCO id "
+                                                 "(data.train_json).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Stage 1 without training: import a torchvision COCO detector as a detector run."""
+    from pipelines.config import DetectImportConfig, load_config, resolve_config_path
+    from pipelines.io import read_yaml, write_yaml
+    from pipelines.stages.detect_import import detect_import
+
+    overrides = option_overrides(set_, {"source": source, "weights": weights, "data.train_json": data})
+    cfg = load_config(DetectImportConfig, config, overrides, section="detect_import")
+    with progress_bars() as progress:
+        r = detect_import(cfg, out, progress=progress)
+    if config:
+        write_yaml(out / "recipe.yaml", read_yaml(resolve_config_path(config)))
+    release = f" ({r.release})" if r.release else ""
+    console.print(f"[green]detector imported[/] {r.source}{release}: {r.num_classes} classes "
+                  f"({r.dropped_rows} of the checkpoint's rows not used)")
+    print_paths(checkpoint=r.checkpoint, weights=r.weights, config=out / "config.yaml")
 
 
 @app.command("export-embeddings")
