@@ -80,8 +80,9 @@ def whole_model(k: int, size: int, rounds: int, image: list[torch.Tensor]) -> di
     rh.box_head.forward = timer.wrap("box head", rh.box_head.forward)
     rh.box_predictor.forward = timer.wrap("box predictor + post-processing", rh.box_predictor.forward)
     rh.postprocess_detections = timer.wrap("box predictor + post-processing", rh.postprocess_detections)
-    rh.maskx_roi_pool.forward = timer.wrap("mask side", rh.maskx_roi_pool.forward)
-    rh.mask_side.forward = timer.wrap("mask side", rh.mask_side.forward)
+    rh.mask_roi_pool.forward = timer.wrap("mask side", rh.mask_roi_pool.forward)
+    rh.mask_head.forward = timer.wrap("mask side", rh.mask_head.forward)
+    rh.mask_predictor.forward = timer.wrap("mask side", rh.mask_predictor.forward)
     with torch.no_grad():
         dets = len(model(image)[0]["boxes"])  # warm-up (and T once on the class table)
         timer.t.clear()

@@ -23,6 +23,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from _common import interleaved, machine, print_table, write_report  # noqa: E402  (puts the repo on sys.path)
 from pipelines.config import DetectorConfig, HeadConfig  # noqa: E402
 from pipelines.modeling.detector import build_detector  # noqa: E402
+from pipelines.modeling.mask_heads import MaskSide  # noqa: E402
 from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn  # noqa: E402
 
 K = 80
@@ -66,10 +67,11 @@ def main() -> None:
         # the mask side alone, on the same 100 detections' RoI features
         feats = torch.randn(100, 256, 14, 14).relu()
         labels = torch.randint(1, K + 1, (100,))
+        mx_side, mx_mlp_side = (MaskSide(m.roi_heads.mask_head, m.roi_heads.mask_predictor) for m in (mx, mx_mlp))
         tv_mask = lambda: tv.roi_heads.mask_predictor(tv.roi_heads.mask_head(feats))[torch.arange(100), labels]  # noqa: E731
         t = interleaved({"torchvision": lambda: tv(image), "maskx": lambda: mx(image), "maskx+mlp": lambda: mx_mlp(image),
-                         "tv_mask": tv_mask, "mx_mask": lambda: mx.roi_heads.mask_side(feats, labels),
-                         "mx_mlp_mask": lambda: mx_mlp.roi_heads.mask_side(feats, labels)}, rounds)
+                         "tv_mask": tv_mask, "mx_mask": lambda: mx_side(feats, labels),
+                         "mx_mlp_mask": lambda: mx_mlp_side(feats, labels)}, rounds)
     h = {k: sorted(v[-rounds:])[rounds // 2] for k, v in heads.items()}  # RoI heads (box + mask side) of the timed runs
     rows = [
         ["torchvision maskrcnn_resnet50_fpn", dets[0], t["torchvision"], 1.0, h["torchvision"], 1.0, t["tv_mask"], 1.0],

@@ -37,7 +37,7 @@ from _common import machine, print_table, write_report  # noqa: E402
 
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config  # noqa: E402
 from pipelines.io import read_json, read_yaml  # noqa: E402
-from pipelines.stages.common import load_detector_run  # noqa: E402
+from pipelines.engine.run_dir import load_detector_run  # noqa: E402
 from pipelines.stages.evaluate import evaluate_heads  # noqa: E402
 from pipelines.stages.mask_train import mask_train  # noqa: E402
 
@@ -68,7 +68,7 @@ def w_seg_norm_ratio(run: Path, det) -> float:
     mode); ``det`` is the loaded detector run the mask run was trained on."""
     import torch
 
-    from pipelines.stages.mask_train import load_mask_run
+    from pipelines.engine.run_dir import load_mask_run
 
     side, ckpt = load_mask_run(run, det)
     predictor = side.predictor

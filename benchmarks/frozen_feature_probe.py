@@ -22,36 +22,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_report  # noqa: E402
 
-import pipelines.stages.mask_train as mask_train_stage  # noqa: E402
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config  # noqa: E402
 from pipelines.engine.checkpoint import load_checkpoint  # noqa: E402
+from pipelines.engine.loop import seed_everything  # noqa: E402
+from pipelines.engine.run_dir import load_detector_run  # noqa: E402
 from pipelines.errors import MaskxError  # noqa: E402
 from pipelines.io import read_yaml  # noqa: E402
+from pipelines.modeling.mask_heads import MaskSide  # noqa: E402
+from pipelines.modeling.maskx_rcnn import build_mask_side  # noqa: E402
 from pipelines.stages.evaluate import evaluate_heads  # noqa: E402
+from pipelines.stages.mask_train import mask_train  # noqa: E402
 
 FROZEN = ("fcn.", "predictor.mlp.")
 
 
-def frozen_builder(state: dict[str, torch.Tensor]):
-    """``build_mask_side`` that loads ``state``'s FCN and MLP-branch tensors and freezes them."""
-    build = mask_train_stage.build_mask_side  # the library's, captured before it is replaced
-
-    def wrapped(*args, **kwargs):
-        side = build(*args, **kwargs)
-        keep = {k: v for k, v in state.items() if k.startswith(FROZEN)}
-        own = side.state_dict()
-        bad = [k for k in keep if k not in own or own[k].shape != keep[k].shape]
-        if not keep:
-            raise MaskxError("the source checkpoint holds no FCN / MLP-branch tensors")
-        if bad:
-            raise MaskxError(f"the source run's FCN / MLP branch does not fit this head ({bad[0]})")
-        side.load_state_dict(keep, strict=False)
-        for name, p in side.named_parameters():
-            if name in keep:
-                p.requires_grad_(False)
-        return side
-
-    return wrapped
+def frozen_side(cfg: MaskTrainConfig, num_classes: int, in_channels: int, state: dict[str, torch.Tensor]) -> MaskSide:
+    """The mask side of ``cfg.head`` (built on ``cfg.solver.seed``) with ``state``'s FCN and MLP-branch
+    tensors loaded and frozen."""
+    seed_everything(cfg.solver.seed)
+    side = build_mask_side(cfg.head, num_classes, in_channels)
+    keep = {k: v for k, v in state.items() if k.startswith(FROZEN)}
+    own = side.state_dict()
+    bad = [k for k in keep if k not in own or own[k].shape != keep[k].shape]
+    if not keep:
+        raise MaskxError("the source checkpoint holds no FCN / MLP-branch tensors")
+    if bad:
+        raise MaskxError(f"the source run's FCN / MLP branch does not fit this head ({bad[0]})")
+    side.load_state_dict(keep, strict=False)
+    for name, p in side.named_parameters():
+        if name in keep:
+            p.requires_grad_(False)
+    return side
 
 
 def train_probe(source: Path, detector: Path, embeddings: Path, work: Path, seed: int = 0,
@@ -64,18 +65,16 @@ def train_probe(source: Path, detector: Path, embeddings: Path, work: Path, seed
         raise MaskxError("the probe needs a run with the MLP branch", source)
     if data.get("mask_classes") != "voc":
         raise MaskxError("the probe reports voc -> nonvoc; the run must be trained with data.mask_classes=voc", source)
-    over = [f"data.{k}={data[k]}" for k in ("train_json", "train_images", "val_json", "val_images", "mask_classes")]
-    over += [f"head.{k}={head[k]}" for k in ("mask_dim", "num_convs", "fcn", "mlp_hidden", "mlp_input_size", "roi_size")]
-    over += ["head.head=oracle", "head.mlp=true", f"solver.seed={seed}"] + list(extra or [])
-    cfg = load_config(MaskTrainConfig, "synthetic", over, section="mask_train")
+    same = {"data": {k: data[k] for k in ("train_json", "train_images", "val_json", "val_images", "mask_classes")},
+            "head": {k: head[k] for k in ("mask_dim", "num_convs", "fcn", "mlp_hidden", "mlp_input_size", "roi_size")}}
+    cfg = load_config(MaskTrainConfig, "synthetic", [same, {"head": {"head": "oracle", "mlp": True}, "solver": {"seed": seed}},
+                                                     *(extra or [])])
     run = work / f"probe_{source.name}_s{seed}"
     if not (run / "mask_final.pth").is_file():
-        build = mask_train_stage.build_mask_side
-        mask_train_stage.build_mask_side = frozen_builder(load_checkpoint(source / "mask_final.pth", "mask")["model"])
-        try:
-            mask_train_stage.mask_train(cfg, detector, embeddings, run)
-        finally:
-            mask_train_stage.build_mask_side = build
+        det = load_detector_run(detector)
+        side = frozen_side(cfg, len(det.categories), det.model.backbone.out_channels,
+                           load_checkpoint(source / "mask_final.pth", "mask")["model"])
+        mask_train(cfg, detector, embeddings, run, mask_side=side)
     return run
 
 

@@ -8,38 +8,26 @@ from typing import Annotated, Optional
 import typer
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars
-from maskx_cli.main import app
-
-cache_app = typer.Typer(help="The stage-2 feature cache (frozen-detector RoI features + mask targets).", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
+from maskx_cli.options import DEVICE, SetOpt, config_options
 
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-@cache_app.command("build")
 @guarded
+@config_options(DEVICE)
 def build_cmd(
     detector: Annotated[Path, typer.Option("--detector", "-d", help="Detector run folder (stage 1).")],
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe (default: the detector run's).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")] = None,
-    set_: Annotated[
-        Optional[list[str]],
-        typer.Option("--set", "-s", help="Override a config key, e.g. --set cache.proposals_per_instance=0 (repeatable)."),
-    ] = None,
+    set_: SetOpt = None,
+    values: dict | None = None,
 ) -> None:
     """Build (or find) the cache that a later 'maskx mask-train' with the same settings reuses."""
-    from maskx_cli.stages import _detector_data, _detector_recipe
-    from pipelines.config import MaskTrainConfig, load_config
+    from maskx_cli.stages import load_mask_train_config
     from pipelines.stages.cache import cache_build
 
-    overrides = list(set_ or [])
-    if device:
-        overrides.append(f"solver.device={device}")
-    cfg = load_config(MaskTrainConfig, config or _detector_recipe(detector), overrides, section="mask_train")
-    if not cfg.data.train_json:
-        cfg.data = _detector_data(detector, cfg.data)
+    cfg = load_mask_train_config(config, detector, set_, values)
     with progress_bars() as progress:
         r = cache_build(cfg, detector, progress)
     info = r.cache.info()
@@ -51,7 +39,6 @@ def build_cmd(
     print_paths(cache=r.path)
 
 
-@cache_app.command("info")
 @guarded
 def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (features-<key>.h5).")]) -> None:
     """Describe a cache file: RoIs, instances, classes, shapes, sizes, key."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -25,6 +24,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from maskx_cli.options import command_flags
 from pipelines.errors import MaskxError
 
 # Under torchrun only rank 0 prints (every rank runs the same command).
@@ -121,7 +121,7 @@ def guarded(fn: Callable) -> Callable:
         except MaskxError as exc:
             if STATE["verbose"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(exc.line())}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(_with_flag(exc, fn).line())}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             if STATE["verbose"]:
@@ -133,6 +133,15 @@ def guarded(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _with_flag(exc: MaskxError, command: Callable) -> MaskxError:
+    """The error as ``command`` shows it: the setting it is about named by its flag, if the command has one."""
+    flag = command_flags(command).get(exc.key) if exc.key else None
+    if not flag or exc.key not in exc.message:
+        return exc
+    head, _, tail = exc.message.rpartition(exc.key)
+    return MaskxError(head + flag + tail, exc.path)
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> Table:
@@ -164,19 +173,6 @@ def fail(message: str) -> None:
     """Exit with one error line (for checks the CLI itself makes)."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
-
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()
-
-
-def option_overrides(set_: list[str] | None, options: dict[str, object]) -> list[str]:
-    """``--set`` overrides plus ``key=value`` for every CLI option given (None = not given)."""
-    overrides = list(set_ or [])
-    for key, value in options.items():
-        if value is not None:
-            overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
-    return overrides
 
 
 def warn(*lines: str) -> None:

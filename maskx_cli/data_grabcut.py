@@ -8,11 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from maskx_cli.console import console, guarded, metrics_table, print_paths, progress_bars
-from maskx_cli.data import data_app
-from maskx_cli.main import app
+from maskx_cli.options import EVAL, ConfigOpt, SetOpt, config_options
 
 
-@data_app.command("grabcut")
 @guarded
 def grabcut_cmd(
     in_json: Annotated[Path, typer.Option("--in", help="COCO-format annotations to read.")],
@@ -31,27 +29,29 @@ def grabcut_cmd(
     print_paths(annotations=r.out)
 
 
-@app.command("eval-grabcut")
 @guarded
+@config_options(EVAL)
 def eval_grabcut_cmd(
     detector: Annotated[Path, typer.Option("--detector", "-d", help="Detector run (detect-train or train).")],
-    split: Annotated[str, typer.Option(help="Set B, the classes reported as unseen: nonvoc | voc | random:N:SEED | ...")] = "nonvoc",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics file (default: <detector>/metrics_grabcut_<split>.json).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="COCO-format validation annotations (default: the run's data.val_json).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Image folder of --data.")] = None,
-    max_images: Annotated[int, typer.Option(help="Evaluate on the first N images only (0 = all).")] = 0,
     iterations: Annotated[int, typer.Option(help="GrabCut iterations per box.")] = 5,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    values: dict | None = None,
 ) -> None:
     """"Faster R-CNN tested with GrabCut": GrabCut masks inside every detected box, scored on sets B, A, all."""
-    from pipelines.config import EvalConfig
+    from maskx_cli.stages import load_eval_config
     from pipelines.stages.eval_grabcut import evaluate_grabcut
 
     run_dir = detector if detector.is_dir() else detector.parent
-    json_out = json_out or run_dir / f"metrics_grabcut_{split.replace(':', '_')}.json"
+    cfg = load_eval_config(config, run_dir, set_, values)
+    json_out = json_out or run_dir / f"metrics_grabcut_{cfg.split.replace(':', '_')}.json"
     with progress_bars() as progress:
-        r = evaluate_grabcut(detector, EvalConfig(split=split, max_images=max_images), data, images, iterations, progress, json_out)
+        r = evaluate_grabcut(detector, cfg, data, images, iterations, progress, json_out)
     for iou in ("segm", "bbox"):
         rows = {f"grabcut · {s}": r.metrics["grabcut"][iou][s] for s in r.sets}
-        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split})", rows,
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {cfg.split})", rows,
                                     r.metric_names))
     print_paths(metrics=json_out)

@@ -9,10 +9,8 @@ import typer
 from rich.table import Table
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars, warn
-from maskx_cli.data import data_app
 
 
-@data_app.command("prepare-vg")
 @guarded
 def prepare_vg_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (vg_{train,val}.json, coco_masks_{train,val}.json, classes.tsv).")],
@@ -89,7 +87,6 @@ def prepare_vg_cmd(
     print_paths(**result.files)
 
 
-@data_app.command("check")
 @guarded
 def check_cmd(
     annotations: Annotated[Path, typer.Argument(help="COCO or LVIS v1 instances file.")],
@@ -97,7 +94,8 @@ def check_cmd(
     masks: Annotated[bool, typer.Option("--masks", help="Require a segmentation on every annotation.")] = False,
 ) -> None:
     """Validate a COCO / LVIS annotation file (and its images) the way training will read it."""
-    from pipelines.data.coco import is_lvis, load_coco, unreadable_images
+    from pipelines.data.coco import load_coco, unreadable_images
+    from pipelines.data.lvis import is_lvis
     from pipelines.errors import MaskxError
 
     data, report = load_coco(annotations, require_masks=masks)

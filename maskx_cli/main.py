@@ -1,4 +1,8 @@
-"""``maskx``: the typer application. One module per command group; each command is thin."""
+"""``maskx``: the typer application. Every command and sub-app is registered here, and only here.
+
+Command modules define thin functions (parse, call one ``pipelines`` function, print); none of them
+imports this module, so the imports run one way: ``main`` -> commands -> ``pipelines``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from maskx_cli import cache, data, data_grabcut, data_real, predict, quickstart, stages, sweep, train
 from maskx_cli import console as _console
 
 app = typer.Typer(
@@ -25,12 +30,29 @@ def _root(
     _console.STATE["verbose"] = verbose
 
 
-def _register() -> None:
-    # Each module adds its commands to `app` (or a sub-app) when imported.
-    from maskx_cli import cache, data, data_real, predict, quickstart, stages, sweep, train  # noqa: F401
+data_app = typer.Typer(help="Make or prepare data sets (COCO-format annotations + images).", no_args_is_help=True)
+data_app.command("synth")(data.synth)
+data_app.command("prepare-vg")(data_real.prepare_vg_cmd)
+data_app.command("check")(data_real.check_cmd)
+data_app.command("grabcut")(data_grabcut.grabcut_cmd)
+app.add_typer(data_app, name="data")
 
+app.command("detect-train")(stages.detect_train_cmd)
+app.command("detect-import")(stages.detect_import_cmd)
+app.command("export-embeddings")(stages.export_embeddings_cmd)
 
-_register()
+cache_app = typer.Typer(help="The stage-2 feature cache (frozen-detector RoI features + mask targets).", no_args_is_help=True)
+cache_app.command("build")(cache.build_cmd)
+cache_app.command("info")(cache.info_cmd)
+app.add_typer(cache_app, name="cache")
+
+app.command("mask-train")(stages.mask_train_cmd)
+app.command("train")(train.train_cmd)
+app.command("eval")(stages.eval_cmd)
+app.command("eval-grabcut")(data_grabcut.eval_grabcut_cmd)
+app.command("predict")(predict.predict_cmd)
+app.command("sweep")(sweep.sweep_cmd)
+app.command("quickstart")(quickstart.quickstart_cmd)
 
 if __name__ == "__main__":
     app()

@@ -8,10 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from maskx_cli.console import console, fail, guarded, print_paths, progress_bars, warn
-from maskx_cli.main import app
 
 
-@app.command("predict")
 @guarded
 def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],

@@ -6,53 +6,33 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
-from maskx_cli.console import (console, err_console, fail, guarded, metrics_table, option_overrides, print_paths, progress_bars,
-                               warn, warn_missing_glove)
-from maskx_cli.main import app
-
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a config key, e.g. --set solver.lr=0.01 (repeatable)."),
-]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe: a path or a shipped name (synthetic, coco_voc_r50, ...).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")]
+from maskx_cli.console import console, err_console, fail, guarded, metrics_table, print_paths, progress_bars, warn, warn_missing_glove
+from maskx_cli.options import EVAL, EVAL_BACKEND, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
 
 
-@app.command("detect-train")
 @guarded
+@config_options(SOLVER)
 def detect_train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     config: ConfigOpt = None,
-    iterations: Annotated[Optional[int], typer.Option(help="Training iterations (overrides the recipe).")] = None,
-    device: DeviceOpt = None,
     resume: ResumeOpt = False,
     set_: SetOpt = None,
+    values: dict | None = None,
 ) -> None:
     """Stage 1: train Faster R-CNN (FPN) on the boxes of every class."""
-    from pipelines.config import DetectTrainConfig, load_config, resolve_config_path
-    from pipelines.io import read_yaml, write_yaml
+    from pipelines.config import DetectTrainConfig, load_config
     from pipelines.stages.detect_train import detect_train
 
-    overrides = list(set_ or [])
-    if iterations is not None:
-        overrides.append(f"solver.iterations={iterations}")
-    if device:
-        overrides.append(f"solver.device={device}")
-    cfg = load_config(DetectTrainConfig, config, overrides, section="detect_train")
+    cfg = load_config(DetectTrainConfig, config, [*(set_ or []), values], source=SET_SOURCE)
     with progress_bars() as progress:
-        result = detect_train(cfg, out, progress=progress, resume=resume)
-    if config:
-        write_yaml(out / "recipe.yaml", read_yaml(resolve_config_path(config)))
+        result = detect_train(cfg, out, progress=progress, resume=resume, recipe=config)
     console.print(f"[green]detector trained[/] {result.num_classes} classes, {result.train_images} images, "
                   f"{result.stats.iterations} iterations in {result.stats.seconds:.0f} s, final loss {result.stats.mean_loss_last_window:.3f}")
     warn(*result.data_warnings)
     print_paths(checkpoint=result.checkpoint, config=out / "config.yaml", metrics=out / "metrics.jsonl")
 
 
-@app.command("detect-import")
 @guarded
 def detect_import_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
@@ -66,23 +46,20 @@ def detect_import_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Stage 1 without training: import a torchvision COCO detector as a detector run."""
-    from pipelines.config import DetectImportConfig, load_config, resolve_config_path
-    from pipelines.io import read_yaml, write_yaml
+    from pipelines.config import DetectImportConfig, load_config
     from pipelines.stages.detect_import import detect_import
 
-    overrides = option_overrides(set_, {"source": source, "weights": weights, "data.train_json": data})
-    cfg = load_config(DetectImportConfig, config, overrides, section="detect_import")
+    given = {"source": source, "weights": str(weights) if weights else None, "data": {"train_json": str(data)} if data else None}
+    cfg = load_config(DetectImportConfig, config, [*(set_ or []), {k: v for k, v in given.items() if v is not None}],
+                      source=SET_SOURCE)
     with progress_bars() as progress:
-        r = detect_import(cfg, out, progress=progress)
-    if config:
-        write_yaml(out / "recipe.yaml", read_yaml(resolve_config_path(config)))
+        r = detect_import(cfg, out, progress=progress, recipe=config)
     release = f" ({r.release})" if r.release else ""
     console.print(f"[green]detector imported[/] {r.source}{release}: {r.num_classes} classes "
                   f"({r.dropped_rows} of the checkpoint's rows not used)")
     print_paths(checkpoint=r.checkpoint, weights=r.weights, config=out / "config.yaml")
 
 
-@app.command("export-embeddings")
 @guarded
 def export_embeddings_cmd(
     run: Annotated[Path, typer.Argument(help="Detector run folder (or its model_final.pth).")],
@@ -97,40 +74,30 @@ def export_embeddings_cmd(
     print_paths(embeddings=r.path)
 
 
-@app.command("mask-train")
+def load_mask_train_config(config: str | None, detector: Path, set_: list[str] | None, values: dict):
+    """The stage-2 config: the recipe (default: the detector run's), then --set, then the options given."""
+    from pipelines.config import MaskTrainConfig, load_config
+    from pipelines.engine.run_dir import run_recipe
+
+    return load_config(MaskTrainConfig, config or run_recipe(detector), [*(set_ or []), values], source=SET_SOURCE)
+
+
 @guarded
+@config_options(MASK_SIDE, SOLVER)
 def mask_train_cmd(
     detector: Annotated[Path, typer.Option("--detector", "-d", help="Detector run folder (stage 1).")],
     embeddings: Annotated[Path, typer.Option("--embeddings", "-e", help="Embeddings file from export-embeddings.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     config: ConfigOpt = None,
-    head: Annotated[Optional[str], typer.Option(help="transfer | agnostic | oracle")] = None,
-    input_: Annotated[Optional[str], typer.Option("--input", help="Input of T: randn | glove | cls | box | cls+box")] = None,
-    mlp: Annotated[Optional[bool], typer.Option("--mlp/--no-mlp", help="Fuse the class-agnostic MLP mask branch.")] = None,
-    mask_classes: Annotated[Optional[str], typer.Option(help="Set A: voc | nonvoc | random:N:SEED | ids:...")] = None,
-    transfer_layers: Annotated[Optional[int], typer.Option(help="Layers of T: 1, 2 or 3.")] = None,
-    transfer_activation: Annotated[Optional[str], typer.Option(help="none | relu | leaky_relu")] = None,
-    glove: Annotated[Optional[Path], typer.Option(help="GloVe text file, for --input glove.")] = None,
-    iterations: Annotated[Optional[int], typer.Option(help="Training iterations.")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Train from the cached frozen-detector state.")] = True,
-    device: DeviceOpt = None,
     resume: ResumeOpt = False,
     set_: SetOpt = None,
+    values: dict | None = None,
 ) -> None:
     """Stage 2: train the mask side (T + mask head) on set-A masks, detector frozen."""
-    from pipelines.config import MaskTrainConfig, load_config
     from pipelines.stages.mask_train import mask_train
 
-    recipe = config or _detector_recipe(detector)
-    overrides = option_overrides(set_, {
-        "head.head": head, "head.input": input_, "head.mlp": mlp, "data.mask_classes": mask_classes,
-        "head.transfer_layers": transfer_layers, "head.transfer_activation": transfer_activation, "head.glove": glove,
-        "solver.iterations": iterations, "solver.device": device})
-    if not cache:
-        overrides.append("cache.enabled=false")
-    cfg = load_config(MaskTrainConfig, recipe, overrides, section="mask_train")
-    if not cfg.data.train_json:
-        cfg.data = _detector_data(detector, cfg.data)
+    cfg = load_mask_train_config(config, detector, set_, {**values, **({} if cache else {"cache": {"enabled": False}})})
     with progress_bars() as progress:
         r = mask_train(cfg, detector, embeddings, out, progress=progress, resume=resume)
     warn_missing_glove(r.missing_glove)
@@ -140,71 +107,62 @@ def mask_train_cmd(
     print_paths(checkpoint=r.checkpoint, config=out / "config.yaml", cache=r.cache_path)
 
 
-def _detector_recipe(detector: Path) -> str | None:
-    recipe = Path(detector) / "recipe.yaml"
-    return str(recipe) if recipe.is_file() else None
+def load_eval_config(config: str | None, detector_run: Path | None, set_: list[str] | None, values: dict):
+    """The recipe's ``eval:`` section (default recipe: the detector run's), then --set, then the options given."""
+    from pipelines.config import EvalConfig, load_config
+    from pipelines.engine.run_dir import run_recipe
+
+    recipe = config or (run_recipe(detector_run) if detector_run is not None else None)
+    return load_config(EvalConfig, recipe, [*(set_ or []), values], source=SET_SOURCE)
 
 
-def _detector_data(detector: Path, data):
-    """The detector run's data section (train/val files), keeping this run's set A."""
-    from pipelines.config import DataConfig, from_dict
-    from pipelines.io import read_yaml
-
-    cfg_path = Path(detector) / "config.yaml"
-    if not cfg_path.is_file():
-        return data
-    det_data = from_dict(DataConfig, read_yaml(cfg_path).get("data", {}))
-    det_data.mask_classes = data.mask_classes
-    return det_data
-
-
-@app.command("eval")
 @guarded
+@config_options(EVAL, EVAL_BACKEND)
 def eval_cmd(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Mask run folder(s) trained on the same detector (none with --results).")] = None,
     results: Annotated[Optional[Path], typer.Option("--results", help="Score this COCO results file (a JSON list of detections: "
                                                     "image_id, category_id, score, bbox, segmentation) on --gt instead of running a model.")] = None,
-    split: Annotated[str, typer.Option(help="Set B, the classes reported as unseen: nonvoc | voc | random:N:SEED | ...")] = "nonvoc",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics file (default: <first run>/metrics_<split>.json, "
                                                      "or <results>_metrics_<split>.json).")] = None,
     detector: Annotated[Optional[Path], typer.Option(help="Detector run (default: the one the mask run names).")] = None,
     data: Annotated[Optional[Path], typer.Option("--gt", "--data", help="Ground-truth annotations, COCO or LVIS v1 (LVIS's rules "
                                                  "then apply); with runs the default is the run's data.val_json.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Image folder of --gt (runs only).")] = None,
-    max_images: Annotated[int, typer.Option(help="Evaluate on the first N images only (0 = all; runs only).")] = 0,
-    backend: Annotated[str, typer.Option(help="faster | reference (pycocotools' COCOeval, lvis' LVISEval): identical numbers.")] = "faster",
     gt_boxes: Annotated[bool, typer.Option("--gt-boxes", help="Segment the ground-truth boxes and classes (score 1) "
                                            "instead of the detections: mask quality without detection errors.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    values: dict | None = None,
 ) -> None:
     """Mask and box AP on set B, set A and all classes, of mask runs or of a results file (--gt, --results).
 
-    COCO's rules (COCOeval), or LVIS's (LVISEval: federated labels, 300 detections per image, APr/APc/APf) on an LVIS ground truth.
-    Examples: maskx eval runs/transfer --split nonvoc;
+    COCO's rules (COCOeval), or LVIS's (LVISEval: federated labels, 300 detections per image, APr/APc/APf) on an LVIS
+    ground truth; settings from the recipe's eval: section. Examples: maskx eval runs/transfer --split nonvoc;
     maskx eval --gt instances_val2017.json --results detections.json --split nonvoc --json metrics.json
     """
-    from pipelines.config import EvalConfig
-
-    cfg = EvalConfig(split=split, max_images=max_images, backend=backend, gt_boxes=gt_boxes)
+    values = {**values, **({"gt_boxes": True} if gt_boxes else {})}
     if results is not None:
         if runs or detector or images:
             fail("--results scores a results file: give --gt, not mask runs, --detector or --images")
         if data is None:
             fail("--results needs the ground truth: --gt FILE")
-        return _eval_results(data, results, cfg, json_out)
+        return _eval_results(data, results, load_eval_config(config, None, set_, values), json_out)
     if not runs:
         fail("nothing to evaluate: give mask run folder(s), or --gt FILE --results FILE")
+    from pipelines.engine.run_dir import detector_of_mask_run
     from pipelines.stages.evaluate import evaluate_heads
 
+    det_run = detector if detector is not None else detector_of_mask_run(runs[0])
+    cfg = load_eval_config(config, det_run if det_run.is_dir() else det_run.parent, set_, values)
     names = _unique_names(runs)
-    suffix = "_gt_boxes" if gt_boxes else ""
-    json_out = json_out or runs[0] / f"metrics_{split.replace(':', '_')}{suffix}.json"
+    json_out = json_out or runs[0] / f"metrics_{cfg.split.replace(':', '_')}{'_gt_boxes' if cfg.gt_boxes else ''}.json"
     with progress_bars() as progress:
         r = evaluate_heads(dict(zip(names, runs)), cfg, data, images, detector, progress, json_out)
     _print_protocol(r.protocol)
-    for iou in ("segm",) if gt_boxes else ("segm", "bbox"):
+    for iou in ("segm",) if cfg.gt_boxes else ("segm", "bbox"):
         rows = {f"{name} · {s}": r.metrics[name][iou][s] for name in names for s in r.sets}
-        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {split}"
-                                    f"{'; ground-truth boxes' if gt_boxes else ''})", rows, r.metric_names))
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {cfg.split}"
+                                    f"{'; ground-truth boxes' if cfg.gt_boxes else ''})", rows, r.metric_names))
     print_paths(metrics=json_out)
 
 
@@ -237,7 +195,3 @@ def _unique_names(runs: list[Path]) -> list[str]:
     if len(set(names)) < len(names):
         names = [str(r) for r in runs]
     return names
-
-
-def results_overview(rows: dict[str, dict[str, float]]) -> Table:
-    return metrics_table("results", rows)

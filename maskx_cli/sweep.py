@@ -7,15 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from maskx_cli import data_grabcut  # noqa: F401  (registers `maskx data grabcut` and `maskx eval-grabcut`)
 from maskx_cli.console import console, fail, guarded, metrics_table, print_paths, progress_bars
-from maskx_cli.main import app
+from maskx_cli.options import SET_SOURCE
 
 
-@app.command("sweep")
 @guarded
 def sweep_cmd(
-    spec: Annotated[str, typer.Argument(help="Sweep spec: a YAML path or a shipped name (table_3_1 ... table_3_5, figure_3_1).")],
+    spec: Annotated[str, typer.Argument(help="Sweep spec: a YAML path or a shipped name (table_3_1 ... table_3_5, figure_3_1, quickstart).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder (rerun with the same folder to resume).")],
     detector: Annotated[Optional[Path], typer.Option(help="Reuse this detect-train run instead of training stage 1.")] = None,
     glove: Annotated[Optional[Path], typer.Option(help="GloVe text file for rows with head.input=glove.")] = None,
@@ -26,7 +24,8 @@ def sweep_cmd(
                                                                           "e.g. --set solver.iterations=100 (repeatable).")] = None,
 ) -> None:
     """Train stage 1 once, every stage-2 variant of the spec on it, evaluate, write a paper-style table."""
-    from pipelines.stages.sweep import display_rows, load_spec, run_sweep
+    from pipelines.config import load_spec, parse_overrides
+    from pipelines.stages.sweep import display_rows, run_sweep
 
     s = load_spec(spec)
     if seeds:
@@ -38,7 +37,7 @@ def sweep_cmd(
         if not s.rows:
             fail(f"no row of {spec} matches --only {' '.join(only)}")
     with progress_bars() as progress:
-        r = run_sweep(s, out, detector, list(set_ or []), str(glove) if glove else None, progress)
+        r = run_sweep(s, out, detector, parse_overrides(set_ or [], SET_SOURCE), str(glove) if glove else None, progress)
     _, columns, shown = display_rows(s, r.rows)
     console.print(metrics_table(s.title or "sweep (mask AP)", shown, columns))
     console.print(f"[green]done[/] {r.ran} run(s) trained/evaluated, {r.skipped} already finished, {r.seconds:.0f} s")

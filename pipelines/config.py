@@ -1,27 +1,41 @@
-"""Typed configs: one way to load them (YAML file + ``key=value`` overrides) and to dump them.
+"""Typed configs, and the one way to load them.
 
-Every stage takes one of the ``*Config`` dataclasses below. ``load_config(MaskTrainConfig, path,
-["head.input=cls", "solver.lr=0.01"])`` reads a YAML recipe, applies dotted overrides, checks every
-key and type, and returns the dataclass; ``to_dict`` gives the resolved form saved beside results.
+Every root config -- what one stage or command reads -- is a dataclass of this module:
+``DetectTrainConfig``, ``MaskTrainConfig``, ``TrainE2EConfig`` and ``EvalConfig`` are the sections of a
+recipe (``pipelines/configs/<name>.yaml``: ``data:``, ``detect_train:``, ``mask_train:``,
+``train_e2e:``, ``eval:``), ``SweepSpec`` is a sweep spec file (``pipelines/configs/sweeps/``).
+
+``load_config(cls, path, overrides)`` reads the file (for a recipe: the section of ``cls``, with the
+top-level ``data:`` merged under it), applies the overrides in order and returns the dataclass, with
+every key and type checked. An override is either a mapping of typed values (what the library and
+the command-line options pass, e.g. ``{"solver": {"iterations": 5}}``) or a ``section.key=value``
+string written by a user (``--set``, a sweep row); strings are parsed here and nowhere else
+(:func:`parse_override`). Unknown keys at any depth of any section of a recipe are errors naming
+the file and the key; an error that an override causes names the override. ``to_dict`` gives the
+resolved form saved beside every result.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from pipelines.data.synthetic import SynthConfig
 from pipelines.errors import MaskxError
 from pipelines.io import read_yaml
 
 C = TypeVar("C")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+SPEC_DIR = CONFIG_DIR / "sweeps"
 
 
 @dataclass
@@ -180,27 +194,197 @@ class EvalConfig:
     gt_boxes: bool = False  # segment the ground-truth boxes and classes (score 1) instead of detections: mask quality alone
 
 
+@dataclass
+class TrainE2EConfig:
+    """End-to-end training (``maskx train``): data, detector, mask side and one solver for both.
+
+    Its recipe section is ``train_e2e:``; a recipe without one gives ``detector`` and ``solver`` from
+    ``detect_train:`` (end-to-end training is a detector schedule) and ``head`` from ``mask_train:``.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    init_detector: str = ""  # start from a detect-train run's weights (a short e2e fine-tune) instead of scratch
+
+
 # --------------------------------------------------------------------------------------------
+# Sweep specs (maskx sweep, maskx quickstart)
+ROW_KINDS = ("stagewise", "e2e", "grabcut-test")
+ROW_MASKS = ("gt", "grabcut")
+INTERNAL = {"internal": True}  # a field the loader fills; a file may not set it
+
+
+@dataclass
+class SweepRow:
+    """One method of a sweep table: how it is trained and the overrides that make it."""
+
+    name: str = ""
+    train: str = "stagewise"  # stagewise | e2e | grabcut-test
+    masks: str = "gt"  # gt | grabcut (set-B masks replaced by GrabCut in the training file; trained on every class)
+    set: list[str] = field(default_factory=list)  # section.key=value overrides of this row's runs
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.name)
+
+
+@dataclass
+class RandomSplits:
+    sizes: list[int] = field(default_factory=list)  # |A| of each split
+    trials: int = 1  # splits per size: directions random:N:0 .. random:N:trials-1
+
+
+@dataclass
+class E2ESettings:
+    init: str = "stage1"  # stage1 (start from the sweep's detector) | scratch
+    iterations: int = 0  # 0: the recipe's detector schedule
+
+
+@dataclass
+class FigureSpec:
+    numerator: str = ""  # row names of the Figure 3.1 plot (none: no figure)
+    denominator: str = ""
+
+
+@dataclass
+class SweepSpec:
+    """A grid of stage-2 variants on one detector, laid out like the paper (see ``pipelines.stages.sweep``)."""
+
+    title: str = ""
+    recipe: str = "synthetic"  # the stages' recipe (pipelines/configs/<recipe>.yaml)
+    world: SynthConfig = field(default_factory=SynthConfig)  # the synthetic world made in OUT/world
+    detector: str = ""  # a finished detect-train run to reuse (its data is used) instead of the world
+    detector_iterations: int = 0  # 0: the recipe's
+    mask_iterations: int = 0  # iterations of every mask-side run (0: the recipe's)
+    directions: list[str] = field(default_factory=lambda: ["voc", "nonvoc"])  # set A of each split
+    random_splits: RandomSplits = field(default_factory=RandomSplits)  # instead of directions
+    seeds: list[int] = field(default_factory=lambda: [0])  # stage-2 seeds
+    overrides: list[str] = field(default_factory=list)  # section.key=value for every stage
+    stage2: list[str] = field(default_factory=list)  # section.key=value for every mask-side run
+    e2e: E2ESettings = field(default_factory=E2ESettings)
+    max_val_images: int = 0
+    rows: list[SweepRow] = field(default_factory=list)
+    figure: FigureSpec = field(default_factory=FigureSpec)
+    path: str = field(default="", metadata=INTERNAL)  # the spec file
+
+    def all_directions(self) -> list[str]:
+        if self.random_splits.sizes:
+            return [f"random:{n}:{t}" for n in self.random_splits.sizes for t in range(self.random_splits.trials)]
+        return list(self.directions)
+
+
+def slugify(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "row"
+
+
+# A recipe's sections and the config each one is read into (``data:`` is merged into the others).
+RECIPE_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "detect_train": DetectTrainConfig,
+    "detect_import": DetectImportConfig,
+    "mask_train": MaskTrainConfig,
+    "train_e2e": TrainE2EConfig,
+    "eval": EvalConfig,
+}
+SECTION_OF: dict[type, str] = {cls: name for name, cls in RECIPE_SECTIONS.items() if name != "data"}
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: user-written section.key=value strings, parsed here and nowhere else
+@dataclass(frozen=True)
+class Override:
+    """One ``section.key=value`` override (``value`` parsed as YAML) and where it was written."""
+
+    key: str
+    value: Any
+    text: str
+    source: str = "override"  # what errors call it: "--set", a spec file, ...
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} {self.text}"
+
+    def as_mapping(self) -> dict:
+        node: Any = self.value
+        for part in reversed(self.key.split(".")):
+            node = {part: node}
+        return node
+
+
+def parse_override(item: str | Override, source: str = "override") -> Override:
+    """``"solver.lr=0.01"`` -> ``Override("solver.lr", 0.01, ...)``; MaskxError naming it if malformed."""
+    if isinstance(item, Override):
+        return item
+    key, eq, raw = str(item).partition("=")
+    key = key.strip()
+    if not eq or not key or not all(key.split(".")):
+        raise MaskxError("is not of the form key=value (e.g. solver.lr=0.01)", f"{source} {item}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise MaskxError(f"value is not valid YAML ({str(exc).splitlines()[0]})", f"{source} {item}") from None
+    return Override(key, value, str(item), source)
+
+
+def parse_overrides(items: Sequence[str | Override], source: str = "override") -> list[Override]:
+    return [parse_override(item, source) for item in items]
+
+
+def stage_overrides(cls: type, overrides: Sequence[Override]) -> list[Override]:
+    """The overrides meant for stage config ``cls`` among overrides written for every stage.
+
+    ``eval.key=value`` goes to :class:`EvalConfig` (as ``key=value``); any other one goes to the
+    configs that have its first section (``solver.*`` to every training stage, ``detector.*`` to
+    detect-train and end-to-end training, ...).
+    """
+    if cls is EvalConfig:
+        return [dataclasses.replace(o, key=o.key[len("eval."):]) for o in overrides if o.key.startswith("eval.")]
+    sections = {f.name for f in dataclasses.fields(cls)}
+    return [o for o in overrides if o.key.split(".", 1)[0] in sections]
+
+
+STAGE_SECTIONS = sorted({f.name for c in (DetectTrainConfig, MaskTrainConfig, TrainE2EConfig) for f in dataclasses.fields(c)} | {"eval"})
+
+
+def check_stage_overrides(overrides: Sequence[Override]) -> None:
+    """Refuse an override written for every stage that no stage config has a section for."""
+    for o in overrides:
+        if o.key.split(".", 1)[0] not in STAGE_SECTIONS:
+            raise MaskxError(f"'{o.key.split('.', 1)[0]}' is not a section of any stage config "
+                             f"(known: {', '.join(STAGE_SECTIONS)})", o.label)
+
+
+# --------------------------------------------------------------------------------------------
+# Checking keys and types
+class _KeyError(MaskxError):
+    """A bad key or value at ``key`` (dotted); ``load_config`` names the file or override it came from."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message, key=key)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, noun: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise MaskxError(f"config key '{key}' must be a mapping, got {value!r}")
-        return _from_dict(tp, value, key + ".")
+            raise _KeyError(key, f"{noun} '{key}' must be a mapping, got {value!r}")
+        return _from_dict(tp, value, key + ".", noun)
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
-            raise MaskxError(f"config key '{key}' must be a list, got {value!r}")
-        return [_coerce(v, item_tp, key) for v in value]
+            raise _KeyError(key, f"{noun} '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]" if dataclasses.is_dataclass(item_tp) else key, noun) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise MaskxError(f"config key '{key}' must be a mapping, got {value!r}")
+            raise _KeyError(key, f"{noun} '{key}' must be a mapping, got {value!r}")
         return dict(value)
     if origin in (types.UnionType, typing.Union):
         return value
@@ -209,7 +393,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise MaskxError(f"config key '{key}' must be true or false, got {value!r}")
+        raise _KeyError(key, f"{noun} '{key}' must be true or false, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -223,17 +407,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             pass
     if tp is Any:
         return value
-    raise MaskxError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    raise _KeyError(key, f"{noun} '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
-def _from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
+def _from_dict(cls: type[C], data: dict, prefix: str = "", noun: str = "config key") -> C:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise MaskxError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+        raise _KeyError(prefix + unknown[0], f"unknown {noun} '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    return cls(**{k: _coerce(v, hints[k], prefix + k, noun) for k, v in data.items()})
 
 
 def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
@@ -249,23 +432,8 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise MaskxError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise MaskxError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = value
-    return data
-
-
+# --------------------------------------------------------------------------------------------
+# Files
 def resolve_shipped(name: str | Path, directory: Path, what: str) -> Path:
     """``name`` if it is a file, else the YAML file of that name shipped in ``directory``."""
     path = Path(name)
@@ -279,32 +447,145 @@ def resolve_shipped(name: str | Path, directory: Path, what: str) -> Path:
 
 
 def resolve_config_path(name: str | Path) -> Path:
-    """A config file path, or the name of a recipe shipped in ``pipelines/configs`` (``synthetic``)."""
+    """A recipe path, or the name of a recipe shipped in ``pipelines/configs`` (``synthetic``)."""
     return resolve_shipped(name, CONFIG_DIR, "config file")
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, section: str | None = None) -> C:
-    """Load a typed config: YAML recipe (optional) + dotted overrides.
+def resolve_spec_path(name: str | Path) -> Path:
+    """A sweep spec path, or the name of a spec shipped in ``pipelines/configs/sweeps`` (``table_3_1``)."""
+    return resolve_shipped(name, SPEC_DIR, "sweep spec")
 
-    ``section`` picks one top-level key of a recipe that holds several stages (``detect_train:``,
-    ``mask_train:``, ``eval:``); other top-level sections are ignored.
+
+def _section(raw: dict, name: str, path: Path) -> dict:
+    """The data of recipe section ``name`` as its config reads it (top-level ``data:`` merged in)."""
+    for key in ("data", name) + (("detect_train", "mask_train") if name == "train_e2e" else ()):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise MaskxError(f"recipe section '{key}' must be a mapping, got {raw[key]!r}", path)
+    if name == "data":
+        return dict(raw.get("data") or {})
+    if name == "train_e2e" and "train_e2e" not in raw:
+        det, mask = raw.get("detect_train") or {}, raw.get("mask_train") or {}
+        sec = {k: v for k, v in (("detector", det.get("detector")), ("solver", det.get("solver")),
+                                 ("head", mask.get("head"))) if v is not None}
+    else:
+        sec = dict(raw.get(name) or {})
+    has_data = "data" in {f.name for f in dataclasses.fields(RECIPE_SECTIONS[name])}
+    if has_data and ("data" in raw or "data" in sec):
+        sec["data"] = {**(raw.get("data") or {}), **(sec.get("data") or {})}
+    return sec
+
+
+def _check_recipe(raw: dict, section: str, path: Path) -> None:
+    """Every key of every section of a recipe must be known (not only the section being read)."""
+    unknown = sorted(set(raw) - set(RECIPE_SECTIONS))
+    if unknown:
+        raise MaskxError(f"unknown recipe section '{unknown[0]}' (known: {', '.join(RECIPE_SECTIONS)})", path)
+    for name, cls in RECIPE_SECTIONS.items():
+        if name != section and name in raw:
+            try:
+                _from_dict(cls, _section(raw, name, path), f"{name}.")
+            except _KeyError as exc:
+                raise MaskxError(exc.message, path) from None
+
+
+def _merge(into: dict, layer: Mapping, origin: dict[str, str | None], label: str | None, prefix: str = "") -> None:
+    """Merge nested ``layer`` into ``into`` (mappings key by key, other values replaced); note each
+    leaf's ``label`` in ``origin`` (dotted key -> the file or override it came from)."""
+    for key, value in layer.items():
+        dotted = prefix + str(key)
+        if isinstance(value, Mapping):
+            node = into.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise MaskxError(f"'{dotted}' is not a section (it holds {node!r})", label)
+            _merge(node, value, origin, label, dotted + ".")
+        else:
+            into[key] = value
+            origin[dotted] = label
+
+
+def _origin(origin: dict[str, str | None], key: str) -> str | None:
+    """Where the value at ``key`` came from: its own entry, a section above it, or the first below it."""
+    above = [k for k in origin if key == k or key.startswith((k + ".", k + "["))]
+    if above:
+        return origin[max(above, key=len)]
+    return next((label for k, label in origin.items() if k.startswith(key + ".")), None)
+
+
+NOUNS = {"SweepSpec": "sweep key"}
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str | Override | Mapping] = (),
+                section: str | None = None, source: str = "override") -> C:
+    """Load a typed config: a YAML file (optional), then ``overrides`` in order, every key and type checked.
+
+    ``path``: a recipe (a file or the name of a shipped one) or, for a config that is not a recipe
+    section (:class:`SweepSpec`), its file. ``section``: the recipe section to read (default: the one
+    of ``cls``, e.g. ``mask_train`` for :class:`MaskTrainConfig`); the whole recipe is checked.
+    ``overrides``: mappings of typed values and ``section.key=value`` strings (``source`` names the
+    strings in errors, e.g. ``"--set"``). A bad key or value raises MaskxError naming the file or the
+    override it came from.
     """
     data: dict = {}
+    origin: dict[str, str | None] = {}
+    noun = NOUNS.get(cls.__name__, "config key")
     if path:
-        resolved = resolve_config_path(path)
-        loaded = read_yaml(resolved, "config file") or {}
-        if not isinstance(loaded, dict):
-            raise MaskxError("config must be a mapping", resolved)
-        if section is not None:
-            sec = dict(loaded.get(section) or {})
-            if "data" in {f.name for f in dataclasses.fields(cls)} and ("data" in loaded or "data" in sec):
-                sec["data"] = {**(loaded.get("data") or {}), **(sec.get("data") or {})}
-            loaded = sec
-        data = loaded
-        try:
-            return from_dict(cls, apply_overrides(data, overrides or []))
-        except MaskxError as exc:
-            if exc.path is None:
-                raise MaskxError(exc.message, resolved) from None
-            raise
-    return from_dict(cls, apply_overrides(data, overrides or []))
+        file = resolve_config_path(path)
+        raw = read_yaml(file, "config file")
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise MaskxError("config must be a mapping", file)
+        section = section or SECTION_OF.get(cls)
+        if section:
+            _check_recipe(raw, section, file)
+            raw = _section(raw, section, file)
+        _merge(data, raw, origin, str(file))
+    for item in overrides:
+        if isinstance(item, Mapping):
+            _merge(data, item, origin, None)
+        else:
+            o = parse_override(item, source)
+            _merge(data, o.as_mapping(), origin, o.label)
+    try:
+        return _from_dict(cls, data, noun=noun)
+    except _KeyError as exc:
+        raise MaskxError(exc.message, _origin(origin, exc.key)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep specs
+def load_spec(name: str | Path) -> SweepSpec:
+    """Read and check a sweep spec (a file or a shipped name): unknown keys, bad rows, one clear error."""
+    path = resolve_spec_path(name)
+    spec = load_config(SweepSpec, path)
+    spec.path = str(path)
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec: SweepSpec) -> None:
+    """Rows named, unique and of known kinds; directions; e2e and figure settings; overrides well formed."""
+    where = spec.path or None
+    if not spec.rows:
+        raise MaskxError("the sweep has no rows", where)
+    for i, row in enumerate(spec.rows):
+        if not row.name:
+            raise MaskxError(f"row #{i + 1} needs a 'name'", where)
+        if row.train not in ROW_KINDS:
+            raise MaskxError(f"row '{row.name}': train must be one of {' | '.join(ROW_KINDS)}, got '{row.train}'", where)
+        if row.masks not in ROW_MASKS:
+            raise MaskxError(f"row '{row.name}': masks must be one of {' | '.join(ROW_MASKS)}, got '{row.masks}'", where)
+        parse_overrides(row.set, f"{where}: row '{row.name}'" if where else f"row '{row.name}'")
+    slugs = [r.slug for r in spec.rows]
+    dup = next((s for s in slugs if slugs.count(s) > 1), None)
+    if dup:
+        raise MaskxError(f"two rows have the same name (as a folder name: '{dup}')", where)
+    if not spec.all_directions():
+        raise MaskxError("the sweep has no split direction", where)
+    if spec.e2e.init not in ("stage1", "scratch"):
+        raise MaskxError(f"e2e.init must be stage1 or scratch, got '{spec.e2e.init}'", where)
+    names = {r.name for r in spec.rows}
+    for row_name in (spec.figure.numerator, spec.figure.denominator) if spec.figure.numerator or spec.figure.denominator else ():
+        if row_name not in names:
+            raise MaskxError(f"figure row '{row_name}' is not a row of the sweep", where)
+    check_stage_overrides(parse_overrides(spec.overrides, where or "override"))
+    parse_overrides(spec.stage2, where or "override")

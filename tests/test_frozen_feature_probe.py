@@ -29,7 +29,7 @@ def test_probe_keeps_the_source_features_and_learns_every_class(probe_module, ti
     library_build = mask_train_stage.build_mask_side
     source = tiny_pipeline["runs"]["transfer"]
     run = probe_module.train_probe(source, tiny_pipeline["detector"], tiny_pipeline["embeddings"], tmp_path, extra=TINY)
-    assert mask_train_stage.build_mask_side is library_build  # the library is left as it was
+    assert mask_train_stage.build_mask_side is library_build  # the library is left as it was (given a built side, not patched)
 
     before = load_checkpoint(source / "mask_final.pth", "mask")["model"]
     after = load_checkpoint(run / "mask_final.pth", "mask")

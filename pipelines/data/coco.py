@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
+from pipelines.data.lvis import is_lvis, normalize_lvis
 from pipelines.errors import MaskxError
 from pipelines.io import read_json
 from pipelines.progress import NULL_PROGRESS, Progress
@@ -55,15 +56,6 @@ class LoadReport:
         return out
 
 
-def is_lvis(data: dict) -> bool:
-    """True for an LVIS-style dict (``neg_category_ids`` per image, or ``frequency`` r/c/f per category)."""
-    images, cats = data.get("images") or [], data.get("categories") or []
-    return bool(
-        (images and isinstance(images[0], dict) and "neg_category_ids" in images[0])
-        or (cats and isinstance(cats[0], dict) and cats[0].get("frequency") in ("r", "c", "f"))
-    )
-
-
 def load_coco(path: str | Path, require_masks: bool = False) -> tuple[dict, LoadReport]:
     """Read and validate a COCO (or LVIS v1) instances file.
 
@@ -76,10 +68,31 @@ def load_coco(path: str | Path, require_masks: bool = False) -> tuple[dict, Load
     if not isinstance(data, dict):
         raise MaskxError("not a COCO annotation file (top level is not an object)", path)
     if is_lvis(data):
-        from pipelines.data.lvis import normalize_lvis
-
         normalize_lvis(data, path)
     return validate_coco(data, path, require_masks=require_masks)
+
+
+def load_lvis(path: str | Path, require_masks: bool = False) -> tuple[dict, LoadReport]:
+    """Read an LVIS v1 file (LVIS fields required), normalise it (:func:`pipelines.data.lvis.normalize_lvis`)
+    and validate it. Returns the COCO dict (LVIS fields kept) and the load report; raises MaskxError
+    naming the file and record for anything malformed.
+    """
+    path = Path(path)
+    data = read_json(path, "LVIS annotation file")
+    if not isinstance(data, dict):
+        raise MaskxError("not an LVIS annotation file (top level is not an object)", path)
+    normalize_lvis(data, path)
+    return validate_coco(data, path, require_masks=require_masks)
+
+
+def load_split(json_path: str | Path, what: str, require_masks: bool = False) -> tuple[dict, LoadReport]:
+    """The annotation file of the ``what`` split (``train`` / ``val``): read, validated, not empty."""
+    if not json_path:
+        raise MaskxError(f"no {what} annotation file given (data.{what}_json)")
+    data, report = load_coco(json_path, require_masks=require_masks)
+    if not data["images"]:
+        raise MaskxError(f"the {what} split has no images", json_path)
+    return data, report
 
 
 def _is_number(v) -> bool:
@@ -323,6 +336,10 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def has_mask(self, ann: dict) -> bool:
+        """Whether annotation ``ann``'s mask is served: its class is a mask class and it has a segmentation."""
+        return ann["category_id"] in self.mask_cats and "segmentation" in ann
+
     def image_path(self, index: int) -> Path:
         return self.image_root / self.images[index]["file_name"]
 
@@ -350,7 +367,7 @@ class CocoDataset(torch.utils.data.Dataset):
             "image_id": info["id"],
         }
         if self.with_masks:
-            has_mask = [a["category_id"] in self.mask_cats and "segmentation" in a for a in anns]
+            has_mask = [self.has_mask(a) for a in anns]
             masks = np.zeros((len(anns), h, w), np.uint8)
             for i, a in enumerate(anns):
                 if has_mask[i]:

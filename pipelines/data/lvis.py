@@ -17,24 +17,17 @@ are COCO classes (the LVIS authors' ``coco_to_synset`` table), ``null`` for the 
 :func:`pipelines.data.splits.coco_id_of` and the ``voc`` / ``nonvoc`` splits mean the same
 classes on LVIS as on COCO.
 
-Class splits (set A = classes whose masks are used for training), beyond those of
-:mod:`pipelines.data.splits` (``voc``, ``nonvoc``, ``all``, ``random:N:SEED``, ``ids:...``):
-
-- ``frequency:LETTERS`` - the classes whose frequency is one of LETTERS: ``frequency:f`` (frequent,
-  405 classes in v1), ``frequency:fc`` (frequent and common, 866); set B is then the rare (and
-  common) classes, reported by APr / APc;
-- ``coco`` - the 80 classes that are COCO classes (the analogue of the paper's VG setting, but
-  measurable: masks of the COCO classes, AP on the 1123 others); ``noncoco`` - the others.
+Class splits of LVIS (``frequency:f``, ``frequency:fc``, ``coco``, ``noncoco``) are resolved with every
+other split by :func:`pipelines.data.splits.resolve_split`; LVIS files are read by
+:func:`pipelines.data.coco.load_coco` (which recognises them) or :func:`pipelines.data.coco.load_lvis`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.data.coco import LoadReport, validate_coco
-from pipelines.data.splits import SPLIT_HELP, resolve_split
+from pipelines.data.splits import FREQUENCIES
 from pipelines.errors import MaskxError
-from pipelines.io import read_json
 
 # LVIS v1 synset -> COCO 2017 category id, for the 80 COCO classes (LVIS's coco_to_synset table).
 LVIS_SYNSET_TO_COCO_ID: dict[str, int] = {
@@ -58,8 +51,15 @@ LVIS_SYNSET_TO_COCO_ID: dict[str, int] = {
     "toothbrush.n.01": 90,
 }
 
-LVIS_SPLIT_HELP = SPLIT_HELP + " | frequency:f | frequency:fc | coco | noncoco"
-FREQUENCIES = ("r", "c", "f")
+
+
+def is_lvis(data: dict) -> bool:
+    """True for an LVIS-style dict (``neg_category_ids`` per image, or ``frequency`` r/c/f per category)."""
+    images, cats = data.get("images") or [], data.get("categories") or []
+    return bool(
+        (images and isinstance(images[0], dict) and "neg_category_ids" in images[0])
+        or (cats and isinstance(cats[0], dict) and cats[0].get("frequency") in ("r", "c", "f"))
+    )
 
 
 def file_name_from_url(url: str) -> str:
@@ -106,49 +106,3 @@ def normalize_lvis(data: dict, path: str | Path) -> dict:
         if isinstance(ann, dict):
             ann.setdefault("iscrowd", 0)
     return data
-
-
-def load_lvis(path: str | Path, require_masks: bool = False) -> tuple[dict, LoadReport]:
-    """Read, normalise (:func:`normalize_lvis`) and validate an LVIS v1 file.
-
-    Returns the COCO dict (LVIS fields kept) and the load report; raises MaskxError naming the file
-    and record for anything malformed.
-    """
-    path = Path(path)
-    data = read_json(path, "LVIS annotation file")
-    if not isinstance(data, dict):
-        raise MaskxError("not an LVIS annotation file (top level is not an object)", path)
-    normalize_lvis(data, path)
-    return validate_coco(data, path, require_masks=require_masks)
-
-
-def resolve_lvis_split(spec: str, categories: list[dict]) -> list[int]:
-    """Category ids selected by ``spec`` (see the module docstring), in category order.
-
-    ``frequency:...``, ``coco`` and ``noncoco`` are handled here; every other spec goes to
-    :func:`pipelines.data.splits.resolve_split`. Raises MaskxError for an unknown spec or one that
-    selects no class.
-    """
-    spec = (spec or "").strip()
-    if spec.startswith("frequency:"):
-        letters = spec.split(":", 1)[1]
-        if not letters or any(ch not in FREQUENCIES for ch in letters):
-            raise MaskxError(f"split '{spec}': expected frequency: followed by letters among r, c, f (e.g. frequency:fc)")
-        if any("frequency" not in c for c in categories):
-            raise MaskxError(f"split '{spec}' needs categories with a 'frequency' field (LVIS)")
-        chosen = [c["id"] for c in categories if c["frequency"] in letters]
-    elif spec in ("coco", "noncoco"):
-        in_coco = {c["id"] for c in categories if c.get("coco_id") is not None}
-        if not in_coco:
-            raise MaskxError(f"split '{spec}': none of the {len(categories)} categories has a COCO id")
-        chosen = [c["id"] for c in categories if (c["id"] in in_coco) == (spec == "coco")]
-    else:
-        try:
-            return resolve_split(spec, categories)
-        except MaskxError as exc:
-            if spec.startswith(("random:", "ids:")) or spec in ("voc", "nonvoc", "all"):
-                raise
-            raise MaskxError(f"unknown class split '{spec}' (expected {LVIS_SPLIT_HELP})") from None
-    if not chosen:
-        raise MaskxError(f"split '{spec}' selects no class")
-    return chosen

@@ -1,16 +1,27 @@
-"""Class splits: set A (classes with masks) and set B (boxes only), as in the paper §3.1.
+"""Set A and set B, and the set-A rule: which classes have masks, and which RoIs get a mask loss.
 
-Specs: ``voc`` (the 20 PASCAL VOC classes by their COCO category ids), ``nonvoc`` (the other
-COCO classes, and every class that is not a COCO class), ``all``, ``random:N:SEED`` (N classes
-drawn reproducibly from SEED), ``ids:1,2,3`` (explicit category ids).
+Class splits (paper §3.1): set A = the classes whose masks are used for training, set B = the
+others (boxes only). :func:`resolve_split` is the only place a split spec becomes category ids:
 
-A category's COCO id is its ``coco_id`` field when it has one (Visual Genome classes and the
-synthetic world carry it; ``null`` for classes that are not in COCO), else its ``id``.
+- ``voc``: the 20 PASCAL VOC classes, by their COCO category ids (:data:`VOC_COCO_IDS`);
+  ``nonvoc``: every other class (COCO or not);
+- ``all``; ``random:N:SEED`` (N classes drawn reproducibly from SEED); ``ids:1,2,3``;
+- for LVIS: ``frequency:LETTERS`` (the classes whose ``frequency`` is among r / c / f, e.g.
+  ``frequency:fc``), ``coco`` / ``noncoco`` (the classes with / without a COCO id).
+
+A category's COCO id is its ``coco_id`` field when it has one (Visual Genome and LVIS classes and
+the synthetic world carry it; ``null`` for classes that are not in COCO), else its ``id``.
+
+The set-A rule (:func:`takes_mask_loss`): a RoI gets a mask loss only if its ground-truth class is a
+mask class -- set A, or every class for the oracle head (:func:`mask_classes`) -- and its instance
+has a mask. Every training route applies it: end to end (``MaskXRoIHeads``), from the feature cache
+(``cache_source``) and through the frozen detector (``DetectorRoIs``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipelines.errors import MaskxError
 
@@ -37,6 +48,7 @@ COCO_CATEGORIES: list[tuple[int, str]] = [
 VOC_COCO_IDS: frozenset[int] = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 62, 63, 64, 67, 72})
 
 SPLIT_HELP = "voc | nonvoc | all | random:N:SEED | ids:1,2,3 | coco | noncoco | frequency:f|fc|cr (LVIS)"
+FREQUENCIES = ("r", "c", "f")  # LVIS: rare (1-10 training images), common (11-100), frequent (>100)
 
 
 def coco_id_of(category: dict) -> int | None:
@@ -72,10 +84,18 @@ def resolve_split(spec: str, categories: list[dict]) -> list[int]:
         rng = np.random.default_rng(seed)
         picked = set(rng.choice(sorted(ids), size=n, replace=False).tolist())
         chosen = [i for i in ids if i in picked]
-    elif spec.startswith("frequency:") or spec in ("coco", "noncoco"):
-        from pipelines.data.lvis import resolve_lvis_split
-
-        return resolve_lvis_split(spec, categories)
+    elif spec.startswith("frequency:"):
+        letters = spec.split(":", 1)[1]
+        if not letters or any(ch not in FREQUENCIES for ch in letters):
+            raise MaskxError(f"split '{spec}': expected frequency: followed by letters among r, c, f (e.g. frequency:fc)")
+        if any("frequency" not in c for c in categories):
+            raise MaskxError(f"split '{spec}' needs categories with a 'frequency' field (LVIS)")
+        chosen = [c["id"] for c in categories if c["frequency"] in letters]
+    elif spec in ("coco", "noncoco"):
+        in_coco = {c["id"] for c in categories if c.get("coco_id") is not None}
+        if not in_coco:
+            raise MaskxError(f"split '{spec}': none of the {len(categories)} categories has a COCO id")
+        chosen = [c["id"] for c in categories if (c["id"] in in_coco) == (spec == "coco")]
     elif spec.startswith("ids:"):
         try:
             wanted = {int(x) for x in spec[4:].split(",") if x.strip()}
@@ -96,3 +116,33 @@ def complement(selected: list[int], categories: list[dict]) -> list[int]:
     """Category ids not in ``selected``, in category order."""
     s = set(selected)
     return [c["id"] for c in categories if c["id"] not in s]
+
+
+# --------------------------------------------------------------------------------------------
+# The set-A rule
+def mask_classes(head: str, set_a: list[int], categories: list[dict]) -> list[int]:
+    """The classes whose masks train the mask side: set A, or every class for the ``oracle`` head."""
+    return [c["id"] for c in categories] if head == "oracle" else list(set_a)
+
+
+def label_table(category_ids, categories: list[dict]) -> torch.Tensor:
+    """bool ``[K + 1]``: True at the contiguous label (1..K, category order) of each of ``category_ids``.
+
+    Index 0 (background) is always False.
+    """
+    wanted = set(category_ids)
+    table = torch.zeros(len(categories) + 1, dtype=torch.bool)
+    table[[i + 1 for i, c in enumerate(categories) if c["id"] in wanted]] = True
+    return table
+
+
+def takes_mask_loss(labels: torch.Tensor, mask_labels: torch.Tensor, has_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The set-A rule: which RoIs get a mask loss. bool ``[R]``.
+
+    ``labels`` int64 ``[R]``: each RoI's ground-truth class (contiguous 1..K; 0 = background);
+    ``mask_labels`` bool ``[K + 1]`` (:func:`label_table` of :func:`mask_classes`); ``has_mask`` bool
+    ``[R]`` (optional): whether the RoI's ground-truth instance has a mask annotation. A RoI takes the
+    mask loss iff it is foreground, its class is a mask class and (if given) its instance has a mask.
+    """
+    keep = (labels > 0) & mask_labels.to(labels.device)[labels]
+    return keep & has_mask.to(keep.device) if has_mask is not None else keep

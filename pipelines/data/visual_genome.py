@@ -261,7 +261,7 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
     missing under ``cfg.images`` (unless ``cfg.allow_missing_images``).
     """
     if cfg.num_classes < 1:
-        raise MaskxError(f"--num-classes must be at least 1, got {cfg.num_classes}")
+        raise MaskxError(f"num_classes must be at least 1, got {cfg.num_classes}", key="num_classes")
     out = Path(cfg.out)
     hand_map = _load_hand_map(cfg.hand_map)
     stats: Counter = Counter()
@@ -392,8 +392,8 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
         if missing and not cfg.allow_missing_images:
             raise MaskxError(
                 f"{len(missing)} of {stats['vg_images']} images listed in {Path(cfg.image_data).name} are missing here, "
-                f"first: {missing[0]} (pass --allow-missing-images to leave them out)",
-                root,
+                f"first: {missing[0]} (set allow_missing_images to leave them out)",
+                root, key="allow_missing_images",
             )
         if missing:
             warnings.append(f"left out {len(missing)} image(s) missing under {root}, first: {missing[0]}")

@@ -8,11 +8,15 @@ a key made of the detector checkpoint's hash, the annotation file's hash and the
 A cache is written under a temporary name and renamed when complete, so a partial cache never
 carries the final name; one that is unreadable or whose key differs is rebuilt.
 
-Stage 2 reads training batches from a *RoI source* (``rois`` RoIs, ``batch(iteration)`` ->
-:class:`RoIBatch`): :class:`InMemoryRoIs` (the cache in RAM, a full permutation per epoch),
-:class:`StreamingRoIs` (a cache larger than the RAM budget, read chunk by chunk from disk by a
-background thread, shuffled at chunk granularity) or :class:`DetectorRoIs` (no cache: the frozen
-detector runs on every step). See ``docs/cache.md``.
+:func:`ensure_cache` finds the cache of a (detector, training data, RoI settings) or builds it; one
+cache holds the RoIs of every class's masks, so agnostic, transfer and oracle runs of any set A share
+it. Stage 2 then reads training batches from a *RoI source* (``rois`` RoIs, ``batch(iteration)`` ->
+:class:`RoIBatch`), restricted to the RoIs the set-A rule keeps
+(:func:`pipelines.data.splits.takes_mask_loss`): :class:`InMemoryRoIs` (the cache in RAM, a full
+permutation per epoch), :class:`StreamingRoIs` (a cache larger than the RAM budget, read chunk by
+chunk from disk by a background thread, shuffled at chunk granularity) -- :func:`cache_source` picks
+one -- or :class:`DetectorRoIs` (no cache: the frozen detector runs on every step). See
+``docs/cache.md``.
 """
 
 from __future__ import annotations
@@ -31,17 +35,21 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from pipelines.config import CacheConfig
+from pipelines.config import CacheConfig, DataConfig
 from pipelines.data.coco import CocoDataset, collate
+from pipelines.data.splits import label_table, takes_mask_loss
+from pipelines.engine.run_dir import DetectorRun
 from pipelines.engine.sampler import IterationBatches
 from pipelines.errors import MaskxError
-from pipelines.io import hdf5_file, sha256_json
+from pipelines.io import hdf5_file, sha256_file, sha256_json
+from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
 from pipelines.progress import NULL_PROGRESS, Progress
 
 FORMAT = "maskx-feature-cache"
 VERSION = 1
 CHUNK = 64
 DTYPES = {"float16": np.float16, "float32": np.float32}
+CACHE_SEED = 0  # proposal sampling of the cache: fixed, so a cache's content is a function of its key
 
 
 @dataclass
@@ -261,8 +269,11 @@ def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset: CocoDa
 # --------------------------------------------------------------------------------------------
 # RoI sources: what stage 2 draws its training batches from
 def kept_rows(labels: np.ndarray, keep_label: torch.Tensor) -> np.ndarray:
-    """Rows (int64) whose label ``l`` has ``keep_label[l]`` True (``keep_label`` bool[K+1])."""
-    return np.flatnonzero(keep_label.numpy()[labels]).astype(np.int64)
+    """Rows (int64) the set-A rule keeps: label ``l`` with ``keep_label[l]`` True (``keep_label`` bool[K+1]).
+
+    Every cached RoI has a mask, so the rule reduces to the class.
+    """
+    return np.flatnonzero(takes_mask_loss(torch.from_numpy(np.asarray(labels, np.int64)), keep_label).numpy()).astype(np.int64)
 
 
 class InMemoryRoIs:
@@ -442,14 +453,21 @@ class DetectorRoIs:
     box, then its proposals). With ``proposals_per_instance = 0`` the RoIs, their order and
     ``rois`` equal those of :class:`InMemoryRoIs` over a cache of the same data, so both routes
     train on identical batches; ``index`` holds the instances' positions in :attr:`instances`.
+    ``mask_labels`` (bool ``[K + 1]``, default: the dataset's mask classes) picks the instances by the
+    set-A rule.
     """
 
     def __init__(self, model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset: CocoDataset, cfg: CacheConfig,
-                 batch_size: int, iterations: int, seed: int, rank: int = 0, world_size: int = 1):
+                 batch_size: int, iterations: int, seed: int, rank: int = 0, world_size: int = 1,
+                 mask_labels: torch.Tensor | None = None):
         self.model, self.roi_pool, self.dataset, self.cfg = model, roi_pool, dataset, cfg
-        self.instances = [(i, j) for i, im in enumerate(dataset.images)
-                          for j, a in enumerate(dataset.anns_by_image.get(im["id"], []))
-                          if a["category_id"] in dataset.mask_cats and "segmentation" in a]
+        if mask_labels is None:  # the dataset's mask classes
+            mask_labels = label_table(dataset.mask_cats, dataset.data["categories"])
+        every = [(i, j, a) for i, im in enumerate(dataset.images) for j, a in enumerate(dataset.anns_by_image.get(im["id"], []))]
+        labels = torch.tensor([dataset.label_of[a["category_id"]] for _, _, a in every], dtype=torch.int64)
+        has_mask = torch.tensor([dataset.has_mask(a) for _, _, a in every], dtype=torch.bool)
+        kept = takes_mask_loss(labels, mask_labels, has_mask).tolist()
+        self.instances = [(i, j) for (i, j, _), k in zip(every, kept) if k]
         self.rois = len(self.instances)
         per_step = max(1, batch_size // (1 + cfg.proposals_per_instance))
         self.batches = IterationBatches(self.rois, per_step, iterations, seed, rank=rank, world_size=world_size)
@@ -491,3 +509,60 @@ def cache_source(cache: FeatureCache, keep_label: torch.Tensor, batch_size: int,
     if len(rows) * cache.row_bytes <= cfg.ram_budget_gb * 2**30:
         return InMemoryRoIs(cache, rows, batch_size, iterations, seed, rank, world_size)
     return StreamingRoIs(cache, rows, batch_size, iterations, seed, cfg.shuffle_window, rank=rank, world_size=world_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding or building the cache of a detector and its training data
+@dataclass
+class CacheResult:
+    """An opened, complete cache (``cache``; close it when done) and where it came from."""
+
+    path: Path
+    key: str
+    built: bool
+    cache: FeatureCache
+
+    @property
+    def rois(self) -> int:
+        return len(self.cache)
+
+
+def check_cache_config(cfg: CacheConfig) -> None:
+    if cfg.dtype not in DTYPES:
+        raise MaskxError(f"cache.dtype must be float16 or float32, got '{cfg.dtype}'", key="cache.dtype")
+    if cfg.proposals_per_instance < 0:
+        raise MaskxError(f"cache.proposals_per_instance must be 0 or more, got {cfg.proposals_per_instance}",
+                         key="cache.proposals_per_instance")
+    if cfg.ram_budget_gb < 0:
+        raise MaskxError(f"cache.ram_budget_gb must be 0 or more, got {cfg.ram_budget_gb}", key="cache.ram_budget_gb")
+
+
+def cache_dataset(data: dict, data_cfg: DataConfig) -> CocoDataset:
+    """Every training image with an annotation; masks of every class (the cache's input)."""
+    all_ids = [c["id"] for c in data["categories"]]
+    full = CocoDataset(data, data_cfg.train_images, with_masks=True, mask_category_ids=all_ids,
+                       max_images=data_cfg.max_train_images)
+    full.images = [im for im in full.images if full.anns_by_image.get(im["id"])]
+    return full
+
+
+def ensure_cache(det: DetectorRun, data: dict, data_cfg: DataConfig, cfg: CacheConfig, roi_size: int,
+                 progress: Progress = NULL_PROGRESS) -> CacheResult:
+    """The complete cache for (detector, training data, RoI settings): reused if present, else built.
+
+    The cache lives in ``cfg.dir`` (default ``<detector run>/cache``) as ``features-<key[:16]>.h5``.
+    The detector must already be on the device it should run on.
+    """
+    check_cache_config(cfg)
+    full = cache_dataset(data, data_cfg)
+    if not full.images:
+        raise MaskxError("no training image has an annotation", data_cfg.train_json)
+    all_ids = [c["id"] for c in det.categories]
+    key = cache_key(det.sha256, sha256_file(data_cfg.train_json), all_ids, roi_size, cfg, len(full))
+    path = (Path(cfg.dir) if cfg.dir else det.run_dir / "cache") / f"features-{key[:16]}.h5"
+    cache = open_cache(path, key)
+    if cache is not None:
+        return CacheResult(path, key, False, cache)
+    cache = build_cache(det.model, build_mask_roi_pool(roi_size), full, cfg, path, key, det.model.backbone.out_channels,
+                        progress, seed=CACHE_SEED)
+    return CacheResult(path, key, True, cache)

@@ -13,7 +13,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise MaskxError("--device cuda asked for, but no CUDA device is available")
+        raise MaskxError("device cuda asked for, but no CUDA device is available")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise MaskxError(f"unknown device '{name}' (expected auto | cpu | cuda)")
     return torch.device(name)

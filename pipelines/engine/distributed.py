@@ -18,6 +18,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from pipelines.engine.device import resolve_device
 from pipelines.errors import MaskxError
 
 T = TypeVar("T")
@@ -63,6 +64,26 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and is_dist():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def setup(device: str, batch_size: int) -> torch.device:
+    """This process's device after joining ``torchrun``'s process group (``cuda:LOCAL_RANK`` there).
+
+    ``device``: auto | cpu | cuda; ``batch_size``: the global batch, which must split evenly.
+    """
+    dev = resolve_device(device)
+    init_from_env(dev)
+    if batch_size % world_size():
+        raise MaskxError(f"solver.batch_size ({batch_size}) is the global batch and must be divisible by "
+                         f"the number of processes ({world_size()})")
+    return local_device(dev)
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel under ``torchrun`` (as is in one process)."""
+    if not is_dist():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def barrier() -> None:

@@ -1,6 +1,7 @@
 """The training loop shared by every stage: SGD steps, logging, atomic checkpoints, resume, signals.
 
-A stage supplies ``step(iteration) -> dict of losses``; the loop does backward, optimizer and
+A stage supplies ``step(iteration) -> dict of losses`` (:func:`train_on_images` is the step of the
+image-level stages, ``detect-train`` and end-to-end ``train``); the loop does backward, optimizer and
 schedule steps, writes ``metrics.jsonl`` and TensorBoard scalars (``tb/``) every ``log_every``
 iterations, saves ``last.pth`` every ``checkpoint_every`` iterations and on SIGINT/SIGTERM. A
 non-finite loss stops the run with a clear message and leaves the last good checkpoint in place.
@@ -30,9 +31,12 @@ import torch
 from torch import nn
 
 from pipelines.config import SolverConfig
+from pipelines.data.coco import CocoDataset, collate
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import SCHEMAS, TRAINING, load_checkpoint, load_state, save_checkpoint
+from pipelines.engine.device import autocast
 from pipelines.engine.run_dir import LAST, TENSORBOARD, MetricsLog
+from pipelines.engine.sampler import IterationBatches
 from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.errors import MaskxError
 from pipelines.io import atomic_path, os_error_reason
@@ -299,8 +303,8 @@ class Trainer:
                     self.save(it + 1)
                     raise MaskxError(
                         f"stopped by {flag['stop'] or 'a signal to another process'} at iteration {it + 1}; checkpoint "
-                        f"saved — rerun with --resume to continue",
-                        self.run_dir,
+                        f"saved — to continue, rerun with resume",
+                        self.run_dir, key="resume",
                     )
                 if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
                     self.save(it + 1)
@@ -309,3 +313,36 @@ class Trainer:
         stats.seconds = time.perf_counter() - t0
         stats.mean_loss_last_window = sum(window) / len(window) if window else float("nan")
         return stats
+
+
+def train_on_images(model: torch.nn.Module, dataset: CocoDataset, solver: SolverConfig, out: Path, kind: str, extra: dict,
+                    device: torch.device, progress: Progress = NULL_PROGRESS, resume: bool = False, description: str = "train",
+                    target_keys: tuple[str, ...] = ("boxes", "labels")) -> TrainStats:
+    """Train a torchvision detection ``model`` (``model(images, targets) -> dict of losses``) on ``dataset``.
+
+    ``device`` is :func:`pipelines.engine.distributed.setup`'s. The loop of the image-level stages (``detect-train``, end-to-end ``train``): DDP under
+    ``torchrun``, a :class:`Trainer` (checkpoints of kind ``kind`` with ``extra``), and the
+    deterministic :class:`IterationBatches` order. ``target_keys`` are the target fields moved to the
+    device (``boxes`` float32[N, 4], ``labels`` int64[N]; ``masks`` uint8[N, H, W], ``has_mask``
+    bool[N] for a mask model). ``model`` is trained in place.
+    """
+    wrapped = dist.wrap(model, device)
+    trainer = Trainer(wrapped, solver, out, kind, extra=extra, progress=progress, description=description)
+    if resume:
+        trainer.resume()
+    batches = IterationBatches(len(dataset), solver.batch_size, solver.iterations, solver.seed,
+                               trainer.start_iter, dist.rank(), dist.world_size())
+    # the loader's own generator: creating its iterator must not draw from the global RNG, which the
+    # checkpoint restores (RPN / box sampling use it), or a resumed run would drift from an uninterrupted one
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=solver.workers,
+                                         generator=torch.Generator().manual_seed(solver.seed))
+    it_loader = iter(loader)
+
+    def step(_iteration: int) -> dict[str, torch.Tensor]:
+        images, targets = next(it_loader)
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: t[k].to(device) for k in target_keys} for t in targets]
+        with autocast(device, solver.amp):
+            return wrapped(images, targets)
+
+    return trainer.run(step)

@@ -1,9 +1,21 @@
-"""Run folders: resolved config, manifest of inputs (paths + content hashes), JSON-lines metrics.
+"""Run folders, read and written here: config, manifest, metrics, recipe, and the checkpoint of each kind.
+
+A run folder holds ``config.yaml`` (the resolved config, with ``stage``), ``manifest.json`` (command,
+versions, every input file with its SHA-256), ``metrics.jsonl`` (one JSON object per logged step),
+optionally ``recipe.yaml`` (the recipe a detector was trained with: what stage 2 reads by default),
+and its final checkpoint, one plain dict (:func:`pipelines.engine.checkpoint.save_checkpoint`) per kind:
+
+- ``model_final.pth``, kind ``detector``: ``model`` (Faster R-CNN state dict), ``config`` (the
+  resolved config, with ``detector``), ``categories``, ``iteration`` (+ ``end_to_end``);
+- ``mask_final.pth``, kind ``mask``: ``model`` (:class:`~pipelines.modeling.mask_heads.MaskSide`
+  state dict), ``config``, ``head`` (its :class:`~pipelines.config.HeadConfig`), ``categories``,
+  ``set_a``, ``detector_sha256`` (of the detector it was trained against), ``embed_dim`` (width of
+  ``w_det``, 0 without T), ``in_channels``, ``iteration`` (+ ``end_to_end``).
 
 A training stage opens its folder with :func:`training_run`, so that a run folder is always in one
 of three states its manifest names: ``running`` (or killed), ``failed`` (with the error line and a
-checkpoint to ``--resume`` from) or ``finished``. A run that fails before its first checkpoint
-leaves nothing new behind.
+checkpoint to resume from) or ``finished``. A run that fails before its first checkpoint leaves
+nothing new behind.
 """
 
 from __future__ import annotations
@@ -14,15 +26,24 @@ import json
 import platform
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torchvision.models.detection import FasterRCNN
 
 from pipelines import __version__
+from pipelines.config import DataConfig, DetectorConfig, HeadConfig, from_dict, resolve_config_path, to_dict
 from pipelines.engine import distributed as dist
+from pipelines.engine.checkpoint import load_checkpoint, load_state, save_checkpoint
 from pipelines.errors import MaskxError
-from pipelines.io import os_error_reason, read_json, remove_stale_temporaries, sha256_file, write_json, write_yaml
+from pipelines.io import (os_error_reason, read_json, read_yaml, remove_stale_temporaries, sha256_file, write_json, write_text,
+                          write_yaml)
+from pipelines.modeling.detector import detector_from_state
+from pipelines.modeling.embeddings import Embeddings
+from pipelines.modeling.mask_heads import MaskSide, TransferPredictor
+from pipelines.modeling.maskx_rcnn import build_mask_side
 
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
@@ -31,6 +52,9 @@ LAST = "last.pth"  # the training checkpoint (pipelines.engine.loop.Trainer)
 TENSORBOARD = "tb"
 # What one training attempt writes besides its checkpoints: stale once no checkpoint goes with them.
 ATTEMPT_FILES = (CONFIG, MANIFEST, METRICS, TENSORBOARD)
+RECIPE = "recipe.yaml"
+DETECTOR_CKPT = "model_final.pth"
+MASK_CKPT = "mask_final.pth"
 
 
 def make_output_dir(out: str | Path) -> Path:
@@ -79,7 +103,8 @@ def training_run(out: str | Path, resume: bool, finished: tuple[str, ...]) -> It
     created = not out.exists()
     if dist.launched_rank() == 0 and not created:  # before the process group is joined, too
         if (out / LAST).is_file() and not resume:
-            raise MaskxError(f"holds an unfinished run ({LAST}): add --resume to continue it, or choose another --out", out)
+            raise MaskxError(f"holds an unfinished run ({LAST}): add resume to continue it, or choose another output folder", out,
+                             key="resume")
         remove_stale_temporaries(out)
         if not _has_checkpoint(out, finished):
             _remove_attempt(out)
@@ -155,3 +180,124 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
         except OSError as exc:  # a line cut short by a full disk is dropped when the run is resumed
             raise MaskxError(f"could not be written: {os_error_reason(exc)}", self.path) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Finished runs and their checkpoints
+def check_not_finished(out: str | Path, checkpoint: str, what: str) -> None:
+    """Refuse to train into a folder that already holds a finished run (``checkpoint``)."""
+    if (Path(out) / checkpoint).exists():
+        raise MaskxError(f"already holds a finished {what} ({checkpoint}); choose another output folder", out)
+
+
+def check_same_settings(run: str | Path, cfg: Any) -> None:
+    """A finished run is reused only if it was made with the same resolved config."""
+    saved = read_yaml(Path(run) / CONFIG, "run config") or {}
+    saved.pop("stage", None)
+    if saved != to_dict(cfg):
+        raise MaskxError("holds a finished run made with other settings; use another output folder (or delete it)", run)
+
+
+def write_recipe(out: str | Path, recipe: str | Path) -> None:
+    """Keep the recipe a run was made with (a file or a shipped name) as ``out/recipe.yaml``."""
+    write_text(Path(out) / RECIPE, resolve_config_path(recipe).read_text())
+
+
+def run_recipe(run: str | Path) -> Path | None:
+    """The ``recipe.yaml`` of a run folder, if it has one (what commands on its output read by default)."""
+    path = Path(run) / RECIPE
+    return path if path.is_file() else None
+
+
+@dataclass
+class DetectorRun:
+    """A finished detector (``detect-train`` or end-to-end run), its model in eval mode, frozen."""
+
+    run_dir: Path
+    checkpoint: Path
+    sha256: str
+    config: dict
+    categories: list[dict]
+    model: FasterRCNN
+
+    def data_config(self, mask_classes: str) -> DataConfig:
+        """The run's data section (train/val files) with set A ``mask_classes``."""
+        data = from_dict(DataConfig, self.config.get("data") or {})
+        data.mask_classes = mask_classes
+        return data
+
+
+def check_embeddings_fit(emb: Embeddings, det: DetectorRun) -> None:
+    """Raise unless ``emb`` was exported from ``det``: its hash, its class list, its box head's width D."""
+    path = emb.path
+    if emb.detector_sha256 != det.sha256:
+        raise MaskxError(f"embeddings were exported from another detector (checkpoint sha256 {emb.detector_sha256[:12]}…, "
+                         f"this detector's is {det.sha256[:12]}…): run 'maskx export-embeddings' on it", path)
+    if emb.class_ids != [c["id"] for c in det.categories]:
+        raise MaskxError("the embeddings' class list does not match the detector's", path)
+    width = det.model.roi_heads.box_predictor.cls_score.in_features
+    if emb.w_cls.shape[1] != width:
+        raise MaskxError(f"embeddings dataset 'w_cls' is {emb.w_cls.shape[1]} wide but the detector's box head is "
+                         f"{width} wide: not exported from this detector", path)
+
+
+def detector_checkpoint_path(run: str | Path) -> Path:
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.is_dir():
+        raise MaskxError("detector run not found", run)
+    path = run / DETECTOR_CKPT
+    if not path.is_file():
+        raise MaskxError(f"no {DETECTOR_CKPT} here: not a finished detector run (train it with 'maskx detect-train')", run)
+    return path
+
+
+def load_detector_run(run: str | Path) -> DetectorRun:
+    """The frozen detector of a run folder (or its checkpoint file), in eval mode."""
+    path = detector_checkpoint_path(run)
+    ckpt = load_checkpoint(path, "detector")
+    det_cfg = from_dict(DetectorConfig, ckpt["config"]["detector"])
+    model = detector_from_state(det_cfg, len(ckpt["categories"]), ckpt["model"], path)
+    model.eval().requires_grad_(False)
+    return DetectorRun(path.parent, path, sha256_file(path), ckpt["config"], ckpt["categories"], model)
+
+
+def save_detector(path: str | Path, state: dict, config: dict, categories: list[dict], iteration: int, **extra: Any) -> None:
+    """Write a ``detector`` checkpoint (see the module docstring)."""
+    save_checkpoint(path, "detector", model=state, config=config, categories=categories, iteration=iteration, **extra)
+
+
+def save_mask(path: str | Path, side: MaskSide, config: dict, head: HeadConfig, categories: list[dict], set_a: list[int],
+              detector_sha256: str, in_channels: int, iteration: int, **extra: Any) -> None:
+    """Write a ``mask`` checkpoint of ``side`` (see the module docstring)."""
+    embed_dim = int(side.predictor.w_det.shape[1]) if isinstance(side.predictor, TransferPredictor) else 0
+    save_checkpoint(path, "mask", model=side.state_dict(), config=config, head=to_dict(head), categories=categories, set_a=set_a,
+                    detector_sha256=detector_sha256, embed_dim=embed_dim, in_channels=in_channels, iteration=iteration, **extra)
+
+
+def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> tuple[MaskSide, dict]:
+    """(mask side in eval mode, checkpoint dict) of a mask run (folder or ``mask_final.pth``); checks it fits ``det``."""
+    run = Path(run)
+    path = run if run.is_file() else run / MASK_CKPT
+    if not path.is_file():
+        raise MaskxError(f"no {MASK_CKPT} here: not a finished mask run (train it with 'maskx mask-train')", run)
+    ckpt = load_checkpoint(path, "mask")
+    if det is not None and ckpt["detector_sha256"] != det.sha256:
+        raise MaskxError(f"this mask head was trained on another detector (sha256 {ckpt['detector_sha256'][:12]}…, "
+                         f"given detector {det.sha256[:12]}…)", path)
+    head = from_dict(HeadConfig, ckpt["head"])
+    side = build_mask_side(head, len(ckpt["categories"]), ckpt["in_channels"], embed_dim=ckpt["embed_dim"])
+    load_state(side, ckpt["model"], path)
+    side.eval().requires_grad_(False)
+    return side, ckpt
+
+
+def detector_of_mask_run(mask_run: str | Path) -> Path:
+    """The detector checkpoint a mask run was trained against (from its manifest)."""
+    manifest = read_manifest(mask_run)
+    try:
+        return Path(manifest["inputs"]["detector"]["path"])
+    except KeyError:
+        raise MaskxError("manifest does not name the detector run: give it as detector", Path(mask_run) / MANIFEST,
+                         key="detector") from None

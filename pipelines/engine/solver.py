@@ -8,6 +8,11 @@ from pipelines.config import SolverConfig
 from pipelines.errors import MaskxError
 
 
+def check_solver(cfg: SolverConfig) -> None:
+    if cfg.iterations < 1 or cfg.batch_size < 1:
+        raise MaskxError("solver.iterations and solver.batch_size must be positive")
+
+
 def build_optimizer(params, cfg: SolverConfig) -> torch.optim.Optimizer:
     """SGD with momentum (the paper's) or AdamW, over the parameters that require gradients."""
     params = [p for p in params if p.requires_grad]

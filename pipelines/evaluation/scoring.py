@@ -3,7 +3,7 @@
 Every evaluation in maskx ends here: ``maskx eval`` on mask runs and on results files, the GrabCut
 baseline and the sweeps. :func:`score` validates the results once
 (:func:`~pipelines.evaluation.results.validate_results`), picks the protocol from the ground truth
-(LVIS when it carries LVIS's fields, as :func:`pipelines.data.coco.is_lvis` decides), and runs
+(LVIS when it carries LVIS's fields, as :func:`pipelines.data.lvis.is_lvis` decides), and runs
 COCOeval (:mod:`~pipelines.evaluation.coco_eval`) or LVISEval's rules
 (:mod:`~pipelines.evaluation.lvis_eval`) once over the union of the class sets.
 
@@ -21,13 +21,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.data.coco import is_lvis
+from pipelines.data.lvis import is_lvis
+from pipelines.config import EvalConfig, to_dict
 from pipelines.data.splits import complement, resolve_split
 from pipelines.errors import MaskxError
 from pipelines.evaluation.coco_eval import (COCO_MAX_DETS, DEFAULT_BACKEND, IOU_TYPES, METRICS, Metrics, backend_name,
                                             coco_scores, prepare_gt)
 from pipelines.evaluation.lvis_eval import LVIS_MAX_DETS, LVIS_METRICS, lvis_scores
 from pipelines.evaluation.results import validate_results
+from pipelines.io import write_json
 from pipelines.progress import NULL_PROGRESS, Progress
 
 
@@ -71,7 +73,7 @@ class Scores:
 
 
 def protocol_of(gt: Mapping) -> Protocol:
-    """:data:`LVIS` for an LVIS ground truth (see :func:`pipelines.data.coco.is_lvis`), else :data:`COCO`."""
+    """:data:`LVIS` for an LVIS ground truth (see :func:`pipelines.data.lvis.is_lvis`), else :data:`COCO`."""
     return LVIS if is_lvis(dict(gt)) else COCO
 
 
@@ -162,3 +164,43 @@ def evaluate(gt: dict, results: list[dict], iou_type: str, cat_ids: list[int] | 
     if cat_ids is None:
         cat_ids = [c["id"] for c in gt.get("categories", [])] if isinstance(gt, Mapping) else []
     return score(gt, results, {"_": list(cat_ids)}, (iou_type,), backend, image_ids).metrics[iou_type]["_"]
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring the predictions of several heads, as the stages do
+@dataclass
+class EvalResult:
+    """What an evaluation stage returns: per head its metrics, the sets, and the protocol that scored them."""
+
+    metrics: dict[str, dict]  # head name -> {"segm": {"B": {...}, "A": {...}, "all": {...}}, "bbox": {...}}
+    sets: dict[str, list[int]]
+    images: int
+    seconds: float
+    detections: dict[str, list[dict]] = field(default_factory=dict)  # head name -> COCO results
+    protocol: str = "coco"  # "coco" or "lvis": whose rules scored the detections
+    metric_names: list[str] = field(default_factory=lambda: list(METRICS))
+
+
+def score_jobs(gt: dict, predictions: dict[str, list[dict]], jobs: dict[str, tuple[str, dict[str, list[int]]]], cfg: EvalConfig,
+               image_ids: list[int] | None = None, progress: Progress = NULL_PROGRESS) -> dict[str, dict]:
+    """``{job: metrics}``: each job is (the name of a head in ``predictions``, its class sets), scored by
+    :func:`score`; a head may be scored in several jobs (e.g. the oracle under two class splits)."""
+    return {job: score(gt, predictions[head], sets, backend=cfg.backend, image_ids=image_ids, progress=progress).metrics
+            for job, (head, sets) in jobs.items()}
+
+
+def write_metrics(path: str | Path, cfg: EvalConfig, gt: dict, result: EvalResult, heads: dict[str, dict], inputs: dict) -> None:
+    """The metrics file (docs/metrics.md): split, protocol, sets A / B, per head its description and
+    metrics, images, time, config, inputs."""
+    protocol = protocol_of(gt)
+    write_json(path, {
+        "split": cfg.split,
+        "protocol": protocol.name,
+        "max_dets": protocol.max_dets,
+        "sets": {k: v for k, v in result.sets.items() if k != "all"},
+        "heads": {name: {**info, **result.metrics[name]} for name, info in heads.items()},
+        "images": result.images,
+        "seconds": round(result.seconds, 1),
+        "config": to_dict(cfg),
+        "inputs": inputs,
+    })

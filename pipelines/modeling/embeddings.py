@@ -1,15 +1,34 @@
-"""Class embedding tables, the input of T: detector weights, GloVe vectors or fixed random vectors."""
+"""Class embedding tables, the input of T: detector weights, GloVe vectors or fixed random vectors.
+
+:func:`class_embedding_table` builds ``w_det`` for every route (stage 2 from an embeddings file, end
+to end from the live box predictor). The embeddings file (HDF5, ``maskx export-embeddings``) is
+written by :func:`write_embeddings` and read by :func:`read_embeddings`; schema (see
+``docs/embeddings.md``): datasets ``w_cls`` float32[K, D], ``w_box`` float32[K, 4D], ``b_cls``
+float32[K], ``b_box`` float32[K, 4], ``class_ids`` int64[K], ``class_names`` str[K], ``coco_ids``
+int64[K] (-1: not a COCO class), ``set_a`` bool[K]; attributes ``format``, ``version``,
+``detector_sha256``, ``detector_checkpoint``, ``mask_classes``, ``config`` (YAML), ``created``,
+``maskx_version``, ``torch_version``.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
+from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
+import yaml
 
+from pipelines import __version__
+from pipelines.config import HeadConfig
 from pipelines.errors import MaskxError
+from pipelines.io import hdf5_file
 
 INPUTS = ("randn", "glove", "cls", "box", "cls+box")
+FORMAT = "maskx-embeddings"
+VERSION = 1
 
 
 def detector_embedding(kind: str, w_cls: torch.Tensor, w_box: torch.Tensor) -> torch.Tensor:
@@ -77,3 +96,149 @@ def glove_embedding(names: list[str], path: str | Path, max_missing_fraction: fl
             f"{len(missing)} of {len(names)} class names have no GloVe vector (e.g. '{missing[0]}')", path
         )
     return torch.from_numpy(table), missing
+
+
+def class_embedding_table(head: HeadConfig, w_cls: torch.Tensor, w_box: torch.Tensor, names: list[str],
+                          seed: int) -> tuple[torch.Tensor | None, list[str]]:
+    """``w_det`` float32 [K, E], the input of T for ``head.input``, and the class names GloVe lacks.
+
+    ``w_cls`` [K, D] and ``w_box`` [K, 4D] are the detector's class weights (from an embeddings file,
+    or the live box predictor end to end); ``cls`` / ``box`` / ``cls+box`` take them (E = D, 4D, 5D),
+    ``randn`` draws fixed vectors from ``seed`` (E = 5D), ``glove`` averages ``head.glove``'s vectors
+    of each of ``names`` (E = 300). None for a head without T (agnostic, oracle).
+    """
+    if head.head != "transfer":
+        return None, []
+    if head.input in ("cls", "box", "cls+box"):
+        return detector_embedding(head.input, w_cls, w_box).detach().float(), []
+    if head.input == "randn":
+        return randn_embedding(len(names), 5 * w_cls.shape[1], seed), []
+    return glove_embedding(names, head.glove)
+
+
+# --------------------------------------------------------------------------------------------
+# The embeddings file
+@dataclass
+class Embeddings:
+    """The contents of an embeddings file. Row k is category ``class_ids[k]`` (label k+1)."""
+
+    w_cls: torch.Tensor  # [K, D]
+    w_box: torch.Tensor  # [K, 4D]
+    b_cls: torch.Tensor  # [K]
+    b_box: torch.Tensor  # [K, 4]
+    class_ids: list[int]
+    class_names: list[str]
+    coco_ids: list[int | None]
+    set_a: list[bool]
+    detector_sha256: str
+    mask_classes: str
+    path: Path | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+
+def write_embeddings(path: str | Path, weights: tuple[np.ndarray, ...], categories: list[dict], coco_ids: list[int | None],
+                     set_a_ids: set[int], provenance: dict) -> None:
+    """Write ``(w_cls, w_box, b_cls, b_box)`` float32 arrays and the class table atomically to ``path``.
+
+    ``provenance``: ``detector_sha256``, ``detector_checkpoint``, ``mask_classes``, ``config`` (dict).
+    """
+    w_cls, w_box, b_cls, b_box = weights
+    with hdf5_file(path) as f:
+        f.create_dataset("w_cls", data=w_cls)
+        f.create_dataset("w_box", data=w_box)
+        f.create_dataset("b_cls", data=b_cls)
+        f.create_dataset("b_box", data=b_box)
+        f.create_dataset("class_ids", data=np.array([c["id"] for c in categories], np.int64))
+        f.create_dataset("class_names", data=np.array([c["name"] for c in categories], dtype=h5py.string_dtype()))
+        f.create_dataset("coco_ids", data=np.array([-1 if c is None else c for c in coco_ids], np.int64))
+        f.create_dataset("set_a", data=np.array([c["id"] in set_a_ids for c in categories], bool))
+        f.attrs.update({
+            "format": FORMAT,
+            "version": VERSION,
+            "detector_sha256": provenance["detector_sha256"],
+            "detector_checkpoint": str(provenance["detector_checkpoint"]),
+            "mask_classes": provenance["mask_classes"],
+            "config": yaml.safe_dump(provenance["config"], sort_keys=False),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "maskx_version": __version__,
+            "torch_version": str(torch.__version__),
+        })
+
+
+# The datasets of the file (docs/embeddings.md): dtype kind ("f" float, "i" integer, "b" bool, "S"
+# string) and shape, in terms of K (classes) and D (the box head's width).
+DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "w_cls": ("f", ("K", "D")),
+    "w_box": ("f", ("K", "4D")),
+    "b_cls": ("f", ("K",)),
+    "b_box": ("f", ("K", "4")),
+    "class_ids": ("i", ("K",)),
+    "class_names": ("S", ("K",)),
+    "coco_ids": ("i", ("K",)),
+    "set_a": ("b", ("K",)),
+}
+_KINDS = {"f": "float", "i": "integer", "b": "bool", "S": "string"}
+
+
+def _check_datasets(f: h5py.File, path: Path) -> None:
+    """Every dataset of :data:`DATASETS` present, of its dtype and of a shape consistent with the others."""
+    for name in DATASETS:
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise MaskxError(f"embeddings file has no '{name}' dataset", path)
+    k = f["class_ids"].shape[0] if f["class_ids"].ndim == 1 else None
+    d = f["w_cls"].shape[1] if f["w_cls"].ndim == 2 else None
+    sizes = {"K": k, "D": d, "4D": None if d is None else 4 * d, "4": 4}
+    for name, (kind, dims) in DATASETS.items():
+        ds = f[name]
+        dt = ds.dtype
+        actual = "S" if h5py.check_string_dtype(dt) is not None or dt.kind in "SUO" else ("i" if dt.kind in "iu" else dt.kind)
+        if actual != kind:
+            raise MaskxError(f"embeddings dataset '{name}' is {dt}, expected {_KINDS[kind]} (docs/embeddings.md)", path)
+        want = tuple(sizes[s] for s in dims)
+        if ds.shape != want:
+            spec = " × ".join(f"{s}={sizes[s]}" if s != "4" and sizes[s] is not None else s for s in dims)
+            raise MaskxError(f"embeddings dataset '{name}' has shape {list(ds.shape)}, expected [{spec}] "
+                             f"(K from class_ids, D from w_cls; docs/embeddings.md)", path)
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """Read and check an embeddings file written by :func:`write_embeddings`.
+
+    Every dataset is checked against the schema (:data:`DATASETS`, docs/embeddings.md): one
+    MaskxError naming the file and the dataset for a missing one, a wrong dtype or a shape that
+    does not agree with ``class_ids`` (K) and ``w_cls`` (D).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MaskxError("embeddings file not found", path)
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise MaskxError("not a maskx embeddings file (no 'format' attribute)", path)
+            if int(f.attrs.get("version", -1)) != VERSION:
+                raise MaskxError(f"embeddings format version {f.attrs.get('version')} is not supported (expected {VERSION})", path)
+            for attr in ("detector_sha256", "mask_classes"):
+                if attr not in f.attrs:
+                    raise MaskxError(f"embeddings file has no '{attr}' attribute", path)
+            _check_datasets(f, path)
+            coco = f["coco_ids"][()].tolist()
+            return Embeddings(
+                w_cls=torch.from_numpy(f["w_cls"][()].astype(np.float32)),
+                w_box=torch.from_numpy(f["w_box"][()].astype(np.float32)),
+                b_cls=torch.from_numpy(f["b_cls"][()].astype(np.float32)),
+                b_box=torch.from_numpy(f["b_box"][()].astype(np.float32)),
+                class_ids=f["class_ids"][()].tolist(),
+                class_names=[n.decode() if isinstance(n, bytes) else str(n) for n in f["class_names"][()]],
+                coco_ids=[None if c < 0 else c for c in coco],
+                set_a=f["set_a"][()].astype(bool).tolist(),
+                detector_sha256=str(f.attrs["detector_sha256"]),
+                mask_classes=str(f.attrs["mask_classes"]),
+                path=path,
+            )
+    except MaskxError:
+        raise
+    except (OSError, KeyError) as exc:
+        raise MaskxError(f"embeddings file cannot be read (truncated or corrupt? {exc})", path) from None

@@ -3,6 +3,12 @@
 Shapes: RoI features ``[R, C, S, S]`` (S = 14) -> FCN features ``[R, D, M, M]`` (M = 2S = 28) ->
 mask logits ``[R, M, M]``: one map per RoI, for that RoI's own class only. Nothing here ever
 materialises ``[R, K, M, M]``: with K = 3000 classes that would be 3000x the work and memory.
+
+The mask head body (torchvision's ``mask_head``) is :class:`MaskFCNHead` or :class:`HourglassMaskHead`;
+the predictor (torchvision's ``mask_predictor``) is one of three: :class:`TransferPredictor` (Mask^X,
+weights from T), :class:`AgnosticPredictor` (baseline), :class:`OraclePredictor` (upper bound), each
+with the optional class-agnostic :class:`MLPMaskBranch`. :class:`MaskSide` holds a body and a
+predictor: what stage 2 trains.
 """
 
 from __future__ import annotations
@@ -14,9 +20,6 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
 from pipelines.errors import MaskxError
 from pipelines.modeling.transfer import WeightTransfer
-
-HEADS = ("transfer", "agnostic", "oracle")
-
 
 class MaskFCNHead(nn.Module):
     """``num_convs`` x (3x3 conv + ReLU) (torchvision's MaskRCNNHeads), then 2x2 deconv + ReLU.
@@ -117,78 +120,24 @@ class MLPMaskBranch(nn.Module):
 
 
 class MaskPredictor(nn.Module):
-    """Per-RoI mask logits from FCN features, for the RoI's own class.
+    """Per-RoI mask logits from FCN features, for the RoI's own class: ``[R, D, M, M]`` -> ``[R, M, M]``.
 
-    ``head``:
-      * ``transfer``: ``w_seg[c] = T(w_det[c])`` (no bias, as in the original code);
-      * ``agnostic``: one shared 1x1 conv (+ bias) for every class;
-      * ``oracle``: class-specific 1x1 conv weights and biases learned directly (needs masks of
-        every class).
-    With ``mlp`` the class-agnostic MLP branch's map is added to every class's logits (§2.4).
-
-    ``w_det`` [K, E] is the class embedding table (detector weights, GloVe or random vectors); it is
-    a buffer here unless a live table is passed to ``forward`` (end-to-end training).
-    Labels are contiguous class indices 1..K (0 = background is never passed).
+    A subclass says where each class's 1x1-conv weights (and bias) come from
+    (:meth:`class_mask_weights`); this base gathers one weight vector per RoI and applies it with one
+    ``einsum('rdhw,rd->rhw')`` -- never ``[R, K, M, M]`` -- and adds the class-agnostic MLP branch's
+    map (§2.4) when there is one. Labels are contiguous class indices 1..K (0 = background is never
+    passed).
     """
 
-    def __init__(
-        self,
-        head: str,
-        num_classes: int,
-        dim: int,
-        resolution: int = 28,
-        w_det: torch.Tensor | None = None,
-        mlp: bool = True,
-        mlp_hidden: int = 1024,
-        mlp_input_size: int = 28,
-        transfer: WeightTransfer | None = None,
-    ):
-        super().__init__()
-        if head not in HEADS:
-            raise MaskxError(f"unknown mask head '{head}' (expected {' | '.join(HEADS)})")
-        self.head = head
-        self.num_classes = num_classes
-        self.dim = dim
-        self.transfer = transfer
-        self._w_seg_cache: torch.Tensor | None = None
-        if head == "transfer":
-            if transfer is None:
-                raise MaskxError("the transfer head needs a weight transfer function")
-            if w_det is None:
-                w_det = torch.zeros(num_classes, transfer.mlp[0].in_features)
-            if w_det.shape[0] != num_classes:
-                raise MaskxError(f"class embedding table has {w_det.shape[0]} rows for {num_classes} classes")
-            self.register_buffer("w_det", w_det.detach().clone().float())
-        elif head == "agnostic":
-            self.weight = nn.Parameter(torch.randn(1, dim) * 0.001)
-            self.bias = nn.Parameter(torch.zeros(1))
-        else:
-            self.weight = nn.Parameter(torch.empty(num_classes, dim))
-            nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-            self.bias = nn.Parameter(torch.zeros(num_classes))
-        self.mlp = MLPMaskBranch(dim, resolution, mlp_hidden, mlp_input_size) if mlp else None
+    mlp: MLPMaskBranch | None
 
-    def train(self, mode: bool = True):
-        self._w_seg_cache = None
-        return super().train(mode)
+    def _add_mlp_branch(self, dim: int, resolution: int, mlp: bool, hidden: int, input_size: int) -> None:
+        # called after a subclass's own parameters: their random initialisation comes first
+        self.mlp = MLPMaskBranch(dim, resolution, hidden, input_size) if mlp else None
 
     def class_mask_weights(self, classes: torch.Tensor, w_det: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mask weights ``[len(classes), D]`` and biases (or None) for 0-based class indices.
-
-        For ``transfer``, T runs on the rows of ``classes`` only while training; in eval mode the
-        whole ``w_seg`` table is computed once and reused until the module is trained again.
-        """
-        if self.head == "transfer":
-            table = self.w_det if w_det is None else w_det
-            if not self.training and w_det is None:
-                if self._w_seg_cache is None:
-                    with torch.no_grad():
-                        self._w_seg_cache = self.transfer(table)
-                return self._w_seg_cache[classes], None
-            return self.transfer(table[classes]), None
-        if self.head == "agnostic":
-            return self.weight.expand(len(classes), -1), self.bias.expand(len(classes))
-        return self.weight[classes], self.bias[classes]
+        """Mask weights ``[len(classes), D]`` and biases ``[len(classes)]`` (or None) of 0-based classes."""
+        raise NotImplementedError
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, w_det: torch.Tensor | None = None) -> torch.Tensor:
         """``features`` [R, D, M, M], ``labels`` [R] in 1..K -> logits [R, M, M]."""
@@ -202,6 +151,70 @@ class MaskPredictor(nn.Module):
         if self.mlp is not None:
             logits = logits + self.mlp(features)
         return logits
+
+
+class TransferPredictor(MaskPredictor):
+    """Mask^X: ``w_seg[c] = T(w_det[c])`` (no bias, as in the original code).
+
+    ``w_det`` [K, E] is the class embedding table (detector weights, GloVe or random vectors), a
+    buffer; a live table passed to ``forward`` (end-to-end training, read from the box predictor)
+    replaces it. While training, T runs on the rows of the batch's classes only; in eval mode the
+    whole ``w_seg`` table is computed once and reused until the module is trained again.
+    """
+
+    def __init__(self, transfer: WeightTransfer, w_det: torch.Tensor, dim: int, resolution: int = 28, mlp: bool = True,
+                 mlp_hidden: int = 1024, mlp_input_size: int = 28):
+        super().__init__()
+        self.num_classes = w_det.shape[0]
+        self.transfer = transfer
+        self.register_buffer("w_det", w_det.detach().clone().float())
+        self._w_seg_cache: torch.Tensor | None = None
+        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size)
+
+    def train(self, mode: bool = True):
+        self._w_seg_cache = None
+        return super().train(mode)
+
+    def class_mask_weights(self, classes, w_det=None):
+        table = self.w_det if w_det is None else w_det
+        if not self.training and w_det is None:
+            if self._w_seg_cache is None:
+                with torch.no_grad():
+                    self._w_seg_cache = self.transfer(table)
+            return self._w_seg_cache[classes], None
+        return self.transfer(table[classes]), None
+
+
+class AgnosticPredictor(MaskPredictor):
+    """The class-agnostic baseline: one shared 1x1 conv (+ bias) for every class."""
+
+    def __init__(self, dim: int, resolution: int = 28, mlp: bool = True, mlp_hidden: int = 1024, mlp_input_size: int = 28):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, dim) * 0.001)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size)
+
+    def class_mask_weights(self, classes, w_det=None):
+        return self.weight.expand(len(classes), -1), self.bias.expand(len(classes))
+
+
+class OraclePredictor(MaskPredictor):
+    """The upper bound: class-specific 1x1 conv weights and biases learned directly (masks of every class)."""
+
+    def __init__(self, num_classes: int, dim: int, resolution: int = 28, mlp: bool = True, mlp_hidden: int = 1024,
+                 mlp_input_size: int = 28):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, dim))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size)
+
+    def class_mask_weights(self, classes, w_det=None):
+        return self.weight[classes], self.bias[classes]
+
+
+PREDICTORS: dict[str, type[MaskPredictor]] = {"transfer": TransferPredictor, "agnostic": AgnosticPredictor, "oracle": OraclePredictor}
+HEADS = tuple(PREDICTORS)
 
 
 class MaskSide(nn.Module):

@@ -1,9 +1,12 @@
-"""Assembly: the mask side built from a config, and Mask^X R-CNN = torchvision Faster R-CNN + mask side.
+"""Mask^X R-CNN: the mask side built from a config, its RoI heads, and prediction.
 
-``MaskXRoIHeads`` is a small subclass of torchvision's ``RoIHeads``: boxes exactly as torchvision
-does them; masks through :class:`MaskSide`, one map per RoI for its own class, the mask loss only
-on RoIs whose matched ground truth has a mask (set A), and ``w_seg = T(stop_grad(w_det))`` with
-``w_det`` read live from the box predictor when trained end to end.
+Built like torchvision's ``MaskRCNN``: :class:`MaskXRoIHeads` is a torchvision ``RoIHeads`` made
+from its parts (``box_roi_pool``, ``box_head``, ``box_predictor``, ``mask_roi_pool``, ``mask_head``,
+``mask_predictor``). Boxes exactly as torchvision does them; masks one map per RoI for its own class,
+the mask loss only on the RoIs the set-A rule picks (:func:`pipelines.data.splits.takes_mask_loss`),
+and, trained end to end, ``w_seg = T(stop_grad(w_det))`` with ``w_det`` read live from the box
+predictor (§2.2). :func:`detect_and_segment` is prediction: a frozen detector once per image, then
+any number of mask sides on the same detections.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, project_masks_on_boxes
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
 from pipelines.config import HeadConfig
+from pipelines.data.splits import takes_mask_loss
+from pipelines.errors import MaskxError
 from pipelines.modeling.detector import FPN_LEVELS, detection_weights
-from pipelines.modeling.embeddings import detector_embedding
-from pipelines.modeling.mask_heads import MaskPredictor, MaskSide, build_fcn
-from pipelines.modeling.transfer import WeightTransfer
+from pipelines.modeling.embeddings import INPUTS, detector_embedding
+from pipelines.modeling.mask_heads import FCNS, PREDICTORS, MaskPredictor, MaskSide, TransferPredictor, build_fcn
+from pipelines.modeling.transfer import ACTIVATIONS, WeightTransfer
 
 
 def build_mask_roi_pool(roi_size: int) -> MultiScaleRoIAlign:
@@ -27,20 +33,46 @@ def build_mask_roi_pool(roi_size: int) -> MultiScaleRoIAlign:
     return MultiScaleRoIAlign(FPN_LEVELS, output_size=roi_size, sampling_ratio=2)
 
 
-def build_mask_side(cfg: HeadConfig, num_classes: int, in_channels: int, w_det: torch.Tensor | None, embed_dim: int | None = None) -> MaskSide:
-    """FCN head + predictor for ``num_classes`` classes from a :class:`HeadConfig`.
+def check_head(h: HeadConfig) -> None:
+    """Refuse a mask side :func:`build_mask_side` cannot build, before anything is loaded or trained."""
+    if h.head not in PREDICTORS:
+        raise MaskxError(f"unknown head.head '{h.head}' (expected {' | '.join(PREDICTORS)})", key="head.head")
+    if h.input not in INPUTS:
+        raise MaskxError(f"unknown head.input '{h.input}' (expected {' | '.join(INPUTS)})", key="head.input")
+    if h.head == "transfer" and h.input == "glove" and not h.glove:
+        raise MaskxError("input glove needs a GloVe text file: set head.glove", key="head.glove")
+    if h.transfer_layers not in (1, 2, 3):
+        raise MaskxError(f"head.transfer_layers must be 1, 2 or 3, got {h.transfer_layers}", key="head.transfer_layers")
+    if h.transfer_activation not in ACTIVATIONS:
+        raise MaskxError(f"unknown head.transfer_activation '{h.transfer_activation}' (expected {' | '.join(ACTIVATIONS)})",
+                         key="head.transfer_activation")
+    if h.fcn not in FCNS:
+        raise MaskxError(f"unknown head.fcn '{h.fcn}' (expected {' | '.join(FCNS)})", key="head.fcn")
 
-    ``w_det`` [K, E] is the class embedding table for ``head='transfer'`` (``embed_dim`` = E when the
-    table is supplied later, e.g. live from the detector in end-to-end training).
+
+def build_mask_side(cfg: HeadConfig, num_classes: int, in_channels: int, w_det: torch.Tensor | None = None,
+                    embed_dim: int | None = None) -> MaskSide:
+    """Mask head body + predictor for ``num_classes`` classes from a :class:`HeadConfig`.
+
+    ``w_det`` [K, E] is the class embedding table of the ``transfer`` head (without one, a zero
+    table of width ``embed_dim``, to be loaded from a checkpoint or replaced live end to end).
+    Parts are made in a fixed order (T, predictor, body), which fixes their random initialisation
+    for a given seed.
     """
-    transfer = None
-    if cfg.head == "transfer":
-        in_dim = embed_dim if w_det is None else w_det.shape[1]
-        transfer = WeightTransfer(in_dim, cfg.mask_dim, cfg.transfer_hidden, cfg.transfer_layers, cfg.transfer_activation,
-                                  cfg.normalize_input, cfg.input_dropout, cfg.normalize_output)
+    check_head(cfg)
     resolution = 2 * cfg.roi_size
-    predictor = MaskPredictor(cfg.head, num_classes, cfg.mask_dim, resolution, w_det=w_det, mlp=cfg.mlp,
-                              mlp_hidden=cfg.mlp_hidden, mlp_input_size=min(cfg.mlp_input_size, resolution), transfer=transfer)
+    mlp = dict(mlp=cfg.mlp, mlp_hidden=cfg.mlp_hidden, mlp_input_size=min(cfg.mlp_input_size, resolution))
+    if cfg.head == "transfer":
+        table = torch.zeros(num_classes, embed_dim or 0) if w_det is None else w_det
+        if table.shape[0] != num_classes:
+            raise MaskxError(f"class embedding table has {table.shape[0]} rows for {num_classes} classes")
+        transfer = WeightTransfer(table.shape[1], cfg.mask_dim, cfg.transfer_hidden, cfg.transfer_layers, cfg.transfer_activation,
+                                  cfg.normalize_input, cfg.input_dropout, cfg.normalize_output)
+        predictor: MaskPredictor = TransferPredictor(transfer, table, cfg.mask_dim, resolution, **mlp)
+    elif cfg.head == "agnostic":
+        predictor = PREDICTORS["agnostic"](cfg.mask_dim, resolution, **mlp)
+    else:
+        predictor = PREDICTORS["oracle"](num_classes, cfg.mask_dim, resolution, **mlp)
     return MaskSide(build_fcn(cfg.fcn, in_channels, cfg.mask_dim, cfg.num_convs), predictor)
 
 
@@ -54,75 +86,138 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class MaskXRoIHeads(RoIHeads):
     """torchvision ``RoIHeads`` with the Mask^X mask side.
 
-    ``embedding``: ``None`` (the predictor's own table), or ``cls`` / ``box`` / ``cls+box`` to read
-    ``w_det`` from this model's box predictor on every forward (end-to-end training), detached
-    when ``stop_gradient``.
+    ``mask_head`` maps RoI features ``[R, C, S, S]`` to ``[R, D, 2S, 2S]``; ``mask_predictor`` (a
+    :class:`~pipelines.modeling.mask_heads.MaskPredictor`) gives one ``[2S, 2S]`` map per RoI for
+    its class. ``mask_labels`` bool ``[K + 1]``: the classes whose masks train (set A; None: every
+    class), applied with each instance's ``has_mask`` by the set-A rule. ``embedding``: None (the
+    predictor's own table) or ``cls`` / ``box`` / ``cls+box``, to read ``w_det`` from this model's
+    box predictor on every forward, detached when ``stop_gradient`` (§2.2). The other arguments are
+    torchvision's ``RoIHeads``'.
     """
 
-    def __init__(self, base: RoIHeads, mask_roi_pool: MultiScaleRoIAlign, mask_side: MaskSide,
-                 embedding: str | None = None, stop_gradient: bool = True):
-        nn.Module.__init__(self)
-        # share every box part of the base heads (same modules, same parameters)
-        self.__dict__.update({k: v for k, v in base.__dict__.items() if k not in ("_modules", "_parameters", "_buffers")})
-        self._modules = dict(base._modules)
-        self._parameters = dict(base._parameters)
-        self._buffers = dict(base._buffers)
-        self.maskx_roi_pool = mask_roi_pool
-        self.mask_side = mask_side
+    def __init__(self, box_roi_pool, box_head, box_predictor, mask_roi_pool: MultiScaleRoIAlign, mask_head: nn.Module,
+                 mask_predictor: MaskPredictor, *, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
+                 batch_size_per_image: int = 512, positive_fraction: float = 0.25, bbox_reg_weights=None,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
+                 mask_labels: torch.Tensor | None = None, embedding: str | None = None, stop_gradient: bool = True):
+        super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
+                         positive_fraction, bbox_reg_weights, score_thresh, nms_thresh, detections_per_img,
+                         mask_roi_pool=mask_roi_pool, mask_head=mask_head, mask_predictor=mask_predictor)
+        if mask_labels is None:
+            mask_labels = torch.ones(box_predictor.cls_score.out_features, dtype=torch.bool)
+            mask_labels[0] = False
+        self.register_buffer("mask_labels", mask_labels.clone(), persistent=False)
         self.embedding = embedding
         self.stop_gradient = stop_gradient
 
     def live_w_det(self) -> torch.Tensor | None:
+        """``w_det`` [K, E] read from the box predictor (None: the predictor uses its own table)."""
         if self.embedding is None:
             return None
         w_cls, w_box, _, _ = detection_weights(self.box_predictor)
         w_det = detector_embedding(self.embedding, w_cls, w_box)
         return w_det.detach() if self.stop_gradient else w_det
 
+    def mask_logits(self, features, boxes: list[torch.Tensor], labels: torch.Tensor, image_shapes) -> torch.Tensor:
+        """Logits ``[R, 2S, 2S]`` of the RoIs ``boxes`` (per image) for their classes ``labels`` [R]."""
+        if not self.training and sum(len(b) for b in boxes) == 0:
+            m = 2 * self.mask_roi_pool.output_size[0]
+            return features[FPN_LEVELS[0]].new_zeros((0, m, m))
+        x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        return self.mask_predictor(x, labels, self.live_w_det())
+
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
-            result, _ = super().forward(features, proposals, image_shapes)
-            boxes = [r["boxes"] for r in result]
-            labels = [r["labels"] for r in result]
-            if sum(len(b) for b in boxes):
-                roi_features = self.maskx_roi_pool(features, boxes, image_shapes)
-                probs = self.mask_side(roi_features, torch.cat(labels), self.live_w_det()).sigmoid()
-            else:
-                m = 2 * self.maskx_roi_pool.output_size[0]
-                probs = features[FPN_LEVELS[0]].new_zeros((0, m, m))
-            for r, p in zip(result, probs.split([len(b) for b in boxes])):
-                r["masks"] = p[:, None]
+            box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+            class_logits, box_regression = self.box_predictor(box_features)
+            boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+            probs = self.mask_logits(features, boxes, torch.cat(labels), image_shapes).sigmoid()
+            result = [{"boxes": b, "labels": lab, "scores": s, "masks": p[:, None]}
+                      for b, lab, s, p in zip(boxes, labels, scores, probs.split([len(b) for b in boxes]))]
             return result, {}
 
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
-        # mask loss: positive RoIs whose matched ground truth has a mask (set A)
         mask_props, mask_matched, mask_labels = [], [], []
         for props, matched, labs, t in zip(proposals, matched_idxs, labels, targets):
-            keep = labs > 0
-            if "has_mask" in t:
-                keep &= t["has_mask"][matched]
-            idx = torch.where(keep)[0]
+            has_mask = t["has_mask"][matched] if "has_mask" in t else None
+            idx = torch.where(takes_mask_loss(labs, self.mask_labels, has_mask))[0]
             mask_props.append(props[idx])
             mask_matched.append(matched[idx])
             mask_labels.append(labs[idx])
-        m = 2 * self.maskx_roi_pool.output_size[0]
-        roi_features = self.maskx_roi_pool(features, mask_props, image_shapes)
-        logits = self.mask_side(roi_features, torch.cat(mask_labels), self.live_w_det())
+        m = 2 * self.mask_roi_pool.output_size[0]
+        logits = self.mask_logits(features, mask_props, torch.cat(mask_labels), image_shapes)
         mask_targets = torch.cat([
             project_masks_on_boxes(t["masks"], p, mt, m) if len(p) else p.new_zeros((0, m, m))
             for t, p, mt in zip(targets, mask_props, mask_matched)
         ])
-        losses["loss_mask"] = mask_loss(logits, mask_targets)
-        return [], losses
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": mask_loss(logits, mask_targets)}
 
 
 def build_maskx_rcnn(detector: FasterRCNN, mask_side: MaskSide, roi_size: int, embedding: str | None = None,
-                     stop_gradient: bool = True) -> FasterRCNN:
-    """Put the mask side into a Faster R-CNN (in place) and return it: a Mask^X R-CNN."""
-    detector.roi_heads = MaskXRoIHeads(detector.roi_heads, build_mask_roi_pool(roi_size), mask_side, embedding, stop_gradient)
+                     stop_gradient: bool = True, mask_labels: torch.Tensor | None = None) -> FasterRCNN:
+    """Mask^X R-CNN from a Faster R-CNN (in place, returned): its box parts and settings, plus the mask side.
+
+    As torchvision's ``MaskRCNN`` adds its mask parts to Faster R-CNN's ``RoIHeads``; see
+    :class:`MaskXRoIHeads` for ``embedding``, ``stop_gradient`` and ``mask_labels``.
+    """
+    box = detector.roi_heads
+    detector.roi_heads = MaskXRoIHeads(
+        box.box_roi_pool, box.box_head, box.box_predictor, build_mask_roi_pool(roi_size), mask_side.fcn, mask_side.predictor,
+        fg_iou_thresh=box.proposal_matcher.high_threshold, bg_iou_thresh=box.proposal_matcher.low_threshold,
+        batch_size_per_image=box.fg_bg_sampler.batch_size_per_image, positive_fraction=box.fg_bg_sampler.positive_fraction,
+        bbox_reg_weights=box.box_coder.weights, score_thresh=box.score_thresh, nms_thresh=box.nms_thresh,
+        detections_per_img=box.detections_per_img, mask_labels=mask_labels, embedding=embedding, stop_gradient=stop_gradient)
     return detector
+
+
+@torch.no_grad()
+def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: dict[str, nn.Module], images: list[torch.Tensor],
+                       device: torch.device, mask_threshold: float = 0.5, keep_label: torch.Tensor | None = None,
+                       given: list[dict] | None = None) -> dict[str, list[dict]]:
+    """Run the detector once on a batch of images, then every mask side on the same detections.
+
+    ``model`` is a torchvision Faster R-CNN in eval mode on ``device``; ``roi_pool`` the mask RoIAlign
+    (``[R, C, S, S]`` features per detection); ``heads`` name -> :class:`MaskSide`; ``images``
+    float32 ``[3, H_i, W_i]`` in [0, 1], any sizes. ``keep_label`` (bool ``[K + 1]``, optional) drops
+    detections of the other classes before masks are computed. ``given`` (optional, one dict per
+    image: ``boxes`` float32 ``[N_i, 4]`` in the image's pixels, ``labels`` int64 ``[N_i]``) replaces
+    the detector's detections: those boxes are segmented, with score 1 (mask quality alone). Each
+    head computes one ``2S x 2S`` map per detection, for its own class, so memory does not grow with
+    the number of classes.
+
+    Returns head name -> one dict per image, on the CPU: ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2
+    in the image's pixels), ``scores`` float32 ``[N]``, ``labels`` int64 ``[N]`` (1..K) and ``masks``
+    uint8 ``[N, H_i, W_i]`` (mask probability >= ``mask_threshold``).
+    """
+    original_sizes = [tuple(im.shape[-2:]) for im in images]
+    image_list, _ = model.transform([im.to(device) for im in images])
+    features = model.backbone(image_list.tensors)
+    if given is None:
+        proposals, _ = model.rpn(image_list, features)
+        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    else:
+        detections = [{"boxes": resize_boxes(g["boxes"].to(device), size, new_size), "labels": g["labels"].to(device),
+                       "scores": torch.ones(len(g["boxes"]), device=device)}
+                      for g, size, new_size in zip(given, original_sizes, image_list.image_sizes)]
+    if keep_label is not None:
+        detections = [{k: v[keep_label.to(v.device)[d["labels"]]] for k, v in d.items()} for d in detections]
+    boxes = [d["boxes"] for d in detections]
+    labels = torch.cat([d["labels"] for d in detections])
+    counts = [len(b) for b in boxes]
+    roi_features = roi_pool(features, boxes, image_list.image_sizes) if sum(counts) else None
+    out: dict[str, list[dict]] = {}
+    for name, head in heads.items():
+        if roi_features is not None:
+            probs = head(roi_features, labels).sigmoid()
+        else:
+            m = 2 * roi_pool.output_size[0]
+            probs = features[FPN_LEVELS[0]].new_zeros((0, m, m))
+        dets = [{**d, "masks": p[:, None]} for d, p in zip(detections, probs.split(counts))]
+        dets = model.transform.postprocess(dets, image_list.image_sizes, original_sizes)
+        out[name] = [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(), "labels": d["labels"].cpu(),
+                      "masks": (d["masks"][:, 0] >= mask_threshold).to(torch.uint8).cpu()} for d in dets]
+    return out

@@ -36,15 +36,15 @@ import torch
 import torchvision
 
 from pipelines.config import DetectImportConfig, DetectorConfig, DetectTrainConfig, SolverConfig, from_dict, to_dict
+from pipelines.data.coco import load_split
 from pipelines.data.splits import coco_id_of
-from pipelines.engine.checkpoint import save_checkpoint
-from pipelines.engine.run_dir import prepare_run_dir, training_run, update_manifest
+from pipelines.engine.run_dir import (DETECTOR_CKPT, check_not_finished, prepare_run_dir, save_detector, training_run,
+                                      update_manifest, write_recipe)
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
 from pipelines.modeling.detector import build_detector, detector_from_state
 from pipelines.modeling.zoo import cached_file, fetch, read_state_dict, weights_enum, weights_label
 from pipelines.progress import NULL_PROGRESS, Progress
-from pipelines.stages.common import DETECTOR_CKPT, load_split
 
 PREFIX = "torchvision:"
 RELEASE = "COCO_V1"
@@ -208,15 +208,16 @@ def release_sha256_prefix(weights) -> str:
     return match.group(1) if match else ""
 
 
-def detect_import(cfg: DetectImportConfig, out: str | Path, progress: Progress = NULL_PROGRESS) -> DetectImportResult:
+def detect_import(cfg: DetectImportConfig, out: str | Path, progress: Progress = NULL_PROGRESS,
+                  recipe: str | Path | None = None) -> DetectImportResult:
     """Import ``cfg.source`` for the categories of ``cfg.data.train_json``; write the run to ``out``.
 
     Every check (source, settings, data set's categories, file, tensor names and shapes) runs
-    before anything is written.
+    before anything is written. ``recipe`` (optional) is kept as ``out/recipe.yaml``, as
+    ``detect-train`` keeps it.
     """
     out = Path(out)
-    if (out / DETECTOR_CKPT).exists():
-        raise MaskxError(f"already holds a finished detector ({DETECTOR_CKPT}); choose another --out", out)
+    check_not_finished(out, DETECTOR_CKPT, "detector")
     source = parse_source(cfg.source)
     det_cfg = detector_config(source, cfg.detector)
     data, _ = load_split(cfg.data.train_json, "train")
@@ -247,7 +248,9 @@ def detect_import(cfg: DetectImportConfig, out: str | Path, progress: Progress =
     with training_run(out, False, (DETECTOR_CKPT,)):  # a write that fails (a full disk) leaves nothing new
         prepare_run_dir(out, "detect-import", {"source": cfg.source, "weights": cfg.weights, **to_dict(record)},
                         {"weights": path, "train_json": cfg.data.train_json})
-        save_checkpoint(final, "detector", model=state, config=to_dict(record), categories=categories, iteration=0)
+        if recipe:
+            write_recipe(out, recipe)
+        save_detector(final, state, to_dict(record), categories, 0)
         update_manifest(out, status="finished", source=cfg.source, torchvision=torchvision.__version__,
                         torchvision_release=label, release_url=release.url, norm_eps=det_cfg.norm_eps,
                         classes=len(categories), predictor_rows=rows, mask_head_dropped=source.box_only)

@@ -47,7 +47,7 @@ def evaluate_results_file(gt_path: str | Path, results_path: str | Path, cfg: Ev
     Raises MaskxError naming the file (and the result index) for anything malformed.
     """
     if cfg.max_images or cfg.gt_boxes:
-        raise MaskxError("--max-images and --gt-boxes apply to mask runs, not to a results file")
+        raise MaskxError("max_images and gt_boxes apply to mask runs, not to a results file")
     t0 = time.perf_counter()
     gt, report = load_coco(gt_path)
     if not gt["images"]:

@@ -29,15 +29,12 @@ import torch
 
 from pipelines.data.coco import read_image
 from pipelines.engine.device import resolve_device
-from pipelines.engine.run_dir import make_output_dir
+from pipelines.engine.run_dir import detector_of_mask_run, load_detector_run, load_mask_run, make_output_dir
 from pipelines.errors import MaskxError
-from pipelines.evaluation import to_coco_results
+from pipelines.evaluation.results import to_coco_results
 from pipelines.io import atomic_path, write_json, write_text
-from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
+from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, detect_and_segment
 from pipelines.progress import NULL_PROGRESS, Progress
-from pipelines.stages.common import load_detector_run
-from pipelines.stages.evaluate import detect_and_segment, detector_of_mask_run
-from pipelines.stages.mask_train import load_mask_run
 from pipelines.visualize import draw_predictions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -128,9 +125,9 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
     """
     t0 = time.perf_counter()
     if not 0.0 <= score_thresh <= 1.0:
-        raise MaskxError(f"--score-thresh must be in [0, 1], got {score_thresh}")
+        raise MaskxError(f"score_thresh must be in [0, 1], got {score_thresh}", key="score_thresh")
     if scale < 1:
-        raise MaskxError(f"picture scale must be >= 1, got {scale}")
+        raise MaskxError(f"picture scale must be >= 1, got {scale}", key="scale")
     files = find_images(inputs)
     det = load_detector_run(detector or detector_of_mask_run(mask_run))
     head, ckpt = load_mask_run(mask_run, det)

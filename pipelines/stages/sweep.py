@@ -1,8 +1,9 @@
 """``maskx sweep``: run a grid of mask-side variants on one detector and lay the results out like the paper.
 
-A sweep spec (YAML; shipped ones in ``pipelines/configs/sweeps/``) names a base recipe, the split
-directions (set A of each: ``voc`` is voc -> non-voc, ``nonvoc`` is non-voc -> voc,
-``random:N:SEED`` a random split), stage-2 seeds, and rows (methods)::
+A sweep spec (:class:`pipelines.config.SweepSpec`, YAML; shipped ones in ``pipelines/configs/sweeps/``,
+``quickstart`` among them) names a base recipe, the split directions (set A of each: ``voc`` is
+voc -> non-voc, ``nonvoc`` is non-voc -> voc, ``random:N:SEED`` a random split), stage-2 seeds, and
+rows (methods)::
 
     title: "Table 3.3: impact of the MLP mask branch"
     recipe: synthetic                  # stage recipes (pipelines/configs/<recipe>.yaml)
@@ -10,8 +11,10 @@ directions (set A of each: ``voc`` is voc -> non-voc, ``nonvoc`` is non-voc -> v
     detector: ""                       # or a finished detect-train run to reuse (its data is used)
     directions: [voc, nonvoc]          # or random_splits: {sizes: [20, 30], trials: 5}
     seeds: [0]
-    overrides: []                      # key=value for every stage
-    stage2: []                         # key=value for every mask-side run (mask-train and train)
+    detector_iterations: 0             # stage-1 iterations (0: the recipe's)
+    mask_iterations: 0                 # iterations of every stage-wise mask run (0: the recipe's)
+    overrides: []                      # section.key=value for every stage
+    stage2: []                         # section.key=value for every mask-side run (mask-train and train)
     e2e: {init: stage1, iterations: 0} # end-to-end rows: start from the sweep's detector or from scratch
     rows:
       - {name: class-agnostic, set: [head.head=agnostic, head.mlp=false]}
@@ -22,82 +25,47 @@ directions (set A of each: ``voc`` is voc -> non-voc, ``nonvoc`` is non-voc -> v
     figure: {numerator: transfer+MLP, denominator: class-agnostic+MLP}   # Figure 3.1 plot (optional)
 
 Stage 1 is trained once (or taken from ``detector``) and serves every stage-wise row; end-to-end
-rows train their own detector+mask model per direction. Each (row, direction, seed) writes
+rows train their own detector+mask model per direction; a stage-wise oracle run (masks of every
+class) does not depend on the split and serves every direction. Each (row, direction, seed) writes
 ``OUT/results/<row>__<direction>__s<seed>.json``; a rerun skips every run whose JSON exists (and
-every training whose checkpoint exists), so an interrupted sweep is resumed by running it again.
+every training whose checkpoint exists), so an interrupted sweep is resumed by running it again. A
+finished run is reused only if it was made with the same resolved config (else: one clear error).
 Stage-wise heads are evaluated together: the detector runs once per validation image for all of
-them (:func:`pipelines.stages.evaluate.score_heads`). The table (``table.md``) has one row per
-method and, per direction, the mask AP on set B and on set A, means over seeds.
+them. The table (``table.md``) has one row per method and, per direction, the mask AP on set B and
+on set A, means over seeds.
 """
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from pipelines.config import DetectTrainConfig, EvalConfig, MaskTrainConfig, load_config, resolve_shipped
+from pipelines.config import (DetectTrainConfig, EvalConfig, MaskTrainConfig, Override, SweepRow, SweepSpec, TrainE2EConfig,
+                              check_stage_overrides, load_config, parse_overrides, stage_overrides)
 from pipelines.data.coco import CocoDataset, load_coco
 from pipelines.data.grabcut import grabcut_annotations
 from pipelines.data.splits import complement, resolve_split
-from pipelines.data.synthetic import SynthConfig, generate
+from pipelines.data.synthetic import generate
 from pipelines.engine.device import resolve_device
+from pipelines.engine.run_dir import (DETECTOR_CKPT, LAST, MASK_CKPT, DetectorRun, check_same_settings, load_detector_run,
+                                      load_mask_run)
 from pipelines.errors import MaskxError
-from pipelines.evaluation import evaluate_sets
+from pipelines.evaluation.inference import grabcut_predictions, load_validation, predict_dataset, set_inference_limits
 from pipelines.evaluation.report import format_value
-from pipelines.io import atomic_path, read_json, read_yaml, write_json, write_text
+from pipelines.evaluation.scoring import score_jobs
+from pipelines.io import atomic_path, read_json, write_json, write_text
+from pipelines.modeling.embeddings import read_embeddings
 from pipelines.progress import NULL_PROGRESS, Progress
-from pipelines.stages.common import DETECTOR_CKPT, MASK_CKPT, load_detector_run
 from pipelines.stages.detect_train import detect_train
-from pipelines.stages.eval_grabcut import grabcut_predictions
-from pipelines.stages.evaluate import score_heads, set_inference_limits
-from pipelines.stages.export_embeddings import export_embeddings, read_embeddings
-from pipelines.stages.mask_train import load_mask_run, mask_train
-from pipelines.stages.train_e2e import load_e2e_config, train_e2e
+from pipelines.stages.export_embeddings import export_embeddings
+from pipelines.stages.mask_train import mask_train
+from pipelines.stages.train_e2e import train_e2e
 
-SPEC_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
-KINDS = ("stagewise", "e2e", "grabcut-test")
-MASKS = ("gt", "grabcut")
-
-
-@dataclass
-class Row:
-    name: str
-    train: str = "stagewise"  # stagewise | e2e | grabcut-test
-    masks: str = "gt"  # gt | grabcut (set-B masks replaced by GrabCut in the training file; train on all classes)
-    set: list[str] = field(default_factory=list)
-
-    @property
-    def slug(self) -> str:
-        return slugify(self.name)
-
-
-@dataclass
-class SweepSpec:
-    title: str = ""
-    recipe: str = "synthetic"
-    world: dict = field(default_factory=dict)
-    detector: str = ""
-    detector_iterations: int = 0
-    directions: list[str] = field(default_factory=lambda: ["voc", "nonvoc"])
-    random_splits: dict = field(default_factory=dict)  # {sizes: [...], trials: N}: directions random:N:TRIAL
-    seeds: list[int] = field(default_factory=lambda: [0])
-    overrides: list[str] = field(default_factory=list)
-    stage2: list[str] = field(default_factory=list)
-    e2e: dict = field(default_factory=lambda: {"init": "stage1", "iterations": 0})
-    max_val_images: int = 0
-    rows: list[Row] = field(default_factory=list)
-    figure: dict = field(default_factory=dict)
-    path: str = ""
-
-    def all_directions(self) -> list[str]:
-        if self.random_splits:
-            sizes = self.random_splits.get("sizes") or []
-            trials = int(self.random_splits.get("trials", 1))
-            return [f"random:{n}:{t}" for n in sizes for t in range(trials)]
-        return list(self.directions)
+DATA_KEYS = ("train_json", "train_images", "val_json", "val_images")
+GLOVE_SKIPPED = "skipped: input glove needs a GloVe file (head.glove)"
 
 
 @dataclass
@@ -110,236 +78,257 @@ class SweepResult:
     skipped: int
     seconds: float
     rows: dict[str, dict[str, float | None]]
+    records: list[dict]  # every job's result JSON, in plan order (row, direction, seed)
+    detector: Path  # the stage-1 checkpoint
+    data: dict  # train_json, train_images, val_json, val_images
 
 
-def slugify(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "row"
+@dataclass
+class _Job:
+    row: SweepRow
+    direction: str  # set A spec
+    seed: int
+    result: Path
+    run: Path | None  # the run folder (None for grabcut-test)
+    config: Any = None  # its resolved MaskTrainConfig / TrainE2EConfig
+    note: str = ""  # why it is skipped
+
+
+@dataclass
+class _Context:
+    """What every job of a sweep shares: the spec, stage 1, embeddings, validation data, eval config."""
+
+    spec: SweepSpec
+    out: Path
+    every: list[Override]  # overrides of every stage
+    det: DetectorRun
+    data: dict
+    embeddings: Path
+    gt: dict
+    dataset: CocoDataset
+    eval_cfg: EvalConfig
+    progress: Progress
+
+    def sets_of(self, direction: str) -> dict[str, list[int]]:
+        """``{"B": the other classes, "A": the direction's}`` (a direction names set A)."""
+        cats = self.gt["categories"]
+        set_a = resolve_split(direction, cats)
+        return {"B": complement(set_a, cats), "A": set_a}
 
 
 def direction_name(spec: str) -> str:
     return {"voc": "voc→nonvoc", "nonvoc": "nonvoc→voc"}.get(spec, spec)
 
 
-def resolve_spec_path(name: str | Path) -> Path:
-    """A sweep spec path, or the name of a shipped spec (``table_3_1``)."""
-    return resolve_shipped(name, SPEC_DIR, "sweep spec")
+def mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the defined values (None if none is)."""
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and check a sweep spec (unknown keys, duplicate rows, bad kinds: one clear error)."""
-    path = resolve_spec_path(path)
-    raw = read_yaml(path, "sweep spec")
-    if not isinstance(raw, dict):
-        raise MaskxError("sweep spec must be a mapping", path)
-    known = set(SweepSpec.__dataclass_fields__) - {"path"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise MaskxError(f"unknown sweep key '{unknown[0]}' (known: {', '.join(sorted(known))})", path)
-    rows = []
-    for i, r in enumerate(raw.pop("rows", None) or []):
-        if not isinstance(r, dict) or "name" not in r:
-            raise MaskxError(f"row #{i + 1} needs a 'name'", path)
-        bad = sorted(set(r) - {"name", "train", "masks", "set"})
-        if bad:
-            raise MaskxError(f"row '{r['name']}': unknown key '{bad[0]}' (known: name, train, masks, set)", path)
-        row = Row(name=str(r["name"]), train=str(r.get("train", "stagewise")), masks=str(r.get("masks", "gt")),
-                  set=[str(s) for s in (r.get("set") or [])])
-        if row.train not in KINDS:
-            raise MaskxError(f"row '{row.name}': train must be one of {' | '.join(KINDS)}, got '{row.train}'", path)
-        if row.masks not in MASKS:
-            raise MaskxError(f"row '{row.name}': masks must be one of {' | '.join(MASKS)}, got '{row.masks}'", path)
-        rows.append(row)
-    if not rows:
-        raise MaskxError("the sweep has no rows", path)
-    slugs = [r.slug for r in rows]
-    dup = next((s for s in slugs if slugs.count(s) > 1), None)
-    if dup:
-        raise MaskxError(f"two rows have the same name (as a folder name: '{dup}')", path)
-    spec = SweepSpec(**raw, rows=rows, path=str(path))
-    if not spec.all_directions():
-        raise MaskxError("the sweep has no split direction", path)
-    if spec.e2e.get("init", "stage1") not in ("stage1", "scratch"):
-        raise MaskxError(f"e2e.init must be stage1 or scratch, got '{spec.e2e.get('init')}'", path)
-    return spec
+def _train_or_reuse(run: Path, checkpoint: str, cfg: Any, train: Callable[[bool], Any]) -> None:
+    """Train into ``run`` (resuming a ``last.pth``) unless it holds a finished run of the same config."""
+    if (run / checkpoint).is_file():
+        check_same_settings(run, cfg)
+    else:
+        train((run / LAST).is_file())
 
 
-def _row_set(row: Row, key: str) -> str | None:
-    for item in row.set:
-        if item.split("=", 1)[0].strip() == key:
-            return item.split("=", 1)[1]
-    return None
+def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = None, stage2: Sequence[str | Override] = (),
+              glove: str | None = None, progress: Progress = NULL_PROGRESS, overrides: Sequence[str | Override] = ()) -> SweepResult:
+    """Run (or resume) the sweep into ``out``; write per-run JSONs, ``table.md``, ``summary.json``.
 
-
-def _is_oracle(row: Row) -> bool:
-    return _row_set(row, "head.head") == "oracle" and row.masks == "gt"
-
-
-@dataclass
-class _Job:
-    row: Row
-    direction: str  # set A spec
-    seed: int
-    result: Path
-    run: Path | None  # training folder (None for grabcut-test)
-
-
-def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = None, extra_stage2: list[str] | None = None,
-              glove: str | None = None, progress: Progress = NULL_PROGRESS) -> SweepResult:
-    """Run (or resume) the sweep into ``out``; write per-run JSONs, ``table.md``, ``summary.json``."""
+    ``detector`` replaces the spec's; ``stage2`` and ``overrides`` add to the spec's ``stage2`` and
+    ``overrides`` (strings are parsed with source ``override``; pass :class:`Override` s to name them
+    otherwise); ``glove`` is the GloVe file of rows with ``head.input=glove`` that name none.
+    """
     out = Path(out)
     t0 = time.perf_counter()
-    stage2 = list(spec.stage2) + list(extra_stage2 or [])
+    where = spec.path or "override"
+    every = parse_overrides(spec.overrides, where) + parse_overrides(overrides)
+    check_stage_overrides(every)
+    ctx = _prepare(spec, out, detector, every, progress)
+    jobs = _plan(ctx, parse_overrides(spec.stage2, where) + parse_overrides(stage2), glove)
+    todo = [j for j in jobs if not j.result.is_file()]
+    task = progress.task(f"sweep {Path(spec.path).stem or ''}".strip(), len(todo))
+    _run(ctx, todo, task)
+    task.close()
+    records = [read_json(j.result, "sweep result") for j in jobs]
+    return _write_outputs(ctx, [j.result for j in jobs], records, len(todo), len(jobs) - len(todo), t0)
 
-    # -- stage 1: one detector for every stage-wise row --------------------------------------
-    det_dir = Path(detector or spec.detector) if (detector or spec.detector) else out / "detector"
+
+def _prepare(spec: SweepSpec, out: Path, detector: str | Path | None, every: list[Override], progress: Progress) -> _Context:
+    """Stage 1 (the world and its detector, or a given detector run), embeddings, validation data, eval config."""
     if detector or spec.detector:
-        det = load_detector_run(det_dir)
-        data = det.config.get("data") or {}
+        det = load_detector_run(detector or spec.detector)
+        data = {k: v for k, v in (det.config.get("data") or {}).items() if k in DATA_KEYS and v}
         if not data.get("train_json") or not data.get("val_json"):
-            raise MaskxError("the detector run's config names no train/val data", det_dir)
+            raise MaskxError("the detector run's config names no train/val data", det.run_dir)
     else:
-        world = generate(SynthConfig(**spec.world), out / "world", progress)
+        world = generate(spec.world, out / "world", progress)
         data = {"train_json": str(world.train_json), "train_images": str(world.train_dir),
                 "val_json": str(world.val_json), "val_images": str(world.val_dir)}
-        if not (det_dir / DETECTOR_CKPT).is_file():
-            over = [f"data.{k}={v}" for k, v in data.items()] + [o for o in spec.overrides if not o.startswith(("head.", "cache.", "eval."))]
-            if spec.detector_iterations:
-                over.append(f"solver.iterations={spec.detector_iterations}")
-            det_cfg = load_config(DetectTrainConfig, spec.recipe, over, section="detect_train")
-            detect_train(det_cfg, det_dir, progress, resume=(det_dir / "last.pth").is_file())
+        det_dir = out / "detector"
+        layers = [{"data": data}, *stage_overrides(DetectTrainConfig, every)]
+        if spec.detector_iterations:
+            layers.append({"solver": {"iterations": spec.detector_iterations}})
+        cfg = load_config(DetectTrainConfig, spec.recipe, layers)
+        _train_or_reuse(det_dir, DETECTOR_CKPT, cfg, lambda resume: detect_train(cfg, det_dir, progress, resume, spec.recipe))
         det = load_detector_run(det_dir)
-    data_over = [f"data.{k}={data[k]}" for k in ("train_json", "train_images", "val_json", "val_images") if data.get(k)]
-    emb_path = out / "embeddings.h5"
-    if not emb_path.is_file() or read_embeddings(emb_path).detector_sha256 != det.sha256:
-        export_embeddings(det.checkpoint, emb_path)
+    embeddings = out / "embeddings.h5"
+    if not embeddings.is_file() or read_embeddings(embeddings).detector_sha256 != det.sha256:
+        export_embeddings(det.checkpoint, embeddings)
+    gt, dataset = load_validation(det, data["val_json"], data.get("val_images"), spec.max_val_images)
+    eval_cfg = load_config(EvalConfig, spec.recipe, stage_overrides(EvalConfig, every))
+    return _Context(spec, out, every, det, data, embeddings, gt, dataset, eval_cfg, progress)
 
-    gt, _ = load_coco(data["val_json"], require_masks=True)
-    cats = gt["categories"]
-    dataset = CocoDataset(gt, data["val_images"], max_images=spec.max_val_images)
-    image_ids = [im["id"] for im in dataset.images]
-    eval_cfg = load_config(EvalConfig, spec.recipe, [o for o in spec.overrides if o.startswith("eval.")], section="eval")
 
-    def sets_of(direction: str) -> dict[str, list[int]]:
-        set_a = resolve_split(direction, cats)
-        return {"B": complement(set_a, cats), "A": set_a}
+def _grabcut_path(out: Path, direction: str) -> Path:
+    return out / "grabcut" / f"train_grabcut_{direction.replace(':', '-')}.json"
 
-    stage_over = [o for o in spec.overrides if not o.startswith("eval.")]
 
-    # -- the plan ------------------------------------------------------------------------------
-    jobs: list[_Job] = []
+def _run_config(ctx: _Context, row: SweepRow, row_set: list[Override], direction: str, seed: int,
+                stage2: list[Override], glove: str | None):
+    """The resolved config of one row's run: recipe < data < glove < overrides < stage2 < row < split, seed."""
+    spec = ctx.spec
+    cls = TrainE2EConfig if row.train == "e2e" else MaskTrainConfig
+    layers: list[Any] = [{"data": ctx.data}]
+    if glove:
+        layers.append({"head": {"glove": str(glove)}})
+    layers += stage_overrides(cls, ctx.every) + stage_overrides(cls, stage2)
+    if spec.mask_iterations and row.train == "stagewise":
+        layers.append({"solver": {"iterations": spec.mask_iterations}})
+    layers += stage_overrides(cls, row_set)
+    layers.append({"data": {"mask_classes": direction}, "solver": {"seed": seed}})
+    if row.masks == "grabcut":
+        layers.append({"data": {"train_json": str(_grabcut_path(ctx.out, direction))}, "head": {"head": "oracle"}})
+    if row.train == "e2e":
+        if spec.e2e.iterations:
+            layers.append({"solver": {"iterations": spec.e2e.iterations}})
+        if spec.e2e.init == "stage1":
+            layers.append({"init_detector": str(ctx.det.checkpoint)})
+    return load_config(cls, spec.recipe, layers)
+
+
+def _plan(ctx: _Context, stage2: list[Override], glove: str | None) -> list[_Job]:
+    """Every (row, direction, seed) job with its run folder and resolved config; finished runs checked."""
+    spec, jobs = ctx.spec, []
+    first = spec.all_directions()[0]
     for row in spec.rows:
+        row_set = parse_overrides(row.set, f"{spec.path or 'sweep'}: row '{row.name}'")
         for direction in spec.all_directions():
             for seed in spec.seeds:
-                base = f"{row.slug}__{direction.replace(':', '-')}__s{seed}"
-                train_dir = "all" if (_is_oracle(row) and row.train == "stagewise") else direction.replace(":", "-")
-                run = None if row.train == "grabcut-test" else out / "runs" / f"{row.slug}__{train_dir}__s{seed}"
-                jobs.append(_Job(row, direction, seed, out / "results" / f"{base}.json", run))
-    todo = [j for j in jobs if not j.result.is_file()]
-    skipped = len(jobs) - len(todo)
-    task = progress.task(f"sweep {Path(spec.path).stem or ''}".strip(), len(todo))
+                result = ctx.out / "results" / f"{row.slug}__{direction.replace(':', '-')}__s{seed}.json"
+                if row.train == "grabcut-test":
+                    jobs.append(_Job(row, direction, seed, result, None))
+                    continue
+                cfg = _run_config(ctx, row, row_set, direction, seed, stage2, glove)
+                shared = row.train == "stagewise" and row.masks == "gt" and cfg.head.head == "oracle"
+                if shared:  # the oracle trains on every class's masks: one run serves every direction
+                    cfg.data.mask_classes = first
+                run = ctx.out / "runs" / f"{row.slug}__{'all' if shared else direction.replace(':', '-')}__s{seed}"
+                note = GLOVE_SKIPPED if (cfg.head.head == "transfer" and cfg.head.input == "glove" and not cfg.head.glove) else ""
+                if not note and (run / MASK_CKPT).is_file():
+                    check_same_settings(run, cfg)
+                jobs.append(_Job(row, direction, seed, result, run, cfg, note))
+    return jobs
 
-    def record(job: _Job, metrics: dict, kind: str, seconds: float, note: str = "") -> None:
-        sets = sets_of(job.direction)
-        write_json(job.result, {
-            "row": job.row.name, "direction": job.direction, "seed": job.seed, "train": kind, "masks": job.row.masks,
-            "set": job.row.set, "run": str(job.run) if job.run else None, "detector": str(det.checkpoint),
-            "set_a": sets["A"], "set_b": sets["B"], "metrics": metrics, "seconds": round(seconds, 1),
-            "val_images": len(dataset), "note": note,
-        })
-        task.advance(1)
 
-    # -- train every mask-side run -------------------------------------------------------------
-    stagewise: dict[str, tuple[Path, list[_Job]]] = {}
+def _record(ctx: _Context, job: _Job, metrics: dict, kind: str, seconds: float, task, note: str = "") -> None:
+    sets = ctx.sets_of(job.direction)
+    write_json(job.result, {
+        "row": job.row.name, "direction": job.direction, "seed": job.seed, "train": kind, "masks": job.row.masks,
+        "set": job.row.set, "run": str(job.run) if job.run else None, "detector": str(ctx.det.checkpoint),
+        "set_a": sets["A"], "set_b": sets["B"], "metrics": metrics, "seconds": round(seconds, 1),
+        "val_images": len(ctx.dataset), "note": note,
+    })
+    task.advance(1)
+
+
+def _run(ctx: _Context, todo: list[_Job], task) -> None:
+    """Train every job's run (or reuse it), then score: stage-wise heads in one pass, e2e runs each on its
+    own detector, GrabCut at test time in one pass over the stage-1 detections."""
+    stagewise: dict[Path, list[_Job]] = {}
     for job in todo:
-        row = job.row
-        over = data_over + stage_over + stage2 + list(row.set) + [f"data.mask_classes={job.direction}", f"solver.seed={job.seed}"]
-        if glove and not any(o.startswith("head.glove=") for o in over):
-            over.append(f"head.glove={glove}")
-        if row.masks == "grabcut":
-            over.append(f"data.train_json={_grabcut_file(out, data, job.direction, cats, progress)}")
-            over.append("head.head=oracle")
-        if _row_set(row, "head.input") == "glove" and not any(o.startswith("head.glove=") and o.split("=", 1)[1] for o in over):
-            record(job, {}, row.train, 0.0, "skipped: input glove needs a GloVe file (maskx sweep --glove PATH)")
-            continue
-        if row.train == "grabcut-test":
-            continue
-        if row.train == "stagewise":
-            if not (job.run / MASK_CKPT).is_file():
-                mcfg = load_config(MaskTrainConfig, spec.recipe, over, section="mask_train")
-                mask_train(mcfg, det.run_dir, emb_path, job.run, progress, resume=(job.run / "last.pth").is_file())
-            stagewise.setdefault(str(job.run), (job.run, []))[1].append(job)
-        else:
-            if not (job.run / MASK_CKPT).is_file():
-                e2e_over = [o for o in over if not o.startswith("cache.")]
-                if spec.e2e.get("iterations"):
-                    e2e_over.append(f"solver.iterations={spec.e2e['iterations']}")
-                if spec.e2e.get("init", "stage1") == "stage1":
-                    e2e_over.append(f"init_detector={det.checkpoint}")
-                train_e2e(load_e2e_config(spec.recipe, e2e_over), job.run, progress, resume=(job.run / "last.pth").is_file())
+        if job.note:
+            _record(ctx, job, {}, job.row.train, 0.0, task, job.note)
+        elif job.row.train == "stagewise":
+            if job.row.masks == "grabcut":
+                _grabcut_file(ctx, job.direction)
+            _train_or_reuse(job.run, MASK_CKPT, job.config, lambda resume, j=job: mask_train(
+                j.config, ctx.det.run_dir, ctx.embeddings, j.run, ctx.progress, resume))
+            stagewise.setdefault(job.run, []).append(job)
+        elif job.row.train == "e2e":
+            _train_or_reuse(job.run, MASK_CKPT, job.config,
+                            lambda resume, j=job: train_e2e(j.config, j.run, ctx.progress, resume))
             t1 = time.perf_counter()
             e2e_det = load_detector_run(job.run)
-            head = load_mask_run(job.run, e2e_det)
-            metrics, _ = score_heads(e2e_det, {"head": head[0]}, gt, dataset, {"job": ("head", sets_of(job.direction))},
-                                     head[1]["head"]["roi_size"], eval_cfg, progress)
-            record(job, metrics["job"], "e2e", time.perf_counter() - t1)
-
-    # -- one evaluation pass for every stage-wise head -----------------------------------------
+            metrics = _score_heads(ctx, e2e_det, {job.run: [job]})
+            _record(ctx, job, metrics[str(job.result)], "e2e", time.perf_counter() - t1, task)
     if stagewise:
         t1 = time.perf_counter()
-        heads, roi_size = {}, None
-        for key, (run, _) in stagewise.items():
-            heads[key], ckpt = load_mask_run(run, det)
-            roi_size = ckpt["head"]["roi_size"]
-        eval_jobs = {str(j.result): (key, sets_of(j.direction)) for key, (_, js) in stagewise.items() for j in js}
-        metrics, _ = score_heads(det, heads, gt, dataset, eval_jobs, roi_size, eval_cfg, progress)
-        per = (time.perf_counter() - t1) / max(1, len(eval_jobs))
-        for _, js in stagewise.values():
+        metrics = _score_heads(ctx, ctx.det, stagewise)
+        per = (time.perf_counter() - t1) / sum(len(js) for js in stagewise.values())
+        for js in stagewise.values():
             for j in js:
-                record(j, metrics[str(j.result)], "stagewise", per)
-
-    # -- GrabCut at test time: one pass over the detector's boxes ------------------------------
-    gc_jobs = [j for j in todo if j.row.train == "grabcut-test" and not j.result.is_file()]
+                _record(ctx, j, metrics[str(j.result)], "stagewise", per, task)
+    gc_jobs = [j for j in todo if j.row.train == "grabcut-test"]
     if gc_jobs:
         t1 = time.perf_counter()
-        set_inference_limits(det.model, gt, eval_cfg)
-        results = grabcut_predictions(det.model, dataset, det.categories, resolve_device("auto"), progress=progress)
+        set_inference_limits(ctx.det.model, ctx.gt, ctx.eval_cfg)
+        results = {"grabcut": grabcut_predictions(ctx.det, ctx.dataset, resolve_device("auto"), progress=ctx.progress)}
+        metrics = score_jobs(ctx.gt, results, {str(j.result): ("grabcut", ctx.sets_of(j.direction)) for j in gc_jobs}, ctx.eval_cfg,
+                        [im["id"] for im in ctx.dataset.images])
         per = (time.perf_counter() - t1) / len(gc_jobs)
         for j in gc_jobs:
-            record(j, evaluate_sets(gt, results, sets_of(j.direction), backend=eval_cfg.backend, image_ids=image_ids),
-                   "grabcut-test", per)
-    task.close()
+            _record(ctx, j, metrics[str(j.result)], "grabcut-test", per, task)
 
-    # -- table, summary, figure ----------------------------------------------------------------
-    loaded = [read_json(j.result, "sweep result") for j in jobs]
-    rows = table_rows(spec, loaded)
+
+def _score_heads(ctx: _Context, det: DetectorRun, runs: dict[Path, list[_Job]]) -> dict[str, dict]:
+    """One prediction pass of every run's mask head on ``det``'s detections, then metrics per job (result path)."""
+    heads, sizes = {}, set()
+    for run in runs:
+        heads[str(run)], ckpt = load_mask_run(run, det)
+        sizes.add(ckpt["head"]["roi_size"])
+    if len(sizes) > 1:
+        raise MaskxError(f"the sweep's mask runs use different RoI sizes ({sorted(sizes)}); sweep them separately", ctx.spec.path or None)
+    set_inference_limits(det.model, ctx.gt, ctx.eval_cfg)
+    results = predict_dataset(det, heads, ctx.dataset, sizes.pop(), resolve_device("auto"), ctx.progress,
+                              gt_boxes=ctx.eval_cfg.gt_boxes)
+    jobs = {str(j.result): (str(run), ctx.sets_of(j.direction)) for run, js in runs.items() for j in js}
+    return score_jobs(ctx.gt, results, jobs, ctx.eval_cfg, [im["id"] for im in ctx.dataset.images], ctx.progress)
+
+
+def _grabcut_file(ctx: _Context, direction: str) -> Path:
+    """The training file with set-B masks (B = the complement of ``direction``) replaced by GrabCut's."""
+    path = _grabcut_path(ctx.out, direction)
+    if not path.is_file():
+        cats = ctx.gt["categories"]
+        set_b = complement(resolve_split(direction, cats), cats)
+        grabcut_annotations(ctx.data["train_json"], ctx.data["train_images"], "ids:" + ",".join(map(str, set_b)), path,
+                            progress=ctx.progress)
+    return path
+
+
+def _write_outputs(ctx: _Context, paths: list[Path], records: list[dict], ran: int, skipped: int, t0: float) -> SweepResult:
+    """``table.md``, ``summary.json`` and (with a figure spec) ``figure.png`` from every job's record."""
+    spec, out = ctx.spec, ctx.out
+    rows = table_rows(spec, records)
     summary = {"title": spec.title, "spec": spec.path, "directions": spec.all_directions(), "seeds": spec.seeds,
-               "detector": str(det.checkpoint), "val_images": len(dataset), "rows": rows,
-               "results": [str(j.result) for j in jobs]}
+               "detector": str(ctx.det.checkpoint), "val_images": len(ctx.dataset), "rows": rows,
+               "results": [str(p) for p in paths]}
     figure_path = None
-    if spec.figure:
-        points = figure_points(spec, loaded, load_coco(data["train_json"])[0])
+    if spec.figure.numerator:
+        points = figure_points(spec, records, load_coco(ctx.data["train_json"])[0])
         summary["figure_points"] = points
         figure_path = out / "figure.png"
         plot_relative_change(points, figure_path, spec.title)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     table_md, summary_json = out / "table.md", out / "summary.json"
-    write_text(table_md, render_table(spec, rows, loaded, len(dataset)))
+    write_text(table_md, render_table(spec, rows, records, len(ctx.dataset)))
     write_json(summary_json, summary)
-    return SweepResult(out, table_md, summary_json, figure_path, len(todo), skipped, summary["seconds"], rows)
-
-
-def _grabcut_file(out: Path, data: dict, direction: str, cats: list[dict], progress: Progress) -> Path:
-    """The training file with set-B masks (B = the complement of ``direction``) replaced by GrabCut's."""
-    set_b = complement(resolve_split(direction, cats), cats)
-    path = out / "grabcut" / f"train_grabcut_{direction.replace(':', '-')}.json"
-    if not path.is_file():
-        grabcut_annotations(data["train_json"], data["train_images"], "ids:" + ",".join(map(str, set_b)), path, progress=progress)
-    return path
-
-
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.fmean(vals) if vals else None
+    return SweepResult(out, table_md, summary_json, figure_path, ran, skipped, summary["seconds"], rows, records,
+                       ctx.det.checkpoint, ctx.data)
 
 
 def table_rows(spec: SweepSpec, results: list[dict], metric: str = "AP") -> dict[str, dict[str, float | None]]:
@@ -351,7 +340,7 @@ def table_rows(spec: SweepSpec, results: list[dict], metric: str = "AP") -> dict
             for s in ("B", "A"):
                 vals = [r["metrics"].get("segm", {}).get(s, {}).get(metric) for r in results
                         if r["row"] == row.name and r["direction"] == d and r["metrics"]]
-                rows[row.name][f"{direction_name(d)} {s}"] = _mean(vals)
+                rows[row.name][f"{direction_name(d)} {s}"] = mean(vals)
     return rows
 
 
@@ -388,11 +377,7 @@ def render_table(spec: SweepSpec, rows: dict, results: list[dict], val_images: i
 def figure_points(spec: SweepSpec, results: list[dict], train: dict) -> list[dict]:
     """Figure 3.1 points, one per direction: average mask annotations per class in A (x) and the relative
     change in set-B mask AP of ``figure.numerator`` over ``figure.denominator`` (y, mean over seeds)."""
-    num, den = spec.figure.get("numerator"), spec.figure.get("denominator")
-    names = {r.name for r in spec.rows}
-    for n in (num, den):
-        if n not in names:
-            raise MaskxError(f"figure row '{n}' is not a row of the sweep", spec.path or None)
+    num, den = spec.figure.numerator, spec.figure.denominator
     counts: dict[int, int] = {}
     for a in train["annotations"]:
         if not a.get("iscrowd", 0):
@@ -400,7 +385,7 @@ def figure_points(spec: SweepSpec, results: list[dict], train: dict) -> list[dic
     points = []
     for d in spec.all_directions():
         def b_ap(row: str) -> float | None:
-            return _mean([r["metrics"]["segm"]["B"]["AP"] for r in results if r["row"] == row and r["direction"] == d and r["metrics"]])
+            return mean([r["metrics"]["segm"]["B"]["AP"] for r in results if r["row"] == row and r["direction"] == d and r["metrics"]])
         t, a = b_ap(num), b_ap(den)
         set_a = resolve_split(d, train["categories"])
         points.append({"direction": d, "size_a": len(set_a), "masks_per_class_a": sum(counts.get(c, 0) for c in set_a) / len(set_a),

@@ -9,8 +9,9 @@ import logging
 
 import pytest
 
-from pipelines.data.coco import load_coco
-from pipelines.data.lvis import file_name_from_url, load_lvis, resolve_lvis_split
+from pipelines.data.coco import load_coco, load_lvis
+from pipelines.data.lvis import file_name_from_url
+from pipelines.data.splits import resolve_split
 from pipelines.errors import MaskxError
 from pipelines.evaluation import BACKENDS, LVIS_METRICS, evaluate, score
 from tests.evaluation.cases import lvis_det as _det, lvis_dict, lvis_perfect as perfect
@@ -57,15 +58,15 @@ def test_lvis_errors_name_the_file_and_record(tmp_path):
 # -- splits -------------------------------------------------------------------------------------------
 def test_lvis_splits(gt):
     cats = gt["categories"]
-    assert resolve_lvis_split("frequency:f", cats) == [2, 4]
-    assert resolve_lvis_split("frequency:fc", cats) == [2, 3, 4]
-    assert resolve_lvis_split("coco", cats) == [2, 3, 4] and resolve_lvis_split("noncoco", cats) == [1]
-    assert resolve_lvis_split("voc", cats) == [2, 3]  # person and dog, by COCO id (never LVIS ids 1..20)
-    assert resolve_lvis_split("nonvoc", cats) == [1, 4]
-    assert resolve_lvis_split("random:2:0", cats) == resolve_lvis_split("random:2:0", cats)
+    assert resolve_split("frequency:f", cats) == [2, 4]
+    assert resolve_split("frequency:fc", cats) == [2, 3, 4]
+    assert resolve_split("coco", cats) == [2, 3, 4] and resolve_split("noncoco", cats) == [1]
+    assert resolve_split("voc", cats) == [2, 3]  # person and dog, by COCO id (never LVIS ids 1..20)
+    assert resolve_split("nonvoc", cats) == [1, 4]
+    assert resolve_split("random:2:0", cats) == resolve_split("random:2:0", cats)
     for bad in ("frequency:x", "frequency:", "rare"):
         with pytest.raises(MaskxError):
-            resolve_lvis_split(bad, cats)
+            resolve_split(bad, cats)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------

@@ -15,17 +15,17 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.config import CacheConfig, DataConfig, DetectorConfig, DetectTrainConfig, HeadConfig, MaskTrainConfig, SolverConfig, to_dict
-from pipelines.data.coco import CocoDataset
+from pipelines.data.coco import CocoDataset, load_split
 from pipelines.data.synthetic import SynthConfig, generate
 from pipelines.engine import cache as cache_mod
-from pipelines.engine.cache import DetectorRoIs, InMemoryRoIs, StreamingRoIs, build_cache, cache_source, kept_rows, open_cache
+from pipelines.engine.cache import (DetectorRoIs, InMemoryRoIs, StreamingRoIs, build_cache, cache_dataset, cache_source, ensure_cache,
+                                    kept_rows, open_cache)
 from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.engine.run_dir import load_detector_run
 from pipelines.errors import MaskxError
 from pipelines.io import write_yaml
 from pipelines.modeling.detector import build_detector
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
-from pipelines.stages.cache import cache_dataset, ensure_cache
-from pipelines.stages.common import load_detector_run, load_split
 from pipelines.stages.export_embeddings import export_embeddings
 from pipelines.stages.mask_train import mask_train
 

@@ -74,7 +74,7 @@ def test_a_rerun_without_resume_starts_clean(world, tmp_path):
     (out / "model_final.pth").unlink()
     r = detect_train(world, out)
     assert r.exit_code == 2
-    assert errors(r) == [f"error: {out}: holds an unfinished run (last.pth): add --resume to continue it, or choose another --out"]
+    assert errors(r) == [f"error: {out}: holds an unfinished run (last.pth): add --resume to continue it, or choose another output folder"]
     assert (out / "last.pth").is_file()
 
 

@@ -12,7 +12,7 @@ from pipelines.config import DetectorConfig, HeadConfig
 from pipelines.errors import MaskxError
 from pipelines.modeling.detector import build_detector, detection_weights
 from pipelines.modeling.embeddings import detector_embedding, randn_embedding
-from pipelines.modeling.mask_heads import MaskPredictor
+from pipelines.modeling.mask_heads import PREDICTORS, AgnosticPredictor, OraclePredictor, TransferPredictor
 from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn
 from pipelines.modeling.transfer import WeightTransfer
 
@@ -65,7 +65,14 @@ def test_per_roi_logits_equal_full_class_logits(head):
     k, d = 6, 8
     w_det = torch.randn(k, 12)
     t = WeightTransfer(12, d, hidden=5) if head == "transfer" else None
-    pred = MaskPredictor(head, k, d, 28, w_det=w_det, mlp=True, mlp_hidden=16, mlp_input_size=7, transfer=t).eval()
+    mlp = dict(mlp=True, mlp_hidden=16, mlp_input_size=7)
+    if head == "transfer":
+        pred = TransferPredictor(t, w_det, d, 28, **mlp).eval()
+    elif head == "agnostic":
+        pred = AgnosticPredictor(d, 28, **mlp).eval()
+    else:
+        pred = OraclePredictor(k, d, 28, **mlp).eval()
+    assert type(pred) is PREDICTORS[head]
     feats = torch.randn(5, d, 28, 28)
     labels = torch.tensor([1, 6, 3, 3, 2])
     out = pred(feats, labels)
@@ -86,7 +93,7 @@ def test_eval_mode_caches_w_seg_table():
     calls = []
     t = WeightTransfer(12, 8, hidden=4)
     t.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    pred = MaskPredictor("transfer", 50, 8, 28, w_det=torch.randn(50, 12), mlp=False, transfer=t).eval()
+    pred = TransferPredictor(t, torch.randn(50, 12), 8, 28, mlp=False).eval()
     for _ in range(3):
         pred(torch.randn(4, 8, 28, 28), torch.tensor([1, 2, 3, 4]))
     assert calls == [50]  # once, for the whole table

@@ -39,7 +39,7 @@ from pipelines.io import sha256_file
 from pipelines.modeling import zoo
 from pipelines.modeling.detector import build_backbone
 from pipelines.stages import detect_import as di
-from pipelines.stages.common import load_detector_run
+from pipelines.engine.run_dir import load_detector_run
 from pipelines.stages.export_embeddings import read_embeddings
 from pipelines.stages.train_e2e import load_e2e_config
 

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from maskx_cli.main import app
 from pipelines.errors import MaskxError
-from pipelines.stages.common import load_detector_run
-from pipelines.stages.export_embeddings import DATASETS, check_embeddings_fit, export_embeddings, read_embeddings
+from pipelines.engine.run_dir import check_embeddings_fit, load_detector_run
+from pipelines.modeling.embeddings import DATASETS, read_embeddings
+from pipelines.stages.export_embeddings import export_embeddings
 
 runner = CliRunner()
 

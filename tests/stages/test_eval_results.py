@@ -176,7 +176,7 @@ def test_truncated_results_file_and_bad_combinations(tmp_path):
     assert r.exit_code == 2 and "give --gt, not mask runs" in r.output
     r = runner.invoke(app, ["eval"])
     assert r.exit_code == 2 and "nothing to evaluate" in r.output
-    with pytest.raises(MaskxError, match="--max-images and --gt-boxes apply to mask runs"):
+    with pytest.raises(MaskxError, match="max_images and gt_boxes apply to mask runs, not to a results file"):
         evaluate_results_file(gt_path, tmp_path / "cut.json", EvalConfig(max_images=3))
     assert default_metrics_path(tmp_path / "dets.json", "random:4:0") == tmp_path / "dets_metrics_random_4_0.json"
 

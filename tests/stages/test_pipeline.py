@@ -16,10 +16,11 @@ from maskx_cli.main import app
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
-from pipelines.stages.common import load_detector_run
+from pipelines.engine.run_dir import load_detector_run, load_mask_run
+from pipelines.modeling.embeddings import read_embeddings
 from pipelines.stages.evaluate import evaluate_heads
-from pipelines.stages.export_embeddings import export_embeddings, read_embeddings
-from pipelines.stages.mask_train import load_mask_run, mask_train
+from pipelines.stages.export_embeddings import export_embeddings
+from pipelines.stages.mask_train import mask_train
 
 runner = CliRunner()
 

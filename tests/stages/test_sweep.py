@@ -9,8 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
+from pipelines.config import SPEC_DIR, load_spec
 from pipelines.errors import MaskxError
-from pipelines.stages.sweep import SPEC_DIR, load_spec, run_sweep
+from pipelines.stages.sweep import run_sweep
 
 runner = CliRunner()
 TINY_STAGE2 = ["solver.iterations=2", "solver.warmup_iters=1", "solver.batch_size=16", "head.mask_dim=8", "head.mlp_hidden=16"]
@@ -85,7 +86,7 @@ def test_random_splits_figure(tiny_pipeline, tmp_path):
 
 def test_shipped_specs_load():
     names = sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
-    assert names == ["figure_3_1", "table_3_1", "table_3_2", "table_3_3", "table_3_4", "table_3_5"]
+    assert names == ["figure_3_1", "quickstart", "table_3_1", "table_3_2", "table_3_3", "table_3_4", "table_3_5"]
     for n in names:
         s = load_spec(n)
         assert s.rows and s.all_directions()

@@ -9,14 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
-from pipelines.config import DetectorConfig, HeadConfig, MaskTrainConfig
+from pipelines.config import DetectorConfig, HeadConfig, TrainE2EConfig, load_config
 from pipelines.modeling.detector import build_detector
-from pipelines.modeling.embeddings import randn_embedding
+from pipelines.modeling.embeddings import class_embedding_table, randn_embedding, read_embeddings
 from pipelines.modeling.mask_heads import HourglassMaskHead, MaskFCNHead, build_fcn
 from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn
-from pipelines.stages.export_embeddings import read_embeddings
-from pipelines.stages.mask_train import class_embedding_table
-from pipelines.stages.train_e2e import TrainE2EConfig, fixed_embedding_table, load_e2e_config, train_e2e
+from pipelines.stages.train_e2e import train_e2e
 
 runner = CliRunner()
 K = 5  # object classes of the toy model
@@ -51,7 +49,7 @@ def _grads_from_mask_loss(model):
     model.zero_grad(set_to_none=True)
     losses["loss_mask"].backward()
     pred = model.roi_heads.box_predictor
-    return pred.cls_score.weight.grad, pred.bbox_pred.weight.grad, model.roi_heads.mask_side.predictor.transfer.mlp[0].weight.grad
+    return pred.cls_score.weight.grad, pred.bbox_pred.weight.grad, model.roi_heads.mask_predictor.transfer.mlp[0].weight.grad
 
 
 def test_stop_gradient_keeps_mask_loss_out_of_detector_class_weights():
@@ -82,9 +80,9 @@ def test_randn_embedding_is_fixed_per_seed():
     cats = [{"id": i, "name": f"c{i}"} for i in range(1, 11)]
     tables = []
     for seed in (3, 3, 4):
-        cfg = TrainE2EConfig(head=HeadConfig(input="randn"), detector=DetectorConfig(box_representation=16))
-        cfg.solver.seed = seed
-        table, missing = fixed_embedding_table(cfg, cats)
+        # end to end: the box predictor's width D = 16 gives a 5D-wide table
+        table, missing = class_embedding_table(HeadConfig(input="randn"), torch.zeros(10, 16), torch.zeros(10, 64),
+                                               [c["name"] for c in cats], seed)
         assert table.shape == (10, 80) and missing == []
         tables.append(table)
     assert torch.equal(tables[0], tables[1])
@@ -94,13 +92,11 @@ def test_randn_embedding_is_fixed_per_seed():
 
 def test_randn_table_of_mask_train_is_a_fixed_buffer(tiny_pipeline):
     emb = read_embeddings(tiny_pipeline["embeddings"])
-    cfg = MaskTrainConfig(head=HeadConfig(input="randn"))
-    cfg.solver.seed = 7
-    a, _ = class_embedding_table(cfg, emb)
-    b, _ = class_embedding_table(cfg, emb)
+    head = HeadConfig(input="randn")
+    a, _ = class_embedding_table(head, emb.w_cls, emb.w_box, emb.class_names, 7)
+    b, _ = class_embedding_table(head, emb.w_cls, emb.w_box, emb.class_names, 7)
     assert torch.equal(a, b) and a.shape == (80, 5 * emb.w_cls.shape[1])
-    cfg.solver.seed = 8
-    assert not torch.allclose(a, class_embedding_table(cfg, emb)[0])
+    assert not torch.allclose(a, class_embedding_table(head, emb.w_cls, emb.w_box, emb.class_names, 8)[0])
     side = build_mask_side(HeadConfig(input="randn", mask_dim=8), 80, 16, a)
     assert "predictor.w_det" in dict(side.named_buffers())
     assert all("w_det" not in n for n, _ in side.named_parameters())  # never trained
@@ -158,11 +154,11 @@ def test_glove_file_missing_most_names_fails_before_training(tiny_world, tmp_pat
 def test_end_to_end_run_is_read_by_eval_and_export(tiny_pipeline, tmp_path):
     over = tiny_pipeline["overrides"] + ["solver.iterations=2", "solver.warmup_iters=1", "solver.batch_size=2",
                                          "head.mask_dim=8", "head.mlp_hidden=16", f"init_detector={tiny_pipeline['detector']}"]
-    cfg = load_e2e_config("synthetic", over)
+    cfg = load_config(TrainE2EConfig, "synthetic", over)
     r = train_e2e(cfg, tmp_path / "e2e")
     ckpt = torch.load(r.mask_checkpoint, map_location="cpu", weights_only=True)
+    from pipelines.engine.run_dir import load_detector_run
     from pipelines.io import sha256_file
-    from pipelines.stages.common import load_detector_run
 
     det = load_detector_run(tmp_path / "e2e")  # a detector-format checkpoint
     assert ckpt["detector_sha256"] == det.sha256 == sha256_file(r.detector_checkpoint)
