@@ -475,13 +475,14 @@ def _section(raw: dict, name: str, path: Path) -> dict:
     return sec
 
 
-def _check_recipe(raw: dict, section: str, path: Path) -> None:
-    """Every key of every section of a recipe must be known (not only the section being read)."""
+def _check_recipe(raw: dict, path: Path) -> None:
+    """Every key of every section of a recipe must be known and well typed, not only in the section
+    being read; errors name the file and the key as the recipe spells it (``mask_train.head.input``)."""
     unknown = sorted(set(raw) - set(RECIPE_SECTIONS))
     if unknown:
         raise MaskxError(f"unknown recipe section '{unknown[0]}' (known: {', '.join(RECIPE_SECTIONS)})", path)
     for name, cls in RECIPE_SECTIONS.items():
-        if name != section and name in raw:
+        if name in raw:
             try:
                 _from_dict(cls, _section(raw, name, path), f"{name}.")
             except _KeyError as exc:
@@ -536,7 +537,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
             raise MaskxError("config must be a mapping", file)
         section = section or SECTION_OF.get(cls)
         if section:
-            _check_recipe(raw, section, file)
+            _check_recipe(raw, file)
             raw = _section(raw, section, file)
         _merge(data, raw, origin, str(file))
     for item in overrides:

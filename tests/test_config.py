@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
+import yaml
 
-from pipelines.config import DetectTrainConfig, EvalConfig, MaskTrainConfig, SolverConfig, load_config, to_dict
+from pipelines.config import (DetectTrainConfig, EvalConfig, MaskTrainConfig, SolverConfig, TrainE2EConfig, load_config,
+                              resolve_config_path, to_dict)
 from pipelines.errors import MaskxError
 from pipelines.io import atomic_path, write_json
 
@@ -84,3 +87,77 @@ def test_atomic_write_gives_a_normal_file_mode(tmp_path):
         assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+def _recipe(tmp_path, edit) -> Path:
+    data = yaml.safe_load(resolve_config_path("synthetic").read_text())
+    edit(data)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("edit,key", [
+    (lambda d: d.update(foo=1), "foo"),
+    (lambda d: d.update(mask_trian={"head": {"mlp": True}}), "mask_trian"),
+    (lambda d: d["mask_train"]["head"].update(inptu="cls"), "mask_train.head.inptu"),
+    (lambda d: d["detect_train"]["solver"].update(iterationz=5), "detect_train.solver.iterationz"),
+    (lambda d: d.update(eval={"splt": "voc"}), "eval.splt"),
+    (lambda d: d["data"].update(train_jsn="x.json"), "data.train_jsn"),
+    (lambda d: d["mask_train"]["cache"].update(proposals_per_instance="many"), "mask_train.cache.proposals_per_instance"),
+])
+def test_unknown_recipe_key_at_any_depth_is_an_error_naming_file_and_key(tmp_path, edit, key):
+    """Whatever section is read, a bad key anywhere in the recipe is refused, naming the file and the key."""
+    path = _recipe(tmp_path, edit)
+    for cls in (DetectTrainConfig, MaskTrainConfig, TrainE2EConfig, EvalConfig):
+        with pytest.raises(MaskxError) as err:
+            load_config(cls, path)
+        assert err.value.path == str(path), cls
+        assert f"'{key}'" in err.value.message, (cls, err.value.message)
+
+
+def test_set_errors_name_the_override_not_the_recipe():
+    with pytest.raises(MaskxError) as err:
+        load_config(MaskTrainConfig, "synthetic", ["solver.iterations=many"], source="--set")
+    assert err.value.line() == "--set solver.iterations=many: config key 'solver.iterations' must be int, got 'many'"
+    with pytest.raises(MaskxError) as err:
+        load_config(MaskTrainConfig, "synthetic", ["head.inptu=cls"], source="--set")
+    assert err.value.path == "--set head.inptu=cls" and "unknown config key 'head.inptu'" in err.value.message
+    with pytest.raises(MaskxError) as err:  # a typed value from the library: no file, no override to blame
+        load_config(MaskTrainConfig, "synthetic", [{"solver": {"iterations": "many"}}])
+    assert err.value.path is None and "'solver.iterations' must be int" in err.value.message
+
+
+def test_cli_set_error_names_set(tmp_path):
+    from typer.testing import CliRunner
+
+    from maskx_cli.main import app
+
+    r = CliRunner().invoke(app, ["detect-train", "--config", "synthetic", "--out", str(tmp_path / "d"), "--set",
+                                 "solver.iterations=many"])
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert lines == ["error: --set solver.iterations=many: config key 'solver.iterations' must be int, got 'many'"]
+    assert not (tmp_path / "d").exists()
+
+
+def test_overrides_apply_in_order_typed_mappings_and_strings():
+    cfg = load_config(MaskTrainConfig, "synthetic", ["solver.iterations=7", {"solver": {"iterations": 9, "seed": 3}}, "solver.seed=4"])
+    assert (cfg.solver.iterations, cfg.solver.seed) == (9, 4)
+    assert cfg.head.num_convs == 1  # the recipe's mask_train section below them
+    e2e = load_config(TrainE2EConfig, "synthetic")  # no train_e2e section: detector and solver of detect_train, head of mask_train
+    assert e2e.detector.backbone == "resnet18" and e2e.solver.iterations == 1500 and e2e.head.input == "cls"
+
+
+def test_stage_overrides_route_each_section_to_its_stages():
+    from pipelines.config import check_stage_overrides, parse_overrides, stage_overrides
+
+    every = parse_overrides(["detector.min_size=96", "head.mask_dim=8", "solver.seed=2", "eval.split=voc", "cache.dtype=float32"])
+    keys = {cls.__name__: [o.key for o in stage_overrides(cls, every)] for cls in (DetectTrainConfig, MaskTrainConfig, TrainE2EConfig, EvalConfig)}
+    assert keys == {"DetectTrainConfig": ["detector.min_size", "solver.seed"],
+                    "MaskTrainConfig": ["head.mask_dim", "solver.seed", "cache.dtype"],
+                    "TrainE2EConfig": ["detector.min_size", "head.mask_dim", "solver.seed"],
+                    "EvalConfig": ["split"]}
+    with pytest.raises(MaskxError, match="'haed' is not a section of any stage config") as err:
+        check_stage_overrides(parse_overrides(["haed.head=oracle"], "--set"))
+    assert err.value.path == "--set haed.head=oracle"

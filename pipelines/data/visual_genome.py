@@ -253,39 +253,8 @@ def align_coco_to_synsets(
     return matched, unmatched
 
 
-def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPrepareResult:
-    """Build the VG3k training files from raw VG and COCO files (see the module docstring).
-
-    Raises MaskxError (naming the file and record) for unreadable or unknown-layout inputs,
-    objects of images not in ``image_data.json``, COCO files whose class lists differ, and images
-    missing under ``cfg.images`` (unless ``cfg.allow_missing_images``).
-    """
-    if cfg.num_classes < 1:
-        raise MaskxError(f"num_classes must be at least 1, got {cfg.num_classes}", key="num_classes")
-    out = Path(cfg.out)
-    hand_map = _load_hand_map(cfg.hand_map)
-    stats: Counter = Counter()
-    warnings: list[str] = []
-
-    # -- VG images ---------------------------------------------------------------------------
-    task = progress.task("read VG image_data.json", 1)
-    images, img_key = _read_image_data(Path(cfg.image_data))
-    task.advance()
-    task.close()
-    stats["vg_images"] = len(images)
-
-    # -- COCO val2017 image ids (VG's validation set) -----------------------------------------
-    task = progress.task("read COCO annotations", 2)
-    coco_val, val_report = load_coco(cfg.coco_val, require_masks=True)
-    task.advance()
-    coco_train, train_report = load_coco(cfg.coco_train, require_masks=True)
-    task.advance()
-    task.close()
-    check_same_categories(coco_val["categories"], coco_train["categories"], str(cfg.coco_val), cfg.coco_train)
-    stats["coco_degenerate_boxes_skipped"] = val_report.degenerate_boxes + train_report.degenerate_boxes
-    val_coco_ids = {img["id"] for img in coco_val["images"]}
-
-    # -- VG objects: dedupe, count synsets ---------------------------------------------------
+def _read_objects(cfg: VGPrepareConfig, images: dict, stats: Counter, progress: Progress):
+    """VG objects (deduplicated by id, one synset each) and the synsets' counts and names."""
     objects_path = Path(cfg.objects)
     task = progress.task("read VG objects.json", 1)
     raw_objects = read_json(objects_path, "VG objects.json")
@@ -336,19 +305,11 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
             objects_path,
         )
     stats["distinct_synsets"] = len(freq)
+    return objects, freq, names, layout
 
-    ranked = [s for s, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))][: cfg.num_classes]
-    if len(ranked) < cfg.num_classes:
-        warnings.append(f"only {len(ranked)} distinct synsets in {objects_path.name}, fewer than the {cfg.num_classes} classes asked for")
 
-    # -- classes ------------------------------------------------------------------------------
-    coco_cats = sorted(coco_val["categories"], key=lambda c: c["id"])
-    matched, unmatched = align_coco_to_synsets(coco_cats, ranked, hand_map)
-    if unmatched:
-        warnings.append(
-            f"{len(unmatched)} COCO class(es) have no Visual Genome class among the {len(ranked)} kept, "
-            f"their masks are left out: {', '.join(unmatched)}"
-        )
+def _categories(coco_cats: list[dict], ranked: list[str], matched: dict, freq: Counter, names: dict) -> tuple[list[dict], dict[str, int]]:
+    """The VG3k class list (COCO-matched classes first, then by frequency) and synset -> class id."""
     coco_name = {c["id"]: c["name"] for c in coco_cats}
     order = [(matched[cid][0], cid) for cid in sorted(matched)]
     coco_synsets = {s for s, _ in order}
@@ -372,11 +333,11 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
             "vg_name": top_name[0][0] if top_name else "",
         })
         class_of_synset[s] = i
-    stats["classes"] = len(categories)
-    stats["coco_classes_matched"] = len(matched)
-    stats["coco_classes_matched_by_hand"] = sum(1 for _, how in matched.values() if how == "hand")
+    return categories, class_of_synset
 
-    # -- images: split, check files -----------------------------------------------------------
+
+def _drop_missing_images(cfg: VGPrepareConfig, images: dict, stats: Counter, warnings: list[str], progress: Progress) -> None:
+    """Check every image file under ``cfg.images`` (if given): fail on missing ones, or leave them out."""
     missing: list[str] = []
     if cfg.images:
         root = Path(cfg.images)
@@ -398,9 +359,11 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
         if missing:
             warnings.append(f"left out {len(missing)} image(s) missing under {root}, first: {missing[0]}")
     stats["missing_images_dropped"] = len(missing)
-    split_of = {iid: ("val" if img["coco_id"] is not None and img["coco_id"] in val_coco_ids else "train") for iid, img in images.items()}
 
-    # -- box annotations ----------------------------------------------------------------------
+
+def _box_annotations(objects: list[tuple], class_of_synset: dict[str, int], images: dict, split_of: dict,
+                     stats: Counter) -> dict[str, list]:
+    """COCO box annotations per split: objects of the kept classes, boxes clipped to the image."""
     anns: dict[str, list] = {"train": [], "val": []}
     for iid, oid, x, y, w, h, s in objects:
         cls = class_of_synset.get(s)
@@ -424,23 +387,13 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
         anns[split_of[iid]].append(
             {"id": oid, "image_id": iid, "category_id": cls, "bbox": [x1, y1, bw, bh], "area": bw * bh, "iscrowd": 0}
         )
-    if stats["degenerate_boxes_dropped"]:
-        warnings.append(f"skipped {stats['degenerate_boxes_dropped']} VG object(s) with a zero-area or out-of-image box")
-    if stats["duplicate_object_ids_dropped"]:
-        warnings.append(f"dropped {stats['duplicate_object_ids_dropped']} repeated VG object id(s) (first occurrence kept)")
+    return anns
 
-    split_images = {"train": [], "val": []}
-    for iid in sorted(images):
-        split_images[split_of[iid]].append(images[iid])
-    for k in ("train", "val"):
-        stats[f"{k}_images"] = len(split_images[k])
-        stats[f"{k}_boxes"] = len(anns[k])
-    stats["images_without_boxes"] = len(images) - len({a["image_id"] for k in anns for a in anns[k]})
 
-    # -- COCO masks remapped to VG class ids --------------------------------------------------
-    vg_of_coco = {cid: class_of_synset[s] for cid, (s, _) in matched.items()}
+def _coco_masks(coco: dict[str, dict], vg_of_coco: dict[int, int], categories: list[dict], stats: Counter) -> dict[str, dict]:
+    """COCO's mask annotations per split, re-labelled with the VG class ids (unmatched classes dropped)."""
     coco_out = {}
-    for k, data in (("train", coco_train), ("val", coco_val)):
+    for k, data in coco.items():
         kept = []
         for a in data["annotations"]:
             vg = vg_of_coco.get(a["category_id"])
@@ -450,8 +403,10 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
             kept.append({**a, "category_id": vg})
         coco_out[k] = {"images": data["images"], "annotations": kept, "categories": categories}
         stats[f"coco_mask_{k}_annotations"] = len(kept)
+    return coco_out
 
-    # -- write --------------------------------------------------------------------------------
+
+def _write_files(out: Path, split_images: dict, anns: dict, coco_out: dict, categories: list[dict], task) -> dict[str, Path]:
     files = {
         "vg_train": out / "vg_train.json",
         "vg_val": out / "vg_val.json",
@@ -460,7 +415,6 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
         "classes": out / "classes.tsv",
         "report": out / "prepare_report.json",
     }
-    task = progress.task("write", 6)
     for k in ("train", "val"):
         _write_compact_json(files[f"vg_{k}"], {"images": split_images[k], "annotations": anns[k], "categories": categories})
         task.advance()
@@ -472,23 +426,83 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
         lines.append(f"{c['id']}\t{c['synset']}\t{c['name']}\t{'' if c['coco_id'] is None else c['coco_id']}\t{c['instance_count']}\t{c['match']}\t{c['vg_name']}")
     write_text(files["classes"], "\n".join(lines) + "\n")
     task.advance()
+    return files
 
+
+def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPrepareResult:
+    """Build the VG3k training files from raw VG and COCO files (see the module docstring).
+
+    Raises MaskxError (naming the file and record) for unreadable or unknown-layout inputs,
+    objects of images not in ``image_data.json``, COCO files whose class lists differ, and images
+    missing under ``cfg.images`` (unless ``cfg.allow_missing_images``).
+    """
+    if cfg.num_classes < 1:
+        raise MaskxError(f"num_classes must be at least 1, got {cfg.num_classes}", key="num_classes")
+    out = Path(cfg.out)
+    hand_map = _load_hand_map(cfg.hand_map)
+    stats: Counter = Counter()
+    warnings: list[str] = []
+
+    task = progress.task("read VG image_data.json", 1)
+    images, img_key = _read_image_data(Path(cfg.image_data))
+    task.advance()
+    task.close()
+    stats["vg_images"] = len(images)
+    task = progress.task("read COCO annotations", 2)  # COCO val2017's images are VG's validation set
+    coco_val, val_report = load_coco(cfg.coco_val, require_masks=True)
+    task.advance()
+    coco_train, train_report = load_coco(cfg.coco_train, require_masks=True)
+    task.advance()
+    task.close()
+    check_same_categories(coco_val["categories"], coco_train["categories"], str(cfg.coco_val), cfg.coco_train)
+    stats["coco_degenerate_boxes_skipped"] = val_report.degenerate_boxes + train_report.degenerate_boxes
+    val_coco_ids = {img["id"] for img in coco_val["images"]}
+
+    objects, freq, names, layout = _read_objects(cfg, images, stats, progress)
+    ranked = [s for s, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))][: cfg.num_classes]
+    if len(ranked) < cfg.num_classes:
+        warnings.append(f"only {len(ranked)} distinct synsets in {Path(cfg.objects).name}, fewer than the {cfg.num_classes} classes asked for")
+    coco_cats = sorted(coco_val["categories"], key=lambda c: c["id"])
+    matched, unmatched = align_coco_to_synsets(coco_cats, ranked, hand_map)
+    if unmatched:
+        warnings.append(
+            f"{len(unmatched)} COCO class(es) have no Visual Genome class among the {len(ranked)} kept, "
+            f"their masks are left out: {', '.join(unmatched)}"
+        )
+    categories, class_of_synset = _categories(coco_cats, ranked, matched, freq, names)
+    stats["classes"] = len(categories)
+    stats["coco_classes_matched"] = len(matched)
+    stats["coco_classes_matched_by_hand"] = sum(1 for _, how in matched.values() if how == "hand")
+
+    _drop_missing_images(cfg, images, stats, warnings, progress)
+    split_of = {iid: ("val" if img["coco_id"] is not None and img["coco_id"] in val_coco_ids else "train") for iid, img in images.items()}
+    anns = _box_annotations(objects, class_of_synset, images, split_of, stats)
+    if stats["degenerate_boxes_dropped"]:
+        warnings.append(f"skipped {stats['degenerate_boxes_dropped']} VG object(s) with a zero-area or out-of-image box")
+    if stats["duplicate_object_ids_dropped"]:
+        warnings.append(f"dropped {stats['duplicate_object_ids_dropped']} repeated VG object id(s) (first occurrence kept)")
+    split_images = {"train": [], "val": []}
+    for iid in sorted(images):
+        split_images[split_of[iid]].append(images[iid])
+    for k in ("train", "val"):
+        stats[f"{k}_images"] = len(split_images[k])
+        stats[f"{k}_boxes"] = len(anns[k])
+    stats["images_without_boxes"] = len(images) - len({a["image_id"] for k in anns for a in anns[k]})
+    vg_of_coco = {cid: class_of_synset[s] for cid, (s, _) in matched.items()}
+    coco_out = _coco_masks({"train": coco_train, "val": coco_val}, vg_of_coco, categories, stats)
+
+    task = progress.task("write", 6)
+    files = _write_files(out, split_images, anns, coco_out, categories, task)
     result = VGPrepareResult(
         out=str(out),
         layout=f"image_data: '{img_key}'; objects: '{layout.get('image', '?')}', objects by '{layout.get('object', '?')}'",
-        num_classes=len(categories),
-        coco_classes_matched=len(matched),
-        coco_unmatched=unmatched,
-        train_images=stats["train_images"],
-        val_images=stats["val_images"],
-        train_boxes=stats["train_boxes"],
-        val_boxes=stats["val_boxes"],
-        coco_mask_train_annotations=stats["coco_mask_train_annotations"],
-        coco_mask_val_annotations=stats["coco_mask_val_annotations"],
-        stats=dict(stats),
-        files={k: str(v) for k, v in files.items()},
-        warnings=warnings,
+        num_classes=len(categories), coco_classes_matched=len(matched), coco_unmatched=unmatched,
+        train_images=stats["train_images"], val_images=stats["val_images"], train_boxes=stats["train_boxes"],
+        val_boxes=stats["val_boxes"], coco_mask_train_annotations=stats["coco_mask_train_annotations"],
+        coco_mask_val_annotations=stats["coco_mask_val_annotations"], stats=dict(stats),
+        files={k: str(v) for k, v in files.items()}, warnings=warnings,
     )
+    coco_name = {c["id"]: c["name"] for c in coco_cats}
     write_json(files["report"], {
         "inputs": {k: v for k, v in asdict(cfg).items()},
         "result": result.to_dict(),

@@ -25,6 +25,7 @@ from pipelines import __version__
 from pipelines.config import HeadConfig
 from pipelines.errors import MaskxError
 from pipelines.io import hdf5_file
+from pipelines.modeling.mask_heads import uses_transfer
 
 INPUTS = ("randn", "glove", "cls", "box", "cls+box")
 FORMAT = "maskx-embeddings"
@@ -107,7 +108,7 @@ def class_embedding_table(head: HeadConfig, w_cls: torch.Tensor, w_box: torch.Te
     ``randn`` draws fixed vectors from ``seed`` (E = 5D), ``glove`` averages ``head.glove``'s vectors
     of each of ``names`` (E = 300). None for a head without T (agnostic, oracle).
     """
-    if head.head != "transfer":
+    if not uses_transfer(head.head):
         return None, []
     if head.input in ("cls", "box", "cls+box"):
         return detector_embedding(head.input, w_cls, w_box).detach().float(), []

@@ -13,11 +13,14 @@ predictor: what stage 2 trains.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
+from pipelines.config import HeadConfig
 from pipelines.errors import MaskxError
 from pipelines.modeling.transfer import WeightTransfer
 
@@ -119,6 +122,13 @@ class MLPMaskBranch(nn.Module):
         return self.fc2(h).view(-1, self.resolution, self.resolution)
 
 
+def mlp_settings(cfg: HeadConfig) -> dict:
+    """Map size and MLP-branch settings of a predictor, from a :class:`HeadConfig` (maps are 2 x roi_size)."""
+    resolution = 2 * cfg.roi_size
+    return {"resolution": resolution, "mlp": cfg.mlp, "mlp_hidden": cfg.mlp_hidden,
+            "mlp_input_size": min(cfg.mlp_input_size, resolution)}
+
+
 class MaskPredictor(nn.Module):
     """Per-RoI mask logits from FCN features, for the RoI's own class: ``[R, D, M, M]`` -> ``[R, M, M]``.
 
@@ -130,6 +140,12 @@ class MaskPredictor(nn.Module):
     """
 
     mlp: MLPMaskBranch | None
+    uses_transfer: ClassVar[bool] = False  # its weights come from T(w_det): it needs a class embedding table
+
+    @classmethod
+    def build(cls, cfg: HeadConfig, num_classes: int, w_det: torch.Tensor | None) -> MaskPredictor:
+        """The predictor of a :class:`HeadConfig` for ``num_classes`` classes (``w_det`` [K, E]: T's input)."""
+        raise NotImplementedError
 
     def _add_mlp_branch(self, dim: int, resolution: int, mlp: bool, hidden: int, input_size: int) -> None:
         # called after a subclass's own parameters: their random initialisation comes first
@@ -162,6 +178,16 @@ class TransferPredictor(MaskPredictor):
     whole ``w_seg`` table is computed once and reused until the module is trained again.
     """
 
+    uses_transfer = True
+
+    @classmethod
+    def build(cls, cfg, num_classes, w_det):
+        if w_det.shape[0] != num_classes:
+            raise MaskxError(f"class embedding table has {w_det.shape[0]} rows for {num_classes} classes")
+        transfer = WeightTransfer(w_det.shape[1], cfg.mask_dim, cfg.transfer_hidden, cfg.transfer_layers, cfg.transfer_activation,
+                                  cfg.normalize_input, cfg.input_dropout, cfg.normalize_output)
+        return cls(transfer, w_det, cfg.mask_dim, **mlp_settings(cfg))
+
     def __init__(self, transfer: WeightTransfer, w_det: torch.Tensor, dim: int, resolution: int = 28, mlp: bool = True,
                  mlp_hidden: int = 1024, mlp_input_size: int = 28):
         super().__init__()
@@ -188,6 +214,10 @@ class TransferPredictor(MaskPredictor):
 class AgnosticPredictor(MaskPredictor):
     """The class-agnostic baseline: one shared 1x1 conv (+ bias) for every class."""
 
+    @classmethod
+    def build(cls, cfg, num_classes, w_det):
+        return cls(cfg.mask_dim, **mlp_settings(cfg))
+
     def __init__(self, dim: int, resolution: int = 28, mlp: bool = True, mlp_hidden: int = 1024, mlp_input_size: int = 28):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(1, dim) * 0.001)
@@ -201,6 +231,10 @@ class AgnosticPredictor(MaskPredictor):
 class OraclePredictor(MaskPredictor):
     """The upper bound: class-specific 1x1 conv weights and biases learned directly (masks of every class)."""
 
+    @classmethod
+    def build(cls, cfg, num_classes, w_det):
+        return cls(num_classes, cfg.mask_dim, **mlp_settings(cfg))
+
     def __init__(self, num_classes: int, dim: int, resolution: int = 28, mlp: bool = True, mlp_hidden: int = 1024,
                  mlp_input_size: int = 28):
         super().__init__()
@@ -213,8 +247,14 @@ class OraclePredictor(MaskPredictor):
         return self.weight[classes], self.bias[classes]
 
 
+# head.head -> predictor class: the one place a head's name is read
 PREDICTORS: dict[str, type[MaskPredictor]] = {"transfer": TransferPredictor, "agnostic": AgnosticPredictor, "oracle": OraclePredictor}
 HEADS = tuple(PREDICTORS)
+
+
+def uses_transfer(head: str) -> bool:
+    """Whether head ``head`` (a key of :data:`PREDICTORS`) predicts its weights with T from ``w_det``."""
+    return head in PREDICTORS and PREDICTORS[head].uses_transfer
 
 
 class MaskSide(nn.Module):

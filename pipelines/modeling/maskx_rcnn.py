@@ -24,8 +24,8 @@ from pipelines.data.splits import takes_mask_loss
 from pipelines.errors import MaskxError
 from pipelines.modeling.detector import FPN_LEVELS, detection_weights
 from pipelines.modeling.embeddings import INPUTS, detector_embedding
-from pipelines.modeling.mask_heads import FCNS, PREDICTORS, MaskPredictor, MaskSide, TransferPredictor, build_fcn
-from pipelines.modeling.transfer import ACTIVATIONS, WeightTransfer
+from pipelines.modeling.mask_heads import FCNS, PREDICTORS, MaskPredictor, MaskSide, build_fcn, uses_transfer
+from pipelines.modeling.transfer import ACTIVATIONS
 
 
 def build_mask_roi_pool(roi_size: int) -> MultiScaleRoIAlign:
@@ -39,7 +39,7 @@ def check_head(h: HeadConfig) -> None:
         raise MaskxError(f"unknown head.head '{h.head}' (expected {' | '.join(PREDICTORS)})", key="head.head")
     if h.input not in INPUTS:
         raise MaskxError(f"unknown head.input '{h.input}' (expected {' | '.join(INPUTS)})", key="head.input")
-    if h.head == "transfer" and h.input == "glove" and not h.glove:
+    if uses_transfer(h.head) and h.input == "glove" and not h.glove:
         raise MaskxError("input glove needs a GloVe text file: set head.glove", key="head.glove")
     if h.transfer_layers not in (1, 2, 3):
         raise MaskxError(f"head.transfer_layers must be 1, 2 or 3, got {h.transfer_layers}", key="head.transfer_layers")
@@ -52,27 +52,17 @@ def check_head(h: HeadConfig) -> None:
 
 def build_mask_side(cfg: HeadConfig, num_classes: int, in_channels: int, w_det: torch.Tensor | None = None,
                     embed_dim: int | None = None) -> MaskSide:
-    """Mask head body + predictor for ``num_classes`` classes from a :class:`HeadConfig`.
+    """Mask head body + predictor (``PREDICTORS[cfg.head]``) for ``num_classes`` classes from a :class:`HeadConfig`.
 
-    ``w_det`` [K, E] is the class embedding table of the ``transfer`` head (without one, a zero
-    table of width ``embed_dim``, to be loaded from a checkpoint or replaced live end to end).
-    Parts are made in a fixed order (T, predictor, body), which fixes their random initialisation
-    for a given seed.
+    ``w_det`` [K, E] is the class embedding table of a head with T (without one, a zero table of
+    width ``embed_dim``, to be loaded from a checkpoint or replaced live end to end). The predictor
+    is made before the body, which fixes their random initialisation for a given seed.
     """
     check_head(cfg)
-    resolution = 2 * cfg.roi_size
-    mlp = dict(mlp=cfg.mlp, mlp_hidden=cfg.mlp_hidden, mlp_input_size=min(cfg.mlp_input_size, resolution))
-    if cfg.head == "transfer":
-        table = torch.zeros(num_classes, embed_dim or 0) if w_det is None else w_det
-        if table.shape[0] != num_classes:
-            raise MaskxError(f"class embedding table has {table.shape[0]} rows for {num_classes} classes")
-        transfer = WeightTransfer(table.shape[1], cfg.mask_dim, cfg.transfer_hidden, cfg.transfer_layers, cfg.transfer_activation,
-                                  cfg.normalize_input, cfg.input_dropout, cfg.normalize_output)
-        predictor: MaskPredictor = TransferPredictor(transfer, table, cfg.mask_dim, resolution, **mlp)
-    elif cfg.head == "agnostic":
-        predictor = PREDICTORS["agnostic"](cfg.mask_dim, resolution, **mlp)
-    else:
-        predictor = PREDICTORS["oracle"](num_classes, cfg.mask_dim, resolution, **mlp)
+    predictor_cls = PREDICTORS[cfg.head]
+    if predictor_cls.uses_transfer and w_det is None:
+        w_det = torch.zeros(num_classes, embed_dim or 0)
+    predictor = predictor_cls.build(cfg, num_classes, w_det)
     return MaskSide(build_fcn(cfg.fcn, in_channels, cfg.mask_dim, cfg.num_convs), predictor)
 
 

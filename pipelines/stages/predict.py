@@ -111,6 +111,14 @@ def _picture_name(path: Path, used: set[str]) -> str:
     return name
 
 
+def _save_picture(path: Path, image: torch.Tensor, d: dict, names: list[str], in_a: list[bool], scale: int) -> None:
+    """``image`` float32 [3, H, W] with detections ``d`` drawn (set A green, set B red), as a PNG."""
+    rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    drawing = draw_predictions(rgb, d["boxes"].numpy(), names, d["scores"].numpy(), d["masks"].numpy(), in_a, scale=scale)
+    with atomic_path(path) as tmp:
+        drawing.save(tmp, format="PNG")
+
+
 @torch.no_grad()
 def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, detector: str | Path | None = None,
             score_thresh: float = 0.5, classes: list[str] | None = None, only: str | None = None,
@@ -163,11 +171,7 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
             results.extend(rows)
             if visualize:
                 picture = out / _picture_name(path, used_names)
-                rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                drawing = draw_predictions(rgb, d["boxes"].numpy(), [names[c] for c in cats], d["scores"].numpy(),
-                                           d["masks"].numpy(), [c in in_a for c in cats], scale=scale)
-                with atomic_path(picture) as tmp:
-                    drawing.save(tmp, format="PNG")
+                _save_picture(picture, image, d, [names[c] for c in cats], [c in in_a for c in cats], scale)
                 pictures.append(picture)
         task.advance(len(batch))
 
@@ -193,12 +197,7 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
 
     predictions = out / PREDICTIONS
     write_text(predictions, json.dumps(results, separators=(",", ":")) + "\n")  # compact: one entry per detection
-    write_json(out / IMAGES, {
-        "images": image_records,
-        "skipped": [{"file_name": p, "reason": r} for p, r in skipped],
-        "categories": [{**c, "set": "A" if c["id"] in in_a else "B"} for c in categories],
-        "detector": str(det.checkpoint),
-        "mask": str(mask_run),
-        "score_thresh": score_thresh,
-    })
+    write_json(out / IMAGES, {"images": image_records, "skipped": [{"file_name": p, "reason": r} for p, r in skipped],
+                              "categories": [{**c, "set": "A" if c["id"] in in_a else "B"} for c in categories],
+                              "detector": str(det.checkpoint), "mask": str(mask_run), "score_thresh": score_thresh})
     return PredictResult(out, predictions, len(image_records), len(results), skipped, pictures, time.perf_counter() - t0)

@@ -58,6 +58,7 @@ from pipelines.evaluation.report import format_value
 from pipelines.evaluation.scoring import score_jobs
 from pipelines.io import atomic_path, read_json, write_json, write_text
 from pipelines.modeling.embeddings import read_embeddings
+from pipelines.modeling.mask_heads import uses_transfer
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.stages.detect_train import detect_train
 from pipelines.stages.export_embeddings import export_embeddings
@@ -227,7 +228,7 @@ def _plan(ctx: _Context, stage2: list[Override], glove: str | None) -> list[_Job
                 if shared:  # the oracle trains on every class's masks: one run serves every direction
                     cfg.data.mask_classes = first
                 run = ctx.out / "runs" / f"{row.slug}__{'all' if shared else direction.replace(':', '-')}__s{seed}"
-                note = GLOVE_SKIPPED if (cfg.head.head == "transfer" and cfg.head.input == "glove" and not cfg.head.glove) else ""
+                note = GLOVE_SKIPPED if (uses_transfer(cfg.head.head) and cfg.head.input == "glove" and not cfg.head.glove) else ""
                 if not note and (run / MASK_CKPT).is_file():
                     check_same_settings(run, cfg)
                 jobs.append(_Job(row, direction, seed, result, run, cfg, note))

@@ -34,6 +34,7 @@ from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
 from pipelines.modeling.detector import build_detector, detection_weights, detector_from_state
 from pipelines.modeling.embeddings import class_embedding_table, detector_embedding
+from pipelines.modeling.mask_heads import uses_transfer
 from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn, check_head
 from pipelines.progress import NULL_PROGRESS, Progress
 
@@ -57,7 +58,7 @@ class TrainE2EResult:
 def _check(cfg: TrainE2EConfig) -> None:
     check_head(cfg.head)
     check_solver(cfg.solver)
-    if cfg.head.head == "transfer" and cfg.head.input == "glove" and not Path(cfg.head.glove).is_file():
+    if uses_transfer(cfg.head.head) and cfg.head.input == "glove" and not Path(cfg.head.glove).is_file():
         raise MaskxError("GloVe file not found", cfg.head.glove)
 
 
@@ -107,7 +108,7 @@ def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool)
         detector = build_detector(cfg.detector, len(categories), progress=progress)
     w_cls, w_box, _, _ = detection_weights(detector.roi_heads.box_predictor)
     table, missing = class_embedding_table(cfg.head, w_cls, w_box, [c["name"] for c in categories], cfg.solver.seed)
-    live = cfg.head.head == "transfer" and cfg.head.input in LIVE_INPUTS
+    live = uses_transfer(cfg.head.head) and cfg.head.input in LIVE_INPUTS
     side = build_mask_side(cfg.head, len(categories), cfg.detector.fpn_channels, table)
     model = build_maskx_rcnn(detector, side, cfg.head.roi_size, cfg.head.input if live else None, cfg.head.stop_gradient,
                              mask_labels=label_table(train_classes, categories)).to(device)

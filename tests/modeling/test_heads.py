@@ -143,3 +143,78 @@ def test_detector_embedding_kinds():
     assert torch.equal(detector_embedding("box", w_cls, w_box), w_box)
     with pytest.raises(MaskxError):
         detector_embedding("glove", w_cls, w_box)
+
+
+def test_set_a_rule():
+    """A RoI takes the mask loss iff it is foreground, of a mask class, and its instance has a mask."""
+    from pipelines.data.splits import label_table, mask_classes, takes_mask_loss
+
+    cats = [{"id": i, "name": f"c{i}"} for i in (5, 7, 9)]
+    assert mask_classes("transfer", [7], cats) == [7] and mask_classes("oracle", [7], cats) == [5, 7, 9]
+    table = label_table([7, 9], cats)
+    assert table.tolist() == [False, False, True, True]  # background, 5, 7, 9
+    labels = torch.tensor([0, 1, 2, 3, 3])
+    assert takes_mask_loss(labels, table).tolist() == [False, False, True, True, True]
+    has_mask = torch.tensor([True, True, True, False, True])
+    assert takes_mask_loss(labels, table, has_mask).tolist() == [False, False, True, False, True]
+
+
+def test_maskx_roi_heads_are_built_from_the_detectors_parts():
+    """No copying of a base RoIHeads: the same box modules, the same settings, the mask side's modules."""
+    torch.manual_seed(0)
+    cfg = DetectorConfig(backbone="resnet18", fpn_channels=16, box_representation=32, min_size=64, max_size=64,
+                         box_batch_size_per_image=16, box_score_thresh=0.2, box_nms_thresh=0.4, box_detections_per_img=7)
+    det = build_detector(cfg, 5)
+    box = det.roi_heads
+    side = build_mask_side(HeadConfig(head="agnostic", mask_dim=8, mlp=False), 5, 16)
+    heads = build_maskx_rcnn(det, side, 7).roi_heads
+    assert heads.box_roi_pool is box.box_roi_pool and heads.box_head is box.box_head and heads.box_predictor is box.box_predictor
+    assert heads.mask_head is side.fcn and heads.mask_predictor is side.predictor
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.2, 0.4, 7)
+    assert heads.fg_bg_sampler.batch_size_per_image == 16 and heads.mask_roi_pool.output_size == (7, 7)
+    assert heads.mask_labels.tolist() == [False] + [True] * 5  # default: every class's masks train
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(det) == count(det.backbone) + count(det.rpn) + count(box) + count(side)  # shared, not copied
+
+
+def test_a_new_head_is_one_predictor_class(monkeypatch):
+    """The worked example of docs/architecture.md: a subclass registered in PREDICTORS is built, trained
+    end to end with live w_det, and counted, with no other change."""
+    from torch import nn
+
+    from pipelines.modeling import mask_heads
+
+    class TransferSharedPredictor(mask_heads.TransferPredictor):
+        def __init__(self, transfer, w_det, dim, resolution=28, mlp=True, mlp_hidden=1024, mlp_input_size=28):
+            super().__init__(transfer, w_det, dim, resolution, mlp, mlp_hidden, mlp_input_size)
+            self.shared = nn.Parameter(torch.zeros(dim))
+
+        def class_mask_weights(self, classes, w_det=None):
+            weight, _ = super().class_mask_weights(classes, w_det)
+            return weight + self.shared, None
+
+    monkeypatch.setitem(mask_heads.PREDICTORS, "transfer_shared", TransferSharedPredictor)
+    head = HeadConfig(head="transfer_shared", mask_dim=8, mlp=False, num_convs=1, transfer_hidden=6, input_dropout=0.0)
+    plain = build_mask_side(HeadConfig(**{**head.__dict__, "head": "transfer"}), 5, 16, torch.randn(5, 12))
+    side = build_mask_side(head, 5, 16, torch.randn(5, 12))
+    assert isinstance(side.predictor, TransferSharedPredictor)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(side) == count(plain) + 8  # T, the body and one shared 8-vector
+    with torch.no_grad():
+        side.predictor.shared.fill_(1.0)
+    x = torch.randn(3, 8, 14, 14)
+    labels = torch.tensor([1, 2, 5])
+    w = side.predictor.transfer(side.predictor.w_det)[labels - 1] + 1.0
+    assert torch.allclose(side.predictor.eval()(x, labels), torch.einsum("rdhw,rd->rhw", x, w), atol=1e-5)
+    # end to end, w_det read live from the box predictor, with the stop-gradient
+    cfg = DetectorConfig(backbone="resnet18", fpn_channels=16, box_representation=32, norm="bn", min_size=64, max_size=64,
+                         anchor_sizes=[8, 16, 32, 64, 128], box_batch_size_per_image=16)
+    det = build_detector(cfg, 5)
+    side = build_mask_side(head, 5, 16, embed_dim=5 * 32)
+    model = build_maskx_rcnn(det, side, 7, embedding="cls+box", stop_gradient=True).train()
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:40, 10:40] = 1
+    losses = model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[10.0, 10, 40, 40]]), "labels": torch.tensor([2]),
+                                                "masks": masks, "has_mask": torch.tensor([True])}])
+    losses["loss_mask"].backward()
+    assert side.predictor.shared.grad is not None and det.roi_heads.box_predictor.cls_score.weight.grad is None
