@@ -42,7 +42,7 @@ def tiny_pipeline(tiny_world, tmp_path_factory):
     over = tiny_overrides(tiny_world)
     det_cfg = load_config(DetectTrainConfig, "synthetic", [o for o in over] + ["solver.iterations=3", "solver.warmup_iters=1",
                                                                                 "solver.batch_size=4"], section="detect_train")
-    detect_train(det_cfg, root / "det")
+    detect_train(det_cfg, root / "det", recipe="synthetic")  # keeps recipe.yaml: what stage 2 and eval read by default
     export_embeddings(root / "det", root / "emb.h5")
     mask_over = [o for o in over if not o.startswith("detector.")] + ["solver.iterations=3", "solver.warmup_iters=1",
                                                                       "solver.batch_size=16", "head.mask_dim=16", "head.mlp_hidden=32"]

@@ -37,6 +37,10 @@ def test_detector_run_folder(tiny_pipeline):
     lines = [json.loads(l) for l in (det / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["iteration"] == 3 and np.isfinite(lines[-1]["loss"])
     assert not list(det.glob(".*.tmp")), "no temporary files left behind"
+    # the recipe, kept by the library for the stages that read this detector
+    from pipelines.config import resolve_config_path
+
+    assert (det / "recipe.yaml").read_text() == resolve_config_path("synthetic").read_text()
 
 
 def test_embeddings_round_trip(tiny_pipeline):
@@ -199,3 +203,26 @@ def test_cli_eval_gt_boxes(tiny_pipeline, tmp_path):
                             "--json", str(tmp_path / "g.json")])
     assert r.exit_code == 0, r.output
     assert "ground-truth boxes" in r.output and "box AP" not in r.output
+
+
+def test_cli_eval_reads_the_recipes_eval_section(tiny_pipeline, tmp_path):
+    """maskx eval reads eval: of --config (by default of the detector's recipe.yaml); options win over it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"eval": {"split": "voc", "max_images": 2, "backend": "pycocotools"}}))
+    out = tmp_path / "m.json"
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--config", str(recipe), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    saved = json.loads(out.read_text())
+    assert (saved["split"], saved["images"], saved["config"]["backend"]) == ("voc", 2, "pycocotools")
+    assert len(saved["sets"]["B"]) == 20
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--config", str(recipe), "--split", "nonvoc",
+                            "--set", "max_images=3", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (json.loads(out.read_text())["split"], json.loads(out.read_text())["images"]) == ("nonvoc", 3)
+    # by default the detector's recipe (synthetic: eval.split nonvoc), and its default file name
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--max-images", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tiny_pipeline["runs"]["agnostic"] / "metrics_nonvoc.json").read_text())["config"]["split"] == "nonvoc"
+    recipe.write_text(yaml.safe_dump({"eval": {"splt": "voc"}}))
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--config", str(recipe)])
+    assert r.exit_code == 2 and f"{recipe}: unknown config key 'eval.splt'" in r.output
