@@ -50,9 +50,9 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 LAST = "last.pth"  # the training checkpoint (pipelines.engine.loop.Trainer)
 TENSORBOARD = "tb"
-# What one training attempt writes besides its checkpoints: stale once no checkpoint goes with them.
-ATTEMPT_FILES = (CONFIG, MANIFEST, METRICS, TENSORBOARD)
 RECIPE = "recipe.yaml"
+# What one training attempt writes besides its checkpoints: stale once no checkpoint goes with them.
+ATTEMPT_FILES = (CONFIG, MANIFEST, METRICS, TENSORBOARD, RECIPE)
 DETECTOR_CKPT = "model_final.pth"
 MASK_CKPT = "mask_final.pth"
 
