@@ -128,10 +128,11 @@ def build_detector(cfg: DetectorConfig, num_classes: int, pretrained: bool = Tru
     if len(cfg.anchor_sizes) != 5:
         raise MaskxError("detector.anchor_sizes needs 5 sizes, one per FPN level")
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
-    rpn_head = RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=cfg.rpn_head_convs)
     box_roi_pool = MultiScaleRoIAlign(FPN_LEVELS, output_size=7, sampling_ratio=2)
     box_head = build_box_head(cfg)
     box_predictor = FastRCNNPredictor(cfg.box_representation, num_classes + 1)
+    # after the box parts, where FasterRCNN makes its own RPN head: a seeded run initialises as it always did
+    rpn_head = RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=cfg.rpn_head_convs)
     return FasterRCNN(
         backbone,
         num_classes=None,
