@@ -31,17 +31,16 @@ from torchvision.ops import FrozenBatchNorm2d
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
-from pipelines.config import DetectorConfig, DetectTrainConfig, load_config
+from pipelines.config import DetectorConfig, DetectTrainConfig, TrainE2EConfig, load_config
 from pipelines.data.coco import load_coco, read_image
 from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.engine.run_dir import load_detector_run
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
 from pipelines.modeling import zoo
 from pipelines.modeling.detector import build_backbone
+from pipelines.modeling.embeddings import read_embeddings
 from pipelines.stages import detect_import as di
-from pipelines.engine.run_dir import load_detector_run
-from pipelines.stages.export_embeddings import read_embeddings
-from pipelines.stages.train_e2e import load_e2e_config
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -379,7 +378,7 @@ def test_recipe_continues_from_the_import():
     imported = di.detector_config(di.SOURCES["fasterrcnn_resnet50_fpn"], load_config(
         di.DetectImportConfig, "coco_voc_tv_r50", section="detect_import").detector)
     imported.norm_eps = di.SOURCES["fasterrcnn_resnet50_fpn"].release_eps  # the release's
-    assert load_e2e_config("coco_voc_tv_r50").detector == imported
+    assert load_config(TrainE2EConfig, "coco_voc_tv_r50").detector == imported
     assert imported.min_size == 800 and imported.max_size == 1333 and imported.box_representation == 1024
 
 
