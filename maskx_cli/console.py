@@ -36,16 +36,31 @@ err_console = Console(stderr=True, width=_WIDTH, quiet=_QUIET)
 STATE = {"verbose": False}
 
 
+def format_rate(speed: float | None) -> str:
+    """Items per second, or seconds per item when slower than one a second (``"   2.4 it/s"``,
+    ``"  40.0 s/it"``; ``"  -  it/s"`` before the first rate is known)."""
+    if not speed:
+        return "  -  it/s"
+    if speed >= 1:
+        return f"{speed:6.1f} it/s"
+    return f"{1 / speed:6.1f} s/it"
+
+
+def task_speed(task) -> float | None:
+    """Items per second of a rich task: rich's estimate over its last 30 s, or, when no two
+    updates fall in that window (items slower than 30 s each), the mean since the task started."""
+    speed = task.finished_speed or task.speed
+    if speed:
+        return speed
+    elapsed = task.elapsed
+    return task.completed / elapsed if task.completed and elapsed else None
+
+
 class RateColumn(ProgressColumn):
     """Items per second (or seconds per item when slower than one a second)."""
 
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        if not speed:
-            return Text("  -  it/s", style="progress.data.speed")
-        if speed >= 1:
-            return Text(f"{speed:6.1f} it/s", style="progress.data.speed")
-        return Text(f"{1 / speed:6.1f} s/it", style="progress.data.speed")
+        return Text(format_rate(task_speed(task)), style="progress.data.speed")
 
 
 class _RichTask:
@@ -70,10 +85,11 @@ class _RichTask:
 
     def _status(self) -> str:
         t = self._p.tasks[self._p.task_ids.index(self._id)]
-        rate = t.speed or 0.0
-        eta = f"{t.time_remaining:.0f}s" if t.time_remaining is not None else "?"
+        speed = task_speed(t)
+        eta = f"{(t.total - t.completed) / speed:.0f}s" if speed and t.total else "?"
         total = f"/{t.total:.0f}" if t.total else ""
-        return f"{t.description} {t.completed:.0f}{total} ({rate:.2f} it/s, eta {eta}) {t.fields.get('info', '')}".rstrip()
+        rate = format_rate(speed).strip()
+        return f"{t.description} {t.completed:.0f}{total} ({rate}, eta {eta}) {t.fields.get('info', '')}".rstrip()
 
     def close(self) -> None:
         self._p.stop_task(self._id)
@@ -95,7 +111,8 @@ class RichProgress:
 
 
 @contextlib.contextmanager
-def progress_bars() -> Iterator[RichProgress]:
+def progress_bars(console: Console | None = None, get_time: Callable[[], float] | None = None) -> Iterator[RichProgress]:
+    """Progress bars on ``console`` (default: stderr); ``get_time`` replaces the clock (tests)."""
     columns = [
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
@@ -107,7 +124,7 @@ def progress_bars() -> Iterator[RichProgress]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}", style="dim"),
     ]
-    with Progress(*columns, console=err_console, transient=False) as p:
+    with Progress(*columns, console=console or err_console, transient=False, get_time=get_time) as p:
         yield RichProgress(p)
 
 
