@@ -137,3 +137,20 @@ def write_report(out: Path | None, report: dict) -> None:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, out)
         print(f"\nwrote {out}")
+
+
+def add_world_options(ap) -> None:
+    """The synthetic world's realism options (``SynthConfig`` fields; defaults: the world's)."""
+    from pipelines.data.synthetic import APPEARANCES, CLASS_FREQS, SHAPES, SynthConfig
+
+    ap.add_argument("--class-freq", choices=CLASS_FREQS, default=SynthConfig.class_freq, help="class frequencies of the world")
+    ap.add_argument("--class-freq-power", type=float, default=SynthConfig.class_freq_power,
+                    help="exponent on COCO's instance counts (with --class-freq coco)")
+    ap.add_argument("--shapes", choices=SHAPES, default=SynthConfig.shapes, help="random blobs or per-class shape priors")
+    ap.add_argument("--appearance", choices=APPEARANCES, default=SynthConfig.appearance, help="flat looks or photo-like scenes")
+
+
+def world_options(args) -> dict:
+    """The ``SynthConfig`` keywords of :func:`add_world_options`'s flags."""
+    return {"class_freq": args.class_freq, "class_freq_power": args.class_freq_power, "shapes": args.shapes,
+            "appearance": args.appearance}

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from _common import add_world_options, world_options  # noqa: E402  (puts the repo on sys.path)
 from pipelines.data.coco import annotation_mask
 from pipelines.data.synthetic import SynthConfig, generate
 from pipelines.io import read_json
@@ -54,9 +55,12 @@ def main() -> None:
     ap.add_argument("--world", default="", help="an existing world folder (default: generate a small one)")
     ap.add_argument("--images", type=int, default=5)
     ap.add_argument("--zoom", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="world seed (when no --world is given)")
+    add_world_options(ap)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        world = Path(args.world) if args.world else generate(SynthConfig(train_images=1, val_images=args.images), Path(tmp) / "w").out_dir
+        cfg = SynthConfig(train_images=1, val_images=args.images, seed=args.seed, **world_options(args))
+        world = Path(args.world) if args.world else generate(cfg, Path(tmp) / "w").out_dir
         panel = draw(world, args.images, args.zoom)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     # a 256-colour palette keeps the file small (< 300 KB) with no visible loss at this zoom

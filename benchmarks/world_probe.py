@@ -13,11 +13,16 @@ heads on its 12x12 feature maps (24x24 crops):
 * ``transfer_reg``the same with T's input L2-normalised, dropout 0.5 on it, weight decay
 * ``t_*``         with ``--ablate-t``: T with parts of that regularisation
 * ``oracle``      per-class weights learnt freely on all classes (set A and B masks)
+* ``transfer_reg_box``, ``transfer_reg_cls+box`` with ``--t-inputs``: T of ``transfer_reg`` reading
+                  ``w_box`` (the classifier then also regresses each crop's box, 4 outputs per class,
+                  whose rows are ``w_box``) or both, as in the paper's Table 3.1
+* ``grabcut``     with ``--grabcut``: GrabCut (OpenCV) inside each jittered box, no training
 
 Mean mask IoU (threshold 0.5 on 12x12 masks) over held-out crops of set B and of set A is
 reported per split (``voc``: set A = the 20 VOC classes; ``random:40:S``: 40 random classes).
 Weight decay (``--wd``) applies to agnostic, transfer_reg and oracle. Design switches
-(``--looks``, ``--overlap``, ``--no-clutter``) reproduce the variants in docs/synthetic_world.md.
+(``--looks``, ``--overlap``, ``--no-clutter``) reproduce the variants in docs/synthetic_world.md;
+the world options (``--class-freq``, ``--shapes``, ``--appearance``) are the generator's.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from _common import add_world_options, world_options  # noqa: E402  (puts the repo on sys.path)
+from pipelines.data.grabcut import grabcut_in_box
 from pipelines.data.splits import resolve_split
 from pipelines.data.synthetic import (
     PALETTE,
@@ -79,36 +86,51 @@ class Crops:
     x: torch.Tensor  # float32[N, 3, CROP, CROP] in [0, 1]
     m: torch.Tensor  # float32[N, 1, MASK, MASK] in {0, 1}
     y: torch.Tensor  # int64[N] class index
+    d: torch.Tensor  # float32[N, 4] box regression target: (dx, dy, log dw, log dh) from the jittered to the true box
+    g: torch.Tensor | None = None  # float32[N, 1, MASK, MASK] GrabCut mask in the jittered box (with --grabcut)
 
 
-def render(n_images: int, seed: int, split_id: int, looks: list[dict], args) -> Crops:
-    cfg = SynthConfig(num_classes=len(looks), image_size=128, seed=seed, max_objects=args.max_objects,
-                      min_radius=args.min_radius, max_radius=args.max_radius)
+def world_config(n_classes: int, seed: int, args) -> SynthConfig:
+    return SynthConfig(num_classes=n_classes, image_size=128, seed=seed, max_objects=args.max_objects,
+                       min_radius=args.min_radius, max_radius=args.max_radius, **world_options(args))
+
+
+def render(n_images: int, seed: int, split_id: int, looks: list[dict], args, grabcut: bool = False) -> Crops:
+    cfg = world_config(len(looks), seed, args)
     min_area = min_visible_area(cfg.image_size)
-    xs, ms, ys = [], [], []
+    xs, ms, ys, ds, gs = [], [], [], [], []
     jit = np.random.default_rng([seed, split_id, 99])
     for i in range(n_images):
         rng = np.random.default_rng([seed, split_id, i + 1])
         img, inst = render_image(rng, cfg, looks, min_area, overlap=args.overlap, clutter=not args.no_clutter)
         if not inst:
             continue
-        boxes, masks = [], []
+        boxes, masks, cuts = [], [], []
         for cls, vis in inst:
             yy, xx = np.nonzero(vis)
             x0, y0, x1, y1 = xx.min(), yy.min(), xx.max() + 1, yy.max() + 1
             w, h = x1 - x0, y1 - y0
             d = jit.uniform(-args.jitter, args.jitter, 4) * np.array([w, h, w, h])
-            boxes.append([x0 + d[0], y0 + d[1], x1 + d[2], y1 + d[3]])
+            jb = [x0 + d[0], y0 + d[1], x1 + d[2], y1 + d[3]]
+            jw, jh = jb[2] - jb[0], jb[3] - jb[1]
+            ds.append([((x0 + x1) - (jb[0] + jb[2])) / (2 * jw), ((y0 + y1) - (jb[1] + jb[3])) / (2 * jh),
+                       np.log(w / jw), np.log(h / jh)])
+            boxes.append(jb)
             masks.append(vis)
             ys.append(cls)
+            if grabcut:
+                cuts.append(grabcut_in_box(img, jb).astype(bool))
         b = torch.tensor(boxes, dtype=torch.float32)
         bi = torch.cat([torch.zeros(len(b), 1), b], 1)
         t = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
         xs.append(roi_align(t, bi, CROP, 1.0, 2, aligned=True))
-        mt = torch.from_numpy(np.stack(masks)).float()[:, None]
         bm = torch.cat([torch.arange(len(b)).float()[:, None], b], 1)
-        ms.append((roi_align(mt, bm, MASK, 1.0, 2, aligned=True) >= 0.5).float())
-    return Crops(torch.cat(xs), torch.cat(ms), torch.tensor(ys))
+        for out, full in ((ms, masks), (gs, cuts)):
+            if full:
+                mt = torch.from_numpy(np.stack(full)).float()[:, None]
+                out.append((roi_align(mt, bm, MASK, 1.0, 2, aligned=True) >= 0.5).float())
+    return Crops(torch.cat(xs), torch.cat(ms), torch.tensor(ys), torch.tensor(ds, dtype=torch.float32),
+                 torch.cat(gs) if gs else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,12 +146,20 @@ class Classifier(nn.Module):
         self.trunk = nn.Sequential(block(3, 32, 1), block(32, c, 2), block(c, c, 1))
         self.head = nn.Sequential(block(c, 96, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, d), nn.ReLU())
         self.cls = nn.Linear(d, k)
+        self.box = nn.Linear(d, 4 * k)  # per-class box regression (trained only with --t-inputs box / cls+box)
 
     def forward(self, x):
         return self.cls(self.head(self.trunk(x)))
 
+    def forward_box(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits [N, K] and box deltas [N, K, 4]."""
+        z = self.head(self.trunk(x))
+        return self.cls(z), self.box(z).view(len(x), -1, 4)
 
-def train_classifier(tr: Crops, va: Crops, k: int, args, seed: int) -> tuple[Classifier, float]:
+
+def train_classifier(tr: Crops, va: Crops, k: int, args, seed: int, with_box: bool = False) -> tuple[Classifier, float]:
+    """The stand-in detector; with ``with_box`` it also regresses each crop's true box (smooth L1 on
+    the deltas of its class, as Faster R-CNN's box head does)."""
     torch.manual_seed(seed)
     net = Classifier(k)
     steps = args.cls_epochs * (len(tr.y) // 64)
@@ -139,7 +169,12 @@ def train_classifier(tr: Crops, va: Crops, k: int, args, seed: int) -> tuple[Cla
     net.train()
     for step in range(steps):
         idx = torch.randint(len(tr.y), (64,), generator=g)
-        loss = F.cross_entropy(net(tr.x[idx]), tr.y[idx])
+        if with_box:
+            logits, deltas = net.forward_box(tr.x[idx])
+            box = deltas[torch.arange(len(idx)), tr.y[idx]]
+            loss = F.cross_entropy(logits, tr.y[idx]) + F.smooth_l1_loss(box / 0.1, tr.d[idx] / 0.1, beta=1.0 / 9)
+        else:
+            loss = F.cross_entropy(net(tr.x[idx]), tr.y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -210,6 +245,15 @@ def mean_iou(head: MaskHead, f, m, y, sel: torch.Tensor) -> float:
     return float((inter / union).mean())
 
 
+def masks_iou(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean IoU of bool masks [N, 1, H, W] (float nan for none)."""
+    if len(pred) == 0:
+        return float("nan")
+    inter = (pred & gt).flatten(1).sum(1).float()
+    union = (pred | gt).flatten(1).sum(1).float().clamp(min=1)
+    return float((inter / union).mean())
+
+
 @torch.no_grad()
 def features(net: Classifier, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([net.trunk(x[i : i + 512]) for i in range(0, len(x), 512)])
@@ -221,13 +265,16 @@ def run_seed(seed: int, args) -> list[dict]:
     looks = make_looks(args.looks, cats)
     t0 = time.time()
     tr = render(args.images, seed, 0, looks, args)
-    va = render(args.val_images, seed, 1, looks, args)
-    net, acc = train_classifier(tr, va, len(cats), args, seed)
+    va = render(args.val_images, seed, 1, looks, args, grabcut=args.grabcut)
+    with_box = any("box" in t for t in args.t_inputs)
+    net, acc = train_classifier(tr, va, len(cats), args, seed, with_box)
     for p in net.parameters():
         p.requires_grad_(False)
     ftr, fva = features(net, tr.x), features(net, va.x)
     w_cls = net.cls.weight.detach().clone()
     c, k = ftr.shape[1], len(cats)
+    w_in = {"cls": w_cls, "box": net.box.weight.detach().view(k, -1).clone()}  # w_box[c]: the 4 rows of class c
+    w_in["cls+box"] = torch.cat([w_in["cls"], w_in["box"]], 1)
     index_of = {cat["id"]: i for i, cat in enumerate(cats)}
     oracle = train_head(MaskHead("oracle", c, k, w_cls), ftr, tr.m, tr.y, args.wd, args, seed)
     rows = []
@@ -241,6 +288,9 @@ def run_seed(seed: int, args) -> list[dict]:
             "transfer": (MaskHead("transfer", c, k, w_cls), 0.0),
             "transfer_reg": (MaskHead("transfer", c, k, w_cls, normalize=True, dropout=0.5), args.wd),
         }
+        for t_input in args.t_inputs:
+            if t_input != "cls":
+                heads[f"transfer_reg_{t_input}"] = (MaskHead("transfer", c, k, w_in[t_input], normalize=True, dropout=0.5), args.wd)
         if args.ablate_t:  # which part of T's regularisation matters
             heads["t_norm"] = (MaskHead("transfer", c, k, w_cls, normalize=True), 0.0)
             heads["t_norm_drop"] = (MaskHead("transfer", c, k, w_cls, normalize=True, dropout=0.5), 0.0)
@@ -251,9 +301,17 @@ def run_seed(seed: int, args) -> list[dict]:
             train_head(head, ftr[a_tr], tr.m[a_tr], tr.y[a_tr], wd, args, seed)
             row[name] = {"A": mean_iou(head, fva, va.m, va.y, in_a[va.y]), "B": mean_iou(head, fva, va.m, va.y, ~in_a[va.y])}
         row["oracle"] = {"A": mean_iou(oracle, fva, va.m, va.y, in_a[va.y]), "B": mean_iou(oracle, fva, va.m, va.y, ~in_a[va.y])}
+        if va.g is not None:
+            row["grabcut"] = {s_: masks_iou(va.g[sel] > 0.5, va.m[sel] > 0.5) for s_, sel in (("A", in_a[va.y]), ("B", ~in_a[va.y]))}
+        row["train_crops_per_class_A"] = round(float(a_tr.sum()) / float(in_a.sum()), 1)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
     return rows
+
+
+def extra_heads(row: dict) -> list[str]:
+    """The optional rows of a result: T ablations, T on w_box, GrabCut."""
+    return [h for h in row if h.startswith(("t_", "transfer_reg_")) or h == "grabcut"]
 
 
 def main() -> None:
@@ -273,6 +331,10 @@ def main() -> None:
     ap.add_argument("--min-radius", type=float, default=SynthConfig.min_radius)
     ap.add_argument("--max-radius", type=float, default=SynthConfig.max_radius)
     ap.add_argument("--no-clutter", action="store_true")
+    add_world_options(ap)
+    ap.add_argument("--t-inputs", nargs="+", default=["cls"], choices=["cls", "box", "cls+box"],
+                    help="inputs of the regularised T (box needs the classifier's box regression, trained when asked for)")
+    ap.add_argument("--grabcut", action="store_true", help="also score GrabCut inside each jittered validation box")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ablate-t", action="store_true", help="also train T with parts of its regularisation")
     ap.add_argument("--out", default="")
@@ -292,7 +354,7 @@ def main() -> None:
         for r in run_seed(seed, args):
             rows.append(r)
             print(line(r), flush=True)
-            extra = [h for h in r if h.startswith("t_")]
+            extra = extra_heads(r)
             if extra:
                 print("     " + "  ".join(f"{h} {r[h]['A']:.3f}/{r[h]['B']:.3f}" for h in extra), flush=True)
         if args.out:  # after every seed, so an interrupted run keeps what it has
@@ -300,8 +362,11 @@ def main() -> None:
                 json.dump({"args": vars(args), "rows": rows}, f, indent=2)
     for split in dict.fromkeys(r["spec"] for r in rows):
         sel = [r for r in rows if r["spec"] == split]
-        mean = {h: {s: float(np.mean([r[h][s] for r in sel])) for s in "AB"} for h in heads}
+        extra = extra_heads(sel[0])
+        mean = {h: {s: float(np.mean([r[h][s] for r in sel])) for s in "AB"} for h in heads + extra}
         print(line({"seed": "mean", "split": split, "cls_acc": float(np.mean([r["cls_acc"] for r in sel])), **mean}), flush=True)
+        if extra:
+            print("     " + "  ".join(f"{h} {mean[h]['A']:.3f}/{mean[h]['B']:.3f}" for h in extra), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

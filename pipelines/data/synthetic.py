@@ -11,6 +11,13 @@ masks of, a class-specific one can, and a weight transfer function can learn fro
 look (as the detector encodes it in ``w_det``) maps to mask weights, factor by factor, and apply
 that to set B. See ``docs/synthetic_world.md`` for the design, the reasons and probe results.
 
+Three options bring the world closer to real photographs (each off by default, so the worlds of
+the older results stay reproducible byte for byte): ``class_freq="coco"`` draws classes with
+COCO train2017's long-tailed instance frequencies, ``shapes="class"`` gives every class a shape
+prior (a shape family and an aspect ratio, jittered per instance), and ``appearance="photo"``
+paints unannotated regions of every colour behind the objects, gives every object a part of
+another colour and shading, and lights the image unevenly.
+
 Output of :func:`generate` in ``out_dir``::
 
     world.json                 manifest: format, version, config, counts
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -67,6 +75,28 @@ DARKEN = 0.6  # pattern pixels get colour * (1 - DARKEN)
 BASE_PERIOD = 6.0  # texture period in pixels at image_size 128
 NUM_FACTOR_CLASSES = len(PALETTE) * len(TEXTURES)  # 80
 
+# Instances per category in COCO train2017 (instances_train2017.json, crowd regions included;
+# 860,001 in all), in COCO order; docs/synthetic_world.md says where the numbers come from.
+COCO_TRAIN2017_INSTANCES: list[int] = [
+    262465, 7113, 43867, 8725, 5135, 6069, 4571, 9973, 10759, 12884, 1865, 1983, 1285, 9838, 10806,
+    4768, 5508, 6587, 9509, 8147, 5513, 1294, 5303, 5131, 8720, 11431, 12354, 6496, 6192, 2682, 6646,
+    2685, 6347, 9076, 3276, 3747, 5543, 6126, 4812, 24342, 7913, 20650, 5479, 7770, 6165, 14358, 9458,
+    5851, 4373, 6399, 7308, 7852, 2918, 5821, 7179, 6353, 38491, 5779, 8652, 4192, 15714, 4157, 5805,
+    4970, 2262, 5703, 2855, 6434, 1673, 3334, 225, 5610, 2637, 24715, 6334, 6613, 1481, 4793, 198, 1954,
+]
+CLASS_FREQS = ("uniform", "coco")
+SHAPES = ("random", "class")
+APPEARANCES = ("flat", "photo")
+# Shape families of the class shape priors: superellipse exponent (2 = ellipse, large = rounded
+# rectangle, near 1 = diamond), taper (width grows towards the bottom) and lobes (a star-like outline).
+SHAPE_FAMILIES: dict[str, dict] = {
+    "ellipse": {"exponent": 2.0, "taper": 0.0, "lobes": 0},
+    "box": {"exponent": 6.0, "taper": 0.0, "lobes": 0},
+    "diamond": {"exponent": 1.2, "taper": 0.0, "lobes": 0},
+    "pear": {"exponent": 2.0, "taper": 0.4, "lobes": 0},
+    "star": {"exponent": 2.0, "taper": 0.0, "lobes": 5},
+}
+
 
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -82,11 +112,23 @@ class SynthConfig:
     min_radius: float = 14.0
     max_radius: float = 34.0
     seed: int = 0
+    # how often each class occurs: "uniform" (every class alike) or "coco" (COCO train2017's
+    # instance counts raised to class_freq_power: 1 = COCO's own long tail, 0 = uniform)
+    class_freq: str = "uniform"
+    class_freq_power: float = 1.0
+    # object shapes: "random" (blobs unrelated to the class) or "class" (a shape family and aspect
+    # ratio per class, jittered per instance)
+    shapes: str = "random"
+    # how images look: "flat" (objects of one look on a dim grey-ish gradient) or "photo"
+    # (unannotated regions of any colour behind them, a part of another colour on every object,
+    # shading, uneven light)
+    appearance: str = "flat"
 
 
-# A world.json written before the radius options existed was made with these radii (the
-# defaults of that time); a key missing from a manifest is read as this value, not today's default.
-LEGACY_RADII = {"min_radius": 9.0, "max_radius": 24.0}
+# A world.json written before an option existed was made with these values (the defaults of that
+# time); a key missing from a manifest is read as this value, not as today's default.
+LEGACY_CONFIG = {"min_radius": 9.0, "max_radius": 24.0, "class_freq": "uniform", "class_freq_power": 1.0,
+                 "shapes": "random", "appearance": "flat"}
 
 
 @dataclass
@@ -115,6 +157,14 @@ def _check_config(cfg: SynthConfig) -> None:
     if not 3.0 <= cfg.min_radius <= cfg.max_radius <= 48.0:
         raise MaskxError(f"synthetic world: need 3 <= min_radius <= max_radius <= 48 (pixels at 128 px), "
                          f"got {cfg.min_radius} and {cfg.max_radius}")
+    for key, allowed in (("class_freq", CLASS_FREQS), ("shapes", SHAPES), ("appearance", APPEARANCES)):
+        if getattr(cfg, key) not in allowed:
+            raise MaskxError(f"synthetic world: {key} must be one of {' | '.join(allowed)}, got '{getattr(cfg, key)}'")
+    if cfg.class_freq == "coco" and cfg.num_classes > len(COCO_TRAIN2017_INSTANCES):
+        raise MaskxError(f"synthetic world: class_freq coco knows the frequencies of COCO's {len(COCO_TRAIN2017_INSTANCES)} classes "
+                         f"only, got num_classes {cfg.num_classes}")
+    if not 0.0 <= cfg.class_freq_power <= 2.0:
+        raise MaskxError(f"synthetic world: class_freq_power must be between 0 and 2, got {cfg.class_freq_power}")
     if cfg.train_images < 1 or cfg.val_images < 1:
         raise MaskxError(
             f"synthetic world: needs at least 1 training and 1 validation image, got {cfg.train_images} and {cfg.val_images}"
@@ -158,13 +208,42 @@ def _extra_look(index: int) -> dict:
     }
 
 
-def synth_categories(num_classes: int) -> list[dict]:
+def class_shape(index: int) -> dict:
+    """Shape prior of class number ``index``: ``family`` (a key of SHAPE_FAMILIES) and ``aspect``
+    (height / width of the upright shape, 0.4 to 2.5, log-uniform).
+
+    Families go round-robin over the VOC classes and, separately, over the others (in COCO order), so
+    set A of the voc split holds every family four times; classes beyond 80 draw theirs at random.
+    The aspect ratio is drawn from a generator seeded by the class number.
+    """
+    rng = np.random.default_rng([4099, index])
+    aspect = float(np.exp(rng.uniform(np.log(0.4), np.log(2.5))))
+    names = list(SHAPE_FAMILIES)
+    if index < len(COCO_CATEGORIES):
+        voc = [i for i, (cid, _) in enumerate(COCO_CATEGORIES) if cid in VOC_COCO_IDS]
+        rest = [i for i, (cid, _) in enumerate(COCO_CATEGORIES) if cid not in VOC_COCO_IDS]
+        family = names[voc.index(index) % len(names)] if index in voc else names[rest.index(index) % len(names)]
+    else:
+        family = names[int(rng.integers(len(names)))]
+    return {"family": family, "aspect": round(aspect, 4)}
+
+
+def class_frequencies(cfg: SynthConfig) -> np.ndarray | None:
+    """Probability of each class per object, float64[num_classes], or None for uniform (the
+    generator then draws classes as it always has)."""
+    if cfg.class_freq == "uniform":
+        return None
+    weights = np.asarray(COCO_TRAIN2017_INSTANCES[: cfg.num_classes], np.float64) ** cfg.class_freq_power
+    return weights / weights.sum()
+
+
+def synth_categories(num_classes: int, shapes: bool = False) -> list[dict]:
     """The category list of a world with ``num_classes`` classes.
 
     The first ``min(80, num_classes)`` are COCO's categories (ids and names in COCO order, with
     ``coco_id`` = id); further ones have ids 91, 92, ... named ``synth_0081``, ... and
     ``coco_id`` None. Each carries ``look``: ``color`` [r, g, b], ``color_name``, ``texture``,
-    ``period`` (pixels at image size 128).
+    ``period`` (pixels at image size 128); with ``shapes`` also ``shape`` (:func:`class_shape`).
     """
     pairs = _factor_pairs()
     cats = []
@@ -178,6 +257,8 @@ def synth_categories(num_classes: int) -> list[dict]:
             cats.append(
                 {"id": 91 + i - 80, "name": f"synth_{i + 1:04d}", "supercategory": "synthetic", "coco_id": None, "look": _extra_look(i)}
             )
+        if shapes:
+            cats[-1]["shape"] = class_shape(i)
     return cats
 
 
@@ -244,6 +325,65 @@ def _background(rng: np.random.Generator, size: int, palette: np.ndarray, clutte
     return img
 
 
+def _shaped_blob(rng: np.random.Generator, radius: float, prior: dict) -> np.ndarray:
+    """An instance of a class shape prior: ``bool[n, n]`` (n = 2*ceil(1.7*radius)+1) centred in its square.
+
+    The class's family (superellipse exponent, taper, lobes) and aspect ratio (height / width;
+    the longer half-axis is ``radius``), with per-instance jitter: aspect ratio and exponent
+    x exp(N(0, 0.15)) and exp(N(0, 0.1)), a tilt of N(0, 0.15) rad from upright, taper and lobe
+    depth x U(0.7, 1.3), a random lobe phase and a small 2nd-4th harmonic wobble.
+    """
+    family = SHAPE_FAMILIES[prior["family"]]
+    half = int(np.ceil(radius * 1.7))
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float32)
+    tilt = rng.normal(0.0, 0.15)
+    aspect = prior["aspect"] * np.exp(rng.normal(0.0, 0.15))
+    a, b = (radius / aspect, radius) if aspect >= 1 else (radius, radius * aspect)  # half width, half height
+    c, s = np.cos(tilt), np.sin(tilt)
+    u, v = (c * xx + s * yy) / a, (-s * xx + c * yy) / b  # v grows downwards
+    taper = family["taper"] * rng.uniform(0.7, 1.3)
+    if taper:
+        u = u / (1.0 + taper * np.clip(v, -1.0, 1.0))  # narrower at the top, wider at the bottom
+    n = family["exponent"] * np.exp(rng.normal(0.0, 0.1))
+    r = (np.abs(u) ** n + np.abs(v) ** n) ** (1.0 / n)
+    theta = np.arctan2(v, u)
+    bound = np.ones_like(theta)
+    if family["lobes"]:
+        bound += 0.3 * rng.uniform(0.7, 1.3) * np.cos(family["lobes"] * theta + rng.uniform(0, 2 * np.pi))
+    for k in (2, 3, 4):
+        bound += rng.uniform(0.0, 0.12 / k) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    return r <= bound
+
+
+def _scene_background(rng: np.random.Generator, size: int, palette: np.ndarray, clutter: bool = True) -> np.ndarray:
+    """Background ``float32[S, S, 3]`` of a photo-like scene: 3-6 unannotated regions (a Voronoi
+    partition), each a colour from the whole colour space (saturation 0.1-0.85, value 0.25-0.9) with
+    low-frequency grain, plus the thin clutter lines of the plain background."""
+    scale = size / 128.0
+    k = int(rng.integers(3, 7))
+    seeds = rng.uniform(0, size, (k, 2)).astype(np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    label = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, axis=-1)
+    hsv = np.stack([rng.uniform(0, 1, k), rng.uniform(0.1, 0.85, k), rng.uniform(0.25, 0.9, k)], 1)
+    colours = np.array([colorsys.hsv_to_rgb(*c) for c in hsv], np.float32) * 255.0
+    grain = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 2.0 * scale)
+    grain /= max(float(grain.std()), 1e-6)
+    amplitude = rng.uniform(6, 20, k).astype(np.float32)
+    img = colours[label] + (grain * amplitude[label])[..., None]
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    for _ in range(int(rng.integers(2, 7)) if clutter else 0):
+        p0 = tuple(int(x) for x in rng.integers(0, size, 2))
+        p1 = tuple(int(x) for x in rng.integers(0, size, 2))
+        color = tuple(float(x) for x in palette[rng.integers(len(palette))] * rng.uniform(0.5, 0.9))
+        cv2.line(img, p0, p1, color, thickness=1, lineType=cv2.LINE_8)
+    return img
+
+
+@functools.lru_cache(maxsize=8)
+def _class_shapes(num_classes: int) -> tuple[dict, ...]:
+    return tuple(class_shape(i) for i in range(num_classes))
+
+
 def render_image(
     rng: np.random.Generator,
     cfg: SynthConfig,
@@ -257,21 +397,30 @@ def render_image(
     Objects are painted back to front; each new object lands, with probability ``overlap``, on top
     of an existing one (centre within about one radius of it), else anywhere. A placement is
     accepted only if every object keeps at least 35% of its pixels and ``min_area`` visible.
+    Classes are drawn uniformly or with :func:`class_frequencies`; shapes are random blobs or
+    instances of the class's :func:`class_shape`. With ``appearance="photo"`` the background is a
+    scene (:func:`_scene_background`), a part of every object (the 20-40% of its pixels beyond a
+    random straight cut) takes a dull colour of its own (saturation <= 0.5, value 0.15-0.6, like
+    tyres, trousers or a shadowed side), each object is shaded (brightness x 1 +- up to 25% across
+    it) and the whole image lit unevenly (x 0.6-1.4).
     ``overlap`` and ``clutter`` exist for the design probes (benchmarks/world_probe.py).
     """
     size = cfg.image_size
     scale = size / 128.0
     palette = np.array([c for _, c in PALETTE], np.float32)
-    img = _background(rng, size, palette, clutter)
+    photo = cfg.appearance == "photo"
+    img = (_scene_background if photo else _background)(rng, size, palette, clutter)
+    probs = class_frequencies(cfg)
+    priors = _class_shapes(len(looks)) if cfg.shapes == "class" else None
     n_obj = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     full: list[np.ndarray] = []  # full (unoccluded) masks, in paint order
     areas: list[int] = []  # their full areas
     classes: list[int] = []
     centres: list[tuple[float, float, float]] = []
     for _ in range(n_obj):
-        cls = int(rng.integers(len(looks)))
+        cls = int(rng.integers(len(looks))) if probs is None else int(rng.choice(len(looks), p=probs))
         radius = rng.uniform(cfg.min_radius, cfg.max_radius) * scale
-        blob = _blob(rng, radius)
+        blob = _blob(rng, radius) if priors is None else _shaped_blob(rng, radius, priors[cls])
         half = blob.shape[0] // 2
         placed = None
         for attempt in range(25):
@@ -318,7 +467,22 @@ def render_image(
             look["texture"], (xs - xi).astype(np.float32), (ys - yi).astype(np.float32), period, rng.uniform(-0.15, 0.15), rng.uniform(0, 1)
         )
         color = np.asarray(look["color"], np.float32) * rng.uniform(0.85, 1.08) + rng.normal(0, 8, 3)
-        img[ys, xs] = color[None, :] * (1.0 - DARKEN * pattern[:, None])
+        if photo:  # shading: brightness changes linearly across the object, in a random direction
+            ang, depth = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.25)
+            shade = 1.0 + depth * ((xs - xi) * np.cos(ang) + (ys - yi) * np.sin(ang)).astype(np.float32) / radius
+            paint = color[None, :] * (1.0 - DARKEN * pattern[:, None])
+            cut = rng.uniform(0, 2 * np.pi)  # a part of another colour beyond a straight cut
+            proj = (xs - xi) * np.cos(cut) + (ys - yi) * np.sin(cut)
+            part = proj >= np.quantile(proj, 1.0 - rng.uniform(0.2, 0.4))
+            dull = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.5), rng.uniform(0.15, 0.6)), np.float32) * 255.0
+            paint[part] = dull[None, :] + rng.normal(0, 6, (int(part.sum()), 3)).astype(np.float32)
+            img[ys, xs] = paint * np.clip(shade, 0.5, 1.5)[:, None]
+        else:
+            img[ys, xs] = color[None, :] * (1.0 - DARKEN * pattern[:, None])
+    if photo:  # uneven light over the whole image
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+        gy, gx = rng.normal(0, 0.35, 2)
+        img *= np.clip(1.0 + gx * xx + gy * yy, 0.6, 1.4)[..., None]
     img += rng.normal(0, 5.0, img.shape).astype(np.float32)
     out = np.clip(img, 0, 255).astype(np.uint8)
     return out, [(c, v) for c, v in zip(classes, full) if v.sum() >= min_area]
@@ -406,7 +570,7 @@ def _existing(out: Path, cfg: SynthConfig) -> SynthResult | None:
         isinstance(manifest, dict)
         and manifest.get("format") == FORMAT
         and manifest.get("version") == VERSION
-        and {**LEGACY_RADII, **(manifest.get("config") or {})} == dataclasses.asdict(cfg)
+        and {**LEGACY_CONFIG, **(manifest.get("config") or {})} == dataclasses.asdict(cfg)
         and all((out / p).exists() for p in ("instances_train.json", "instances_val.json", "train", "val"))
     ):
         return _result(out, manifest)
@@ -426,7 +590,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: Progress = NULL_PR
     found = _existing(out, cfg)
     if found is not None:
         return found
-    cats = synth_categories(cfg.num_classes)
+    cats = synth_categories(cfg.num_classes, shapes=cfg.shapes == "class")
     make_parent(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
