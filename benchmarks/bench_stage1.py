@@ -3,7 +3,7 @@
     uv run python benchmarks/bench_stage1.py --out bench_stage1.json
 
 Each variant is the ``synthetic`` recipe's detector with some keys changed (``--variant
-name:key=value,key=value``; the defaults below are the candidates measured in docs/results.md),
+name:key=value,key=value``; default: the candidates below),
 trained with SGD on the same batches of a small synthetic world (batch 8, 128 px). The steps of
 all variants are interleaved round by round, so load from other jobs on a shared machine hits
 each alike; the report gives the median seconds per step and each variant's speed relative to
