@@ -21,7 +21,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from pipelines.data.synthetic import SynthConfig
+from pipelines.data.synthetic import APPEARANCES, CLASS_FREQS, SHAPES, SynthConfig
 
 SetOpt = Annotated[
     Optional[list[str]],
@@ -81,10 +81,10 @@ WORLD_HELP = {
     "min_radius": "Smallest object radius, pixels at 128 px (scaled with the image size).",
     "max_radius": "Largest object radius, pixels at 128 px.",
     "seed": "Random seed of the world: the same seed gives the same files.",
-    "class_freq": "Class frequencies: uniform | coco (COCO train2017's long tail).",
+    "class_freq": f"Class frequencies: {' | '.join(CLASS_FREQS)} (coco: COCO train2017's long tail).",
     "class_freq_power": "Exponent on COCO's instance counts (1: COCO's own tail, 0: uniform).",
-    "shapes": "Object shapes: random | class (a shape prior per class).",
-    "appearance": "Look of the images: flat | photo (scene background, two-colour objects, uneven light).",
+    "shapes": f"Object shapes: {' | '.join(SHAPES)} (class: a shape prior per class).",
+    "appearance": f"Look of the images: {' | '.join(APPEARANCES)} (photo: scene background, two-colour objects, uneven light).",
 }
 
 
