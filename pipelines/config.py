@@ -51,6 +51,9 @@ class DataConfig:
     # Keep at most this many training / validation images (0 = all); handy for smoke runs.
     max_train_images: int = 0
     max_val_images: int = 0
+    # Horizontal flips while training (Detectron's TRAIN.USE_FLIPPED): every training image once as it
+    # is and once mirrored (pipelines/data/transforms.py). Read by detect-train, train and the stage-2 cache.
+    hflip: bool = True
 
 
 @dataclass

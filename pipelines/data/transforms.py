@@ -60,3 +60,8 @@ class FlippedCopies(torch.utils.data.Dataset):
         i, flipped = self.source(index)
         image, target = self.dataset[i]
         return hflip(image, target) if flipped else (image, target)
+
+
+def training_images(dataset: torch.utils.data.Dataset, hflip: bool) -> torch.utils.data.Dataset:
+    """The images a training stage iterates over: ``FlippedCopies(dataset)`` with ``hflip`` (``data.hflip``), else ``dataset``."""
+    return FlippedCopies(dataset) if hflip else dataset

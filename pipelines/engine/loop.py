@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pipelines.config import SolverConfig
-from pipelines.data.coco import CocoDataset, collate
+from pipelines.data.coco import collate
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import SCHEMAS, TRAINING, load_checkpoint, load_state, save_checkpoint
 from pipelines.engine.device import autocast
@@ -315,10 +315,11 @@ class Trainer:
         return stats
 
 
-def train_on_images(model: torch.nn.Module, dataset: CocoDataset, solver: SolverConfig, out: Path, kind: str, extra: dict,
+def train_on_images(model: torch.nn.Module, dataset: torch.utils.data.Dataset, solver: SolverConfig, out: Path, kind: str, extra: dict,
                     device: torch.device, progress: Progress = NULL_PROGRESS, resume: bool = False, description: str = "train",
                     target_keys: tuple[str, ...] = ("boxes", "labels")) -> TrainStats:
-    """Train a torchvision detection ``model`` (``model(images, targets) -> dict of losses``) on ``dataset``.
+    """Train a torchvision detection ``model`` (``model(images, targets) -> dict of losses``) on ``dataset``
+    (a :class:`pipelines.data.coco.CocoDataset`, or its :class:`pipelines.data.transforms.FlippedCopies` with ``data.hflip``).
 
     ``device`` is :func:`pipelines.engine.distributed.setup`'s. The loop of the image-level stages (``detect-train``, end-to-end ``train``): DDP under
     ``torchrun``, a :class:`Trainer` (checkpoints of kind ``kind`` with ``extra``), and the

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipelines.config import DetectTrainConfig, to_dict
 from pipelines.data.coco import CocoDataset, load_split
+from pipelines.data.transforms import training_images
 from pipelines.engine import distributed as dist
 from pipelines.engine.loop import TrainStats, seed_everything, train_on_images
 from pipelines.engine.run_dir import (DETECTOR_CKPT, check_not_finished, prepare_run_dir, save_detector, training_run,
@@ -61,7 +62,7 @@ def _detect_train(cfg: DetectTrainConfig, out: Path, progress: Progress, resume:
             write_recipe(out, recipe)
 
     dist.main_first(start, others=False)
-    stats = train_on_images(model, dataset, cfg.solver, out, "detector-train", {"config": to_dict(cfg), "categories": categories},
+    stats = train_on_images(model, training_images(dataset, cfg.data.hflip), cfg.solver, out, "detector-train", {"config": to_dict(cfg), "categories": categories},
                             device, progress, resume, "detect-train")
     final = out / DETECTOR_CKPT
 

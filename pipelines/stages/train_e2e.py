@@ -24,6 +24,7 @@ import torch
 from pipelines.config import DetectorConfig, MaskTrainConfig, TrainE2EConfig, from_dict, to_dict
 from pipelines.data.coco import CocoDataset, check_same_categories, load_split
 from pipelines.data.splits import label_table, mask_classes, resolve_split
+from pipelines.data.transforms import training_images
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import load_checkpoint
 from pipelines.engine.loop import TrainStats, seed_everything, train_on_images
@@ -117,7 +118,7 @@ def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool)
     if dist.is_main():
         prepare_run_dir(out, "train-e2e", to_dict(cfg), inputs, extra={"set_a": set_a, "train_classes": len(train_classes)})
     dist.barrier()
-    stats = train_on_images(model, dataset, cfg.solver, out, "train-e2e", {"config": to_dict(cfg), "categories": categories},
+    stats = train_on_images(model, training_images(dataset, cfg.data.hflip), cfg.solver, out, "train-e2e", {"config": to_dict(cfg), "categories": categories},
                             device, progress, resume, f"train e2e [{cfg.head.head}{'+mlp' if cfg.head.mlp else ''}]",
                             target_keys=("boxes", "labels", "masks", "has_mask"))
 

@@ -50,3 +50,28 @@ def test_flipped_copies_order():
     image, target = ds[4]
     assert torch.equal(image, items[1][0].flip(-1)) and target["flipped"] is True
     assert "flipped" not in ds[1][1]
+
+
+def test_training_dataset_flips_round_trip(tiny_world):
+    """Through the path the training stages read: a flipped copy of a real training image (decoded from
+    its file, boxes and masks from its COCO annotations), flipped back, equals the original."""
+    from pipelines.data.coco import CocoDataset, load_coco
+    from pipelines.data.transforms import training_images
+
+    data, _ = load_coco(tiny_world.train_json, require_masks=True)
+    base = CocoDataset(data, tiny_world.train_dir, with_masks=True, mask_category_ids=[1, 2, 3], drop_empty=True)
+    assert training_images(base, False) is base
+    ds = training_images(base, True)
+    n = len(base)
+    assert len(ds) == 2 * n
+    for i in (0, n // 2, n - 1):
+        image, target = base[i]
+        fimage, ft = ds[n + i]
+        assert ft["flipped"] is True and not torch.equal(fimage, image)
+        assert torch.equal(ft["boxes"][:, [1, 3]], target["boxes"][:, [1, 3]])  # rows unchanged
+        back_image, back = hflip(fimage, ft)
+        assert torch.equal(back_image, image)
+        for k in ("boxes", "masks", "labels", "has_mask"):
+            assert torch.equal(back[k], target[k]), k
+        assert back["image_id"] == target["image_id"]
+        assert torch.equal(ds[i][0], image)  # the first half is the data set as it is

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipelines.data.coco import CocoDataset
+from pipelines.data.transforms import FlippedCopies
 from pipelines.engine.checkpoint import load_checkpoint
 from pipelines.engine.run_dir import read_manifest
 from pipelines.errors import MaskxError
@@ -80,6 +81,33 @@ def test_detector_stopped_by_sigterm_then_resumed_matches_uninterrupted(runs, mo
     # the same losses at every iteration, one line per iteration (none repeated by the resume)
     assert [m["iteration"] for m in metrics(out)] == list(range(1, 7))
     assert metrics(out) == metrics(root / "det_full")
+
+
+def test_detector_with_flips_stopped_then_resumed_matches_uninterrupted(runs, monkeypatch):
+    """With data.hflip the batches come from the flipped copies (2x the images): still bit-identical."""
+    root, world = runs
+    flips = [*ITERS, "data.hflip=true"]
+    detect_train(detect_config(world, *flips), root / "det_flip_full")
+    full = load_checkpoint(root / "det_flip_full" / "model_final.pth")["model"]
+    plain = load_checkpoint(root / "det_full" / "model_final.pth")["model"]
+    assert any(not torch.equal(full[k], plain[k]) for k in full)  # flips changed what was trained on
+
+    out = root / "det_flip_stopped"
+    read: list[bool] = []
+    getitem = FlippedCopies.__getitem__
+
+    def reading(self, index):
+        read.append(self.source(index)[1])
+        return getitem(self, index)
+
+    monkeypatch.setattr(FlippedCopies, "__getitem__", sigterm_after(10, reading))
+    with pytest.raises(MaskxError, match="stopped by SIGTERM at iteration 3; checkpoint saved"):
+        detect_train(detect_config(world, *flips), out)
+    monkeypatch.undo()
+    assert any(read) and not all(read)  # both mirrored and unmirrored images were read before the stop
+    detect_train(detect_config(world, *flips), out, resume=True)
+    assert_same_state(full, load_checkpoint(out / "model_final.pth")["model"])
+    assert metrics(out) == metrics(root / "det_flip_full")
 
 
 def test_mask_head_stopped_then_resumed_matches_uninterrupted(runs, monkeypatch):
