@@ -39,7 +39,8 @@ SETTINGS = {
     "quick": dict(det=DetectorConfig(backbone="resnet18", fpn_channels=64, box_representation=256, norm="bn", min_size=128,
                                      max_size=128, anchor_sizes=[16, 32, 64, 128, 256], rpn_post_nms_top_n_train=300,
                                      box_batch_size_per_image=64),
-                  head=HeadConfig(mask_dim=64, num_convs=4, mlp_hidden=256, mlp_input_size=14),
+                  head=HeadConfig(mask_dim=64, num_convs=4, mlp_layers=2, mlp_hidden=256, mlp_input_size=14, normalize_input=True,
+                                  input_dropout=0.5),
                   size=128, images=8, objects=8, rois=64),
     "coco": dict(det=DetectorConfig(), head=HeadConfig(), size=512, images=2, objects=16, rois=64),
 }

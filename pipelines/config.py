@@ -130,14 +130,17 @@ class HeadConfig:
     transfer_layers: int = 2  # 1, 2 or 3 fully connected layers
     transfer_activation: str = "leaky_relu"  # none | relu | leaky_relu
     transfer_hidden: int = 256
-    normalize_input: bool = True  # L2-normalise w_det before T (see docs/synthetic_world.md)
-    input_dropout: float = 0.5  # dropout on T's input while training
+    transfer_init: str = "fan_out"  # fan_out (Caffe2's MSRAFill, the original code's) | fan_in (Kaiming fan-in)
+    # The paper's T reads w_det as it is; the synthetic recipe regularises it (docs/synthetic_world.md)
+    normalize_input: bool = False  # L2-normalise w_det before T
+    input_dropout: float = 0.0  # dropout on T's input while training
     normalize_output: bool = False  # w_seg = s * T(w_det) / |T(w_det)|, one learned scale s for every class
     stop_gradient: bool = True  # w_seg = T(stop_grad(w_det)) (§2.2); matters only end-to-end
     mask_dim: int = 256  # channels of the FCN mask head
     num_convs: int = 4  # 3x3 convs of the FCN mask head (8 = a heavier head)
     fcn: str = "convs"  # mask head body: convs (num_convs 3x3 convs) | hourglass (encoder-decoder with skips)
-    mlp_hidden: int = 1024
+    mlp_layers: int = 1  # FC layers of the MLP branch: 1 (the original code's: 256x28x28 -> 28x28) | 2 (through mlp_hidden)
+    mlp_hidden: int = 1024  # hidden width of the 2-layer MLP branch
     mlp_input_size: int = 28  # the MLP branch reads the FCN features average-pooled to this size
     roi_size: int = 14  # RoIAlign output; masks are predicted at 2x this
 

@@ -286,7 +286,8 @@ def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> tuple[Mask
     if det is not None and ckpt["detector_sha256"] != det.sha256:
         raise MaskxError(f"this mask head was trained on another detector (sha256 {ckpt['detector_sha256'][:12]}…, "
                          f"given detector {det.sha256[:12]}…)", path)
-    head = from_dict(HeadConfig, ckpt["head"])
+    # heads saved before the 1-layer MLP branch existed have no mlp_layers key: theirs had 2 layers
+    head = from_dict(HeadConfig, {"mlp_layers": 2, **ckpt["head"]})
     side = build_mask_side(head, len(ckpt["categories"]), ckpt["in_channels"], embed_dim=ckpt["embed_dim"])
     load_state(side, ckpt["model"], path)
     side.eval().requires_grad_(False)

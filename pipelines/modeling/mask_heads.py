@@ -97,36 +97,57 @@ def build_fcn(kind: str, in_channels: int, dim: int, num_convs: int) -> nn.Modul
     raise MaskxError(f"unknown mask head body '{kind}' (expected {' | '.join(FCNS)})")
 
 
-class MLPMaskBranch(nn.Module):
-    """Class-agnostic MLP mask branch (§2.4): ``[R, D, M, M]`` -> ``[R, M, M]`` logits.
+MLP_LAYERS = (1, 2)
 
-    Two FC layers (hidden ``hidden``, ReLU) over the FCN features, average-pooled to
-    ``input_size`` first (the original code uses the full M x M map). Last layer: N(0, 0.001) init.
+
+class MLPMaskBranch(nn.Module):
+    """Class-agnostic MLP mask branch (§2.4): FCN features ``[R, D, M, M]`` -> ``[R, M, M]`` logits.
+
+    The features are average-pooled to ``input_size`` first when smaller than M (M = 28 reads the
+    full map, as the original code does). ``layers``:
+
+    * 1 (the original code's default branch): one FC layer ``D * input_size**2 -> M * M``
+      (``fc``), N(0, 0.001) init; about 157.4 M parameters for D = 256, M = 28;
+    * 2: FC ``-> hidden`` (``fc1``, Kaiming fan-in init) + ReLU + FC ``-> M * M`` (``fc2``,
+      N(0, 0.001) init): maskx's earlier branch, kept as it was (the original code's optional
+      ``2_layer`` branch differs in ``fc1``'s init: Caffe2's MSRAFill, by fan-out).
+
+    Biases start at zero.
     """
 
-    def __init__(self, dim: int, resolution: int = 28, hidden: int = 1024, input_size: int = 28):
+    def __init__(self, dim: int, resolution: int = 28, hidden: int = 1024, input_size: int = 28, layers: int = 1):
         super().__init__()
+        if layers not in MLP_LAYERS:
+            raise MaskxError(f"mlp_layers must be 1 or 2, got {layers}")
         self.resolution = resolution
         self.input_size = input_size
-        self.fc1 = nn.Linear(dim * input_size * input_size, hidden)
-        self.fc2 = nn.Linear(hidden, resolution * resolution)
-        nn.init.kaiming_normal_(self.fc1.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.zeros_(self.fc1.bias)
-        nn.init.normal_(self.fc2.weight, std=0.001)
-        nn.init.zeros_(self.fc2.bias)
+        self.layers = layers
+        in_features, out_features = dim * input_size * input_size, resolution * resolution
+        if layers == 1:
+            self.fc = nn.Linear(in_features, out_features)
+            logits = self.fc
+        else:
+            self.fc1 = nn.Linear(in_features, hidden)
+            self.fc2 = nn.Linear(hidden, out_features)
+            nn.init.kaiming_normal_(self.fc1.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(self.fc1.bias)
+            logits = self.fc2
+        nn.init.normal_(logits.weight, std=0.001)
+        nn.init.zeros_(logits.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.input_size:
             x = F.adaptive_avg_pool2d(x, self.input_size)
-        h = F.relu(self.fc1(x.flatten(1)))
-        return self.fc2(h).view(-1, self.resolution, self.resolution)
+        x = x.flatten(1)
+        out = self.fc(x) if self.layers == 1 else self.fc2(F.relu(self.fc1(x)))
+        return out.view(-1, self.resolution, self.resolution)
 
 
 def mlp_settings(cfg: HeadConfig) -> dict:
     """Map size and MLP-branch settings of a predictor, from a :class:`HeadConfig` (maps are 2 x roi_size)."""
     resolution = 2 * cfg.roi_size
     return {"resolution": resolution, "mlp": cfg.mlp, "mlp_hidden": cfg.mlp_hidden,
-            "mlp_input_size": min(cfg.mlp_input_size, resolution)}
+            "mlp_input_size": min(cfg.mlp_input_size, resolution), "mlp_layers": cfg.mlp_layers}
 
 
 class MaskPredictor(nn.Module):
@@ -147,9 +168,9 @@ class MaskPredictor(nn.Module):
         """The predictor of a :class:`HeadConfig` for ``num_classes`` classes (``w_det`` [K, E]: T's input)."""
         raise NotImplementedError
 
-    def _add_mlp_branch(self, dim: int, resolution: int, mlp: bool, hidden: int, input_size: int) -> None:
+    def _add_mlp_branch(self, dim: int, resolution: int, mlp: bool, hidden: int, input_size: int, layers: int = 1) -> None:
         # called after a subclass's own parameters: their random initialisation comes first
-        self.mlp = MLPMaskBranch(dim, resolution, hidden, input_size) if mlp else None
+        self.mlp = MLPMaskBranch(dim, resolution, hidden, input_size, layers) if mlp else None
 
     def class_mask_weights(self, classes: torch.Tensor, w_det: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mask weights ``[len(classes), D]`` and biases ``[len(classes)]`` (or None) of 0-based classes."""
@@ -185,17 +206,17 @@ class TransferPredictor(MaskPredictor):
         if w_det.shape[0] != num_classes:
             raise MaskxError(f"class embedding table has {w_det.shape[0]} rows for {num_classes} classes")
         transfer = WeightTransfer(w_det.shape[1], cfg.mask_dim, cfg.transfer_hidden, cfg.transfer_layers, cfg.transfer_activation,
-                                  cfg.normalize_input, cfg.input_dropout, cfg.normalize_output)
+                                  cfg.normalize_input, cfg.input_dropout, cfg.normalize_output, cfg.transfer_init)
         return cls(transfer, w_det, cfg.mask_dim, **mlp_settings(cfg))
 
     def __init__(self, transfer: WeightTransfer, w_det: torch.Tensor, dim: int, resolution: int = 28, mlp: bool = True,
-                 mlp_hidden: int = 1024, mlp_input_size: int = 28):
+                 mlp_hidden: int = 1024, mlp_input_size: int = 28, mlp_layers: int = 1):
         super().__init__()
         self.num_classes = w_det.shape[0]
         self.transfer = transfer
         self.register_buffer("w_det", w_det.detach().clone().float())
         self._w_seg_cache: torch.Tensor | None = None
-        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size)
+        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size, mlp_layers)
 
     def train(self, mode: bool = True):
         self._w_seg_cache = None
@@ -218,11 +239,12 @@ class AgnosticPredictor(MaskPredictor):
     def build(cls, cfg, num_classes, w_det):
         return cls(cfg.mask_dim, **mlp_settings(cfg))
 
-    def __init__(self, dim: int, resolution: int = 28, mlp: bool = True, mlp_hidden: int = 1024, mlp_input_size: int = 28):
+    def __init__(self, dim: int, resolution: int = 28, mlp: bool = True, mlp_hidden: int = 1024, mlp_input_size: int = 28,
+                 mlp_layers: int = 1):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(1, dim) * 0.001)
         self.bias = nn.Parameter(torch.zeros(1))
-        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size)
+        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size, mlp_layers)
 
     def class_mask_weights(self, classes, w_det=None):
         return self.weight.expand(len(classes), -1), self.bias.expand(len(classes))
@@ -236,12 +258,12 @@ class OraclePredictor(MaskPredictor):
         return cls(num_classes, cfg.mask_dim, **mlp_settings(cfg))
 
     def __init__(self, num_classes: int, dim: int, resolution: int = 28, mlp: bool = True, mlp_hidden: int = 1024,
-                 mlp_input_size: int = 28):
+                 mlp_input_size: int = 28, mlp_layers: int = 1):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
         self.bias = nn.Parameter(torch.zeros(num_classes))
-        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size)
+        self._add_mlp_branch(dim, resolution, mlp, mlp_hidden, mlp_input_size, mlp_layers)
 
     def class_mask_weights(self, classes, w_det=None):
         return self.weight[classes], self.bias[classes]

@@ -24,8 +24,8 @@ from pipelines.data.splits import takes_mask_loss
 from pipelines.errors import MaskxError
 from pipelines.modeling.detector import FPN_LEVELS, detection_weights
 from pipelines.modeling.embeddings import INPUTS, detector_embedding
-from pipelines.modeling.mask_heads import FCNS, PREDICTORS, MaskPredictor, MaskSide, build_fcn, uses_transfer
-from pipelines.modeling.transfer import ACTIVATIONS
+from pipelines.modeling.mask_heads import FCNS, MLP_LAYERS, PREDICTORS, MaskPredictor, MaskSide, build_fcn, uses_transfer
+from pipelines.modeling.transfer import ACTIVATIONS, INITS
 
 
 def build_mask_roi_pool(roi_size: int) -> MultiScaleRoIAlign:
@@ -46,8 +46,12 @@ def check_head(h: HeadConfig) -> None:
     if h.transfer_activation not in ACTIVATIONS:
         raise MaskxError(f"unknown head.transfer_activation '{h.transfer_activation}' (expected {' | '.join(ACTIVATIONS)})",
                          key="head.transfer_activation")
+    if h.transfer_init not in INITS:
+        raise MaskxError(f"unknown head.transfer_init '{h.transfer_init}' (expected {' | '.join(INITS)})", key="head.transfer_init")
     if h.fcn not in FCNS:
         raise MaskxError(f"unknown head.fcn '{h.fcn}' (expected {' | '.join(FCNS)})", key="head.fcn")
+    if h.mlp_layers not in MLP_LAYERS:
+        raise MaskxError(f"head.mlp_layers must be 1 or 2, got {h.mlp_layers}", key="head.mlp_layers")
 
 
 def build_mask_side(cfg: HeadConfig, num_classes: int, in_channels: int, w_det: torch.Tensor | None = None,

@@ -11,14 +11,19 @@ from torch.nn import functional as F
 from pipelines.errors import MaskxError
 
 ACTIVATIONS = ("none", "relu", "leaky_relu")
+# fan_out: Caffe2's MSRAFill, the original code's init of T (N(0, 2 / fan_out), fan_out = a layer's output
+# size); fan_in: Kaiming's fan-in variant (N(0, 2 / fan_in)), maskx's init before.
+INITS = ("fan_out", "fan_in")
 
 
 class WeightTransfer(nn.Module):
     """Maps class embeddings ``w_det`` [K, in_dim] to mask weights ``w_seg`` [K, out_dim].
 
     ``layers`` fully connected layers (1 = affine), hidden width ``hidden``, activation between
-    them (LeakyReLU slope 0.1 as in the original code). MSRA init, zero bias. Optional input
-    regularisation: L2 normalisation of each row and dropout on it while training.
+    them (LeakyReLU slope 0.1 as in the original code). Weights N(0, 2 / fan) with ``init`` =
+    ``fan_out`` (the original code's Caffe2 MSRAFill: fan = the layer's output size) or ``fan_in``
+    (fan = its input size); zero bias. Optional input regularisation: L2 normalisation of each row
+    and dropout on it while training.
     """
 
     def __init__(
@@ -31,12 +36,15 @@ class WeightTransfer(nn.Module):
         normalize_input: bool = False,
         input_dropout: float = 0.0,
         normalize_output: bool = False,
+        init: str = "fan_out",
     ):
         super().__init__()
         if layers not in (1, 2, 3):
             raise MaskxError(f"transfer_layers must be 1, 2 or 3, got {layers}")
         if activation not in ACTIVATIONS:
             raise MaskxError(f"unknown transfer activation '{activation}' (expected {' | '.join(ACTIVATIONS)})")
+        if init not in INITS:
+            raise MaskxError(f"unknown transfer init '{init}' (expected {' | '.join(INITS)})")
         if not 0.0 <= input_dropout < 1.0:
             raise MaskxError(f"input_dropout must be in [0, 1), got {input_dropout}")
         self.normalize_input = normalize_input
@@ -45,7 +53,7 @@ class WeightTransfer(nn.Module):
         mods: list[nn.Module] = []
         for i in range(layers):
             fc = nn.Linear(dims[i], dims[i + 1])
-            nn.init.kaiming_normal_(fc.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.kaiming_normal_(fc.weight, mode=init, nonlinearity="relu")
             nn.init.zeros_(fc.bias)
             mods.append(fc)
             if i < layers - 1 and activation != "none":

@@ -185,8 +185,8 @@ def test_a_new_head_is_one_predictor_class(monkeypatch):
     from pipelines.modeling import mask_heads
 
     class TransferSharedPredictor(mask_heads.TransferPredictor):
-        def __init__(self, transfer, w_det, dim, resolution=28, mlp=True, mlp_hidden=1024, mlp_input_size=28):
-            super().__init__(transfer, w_det, dim, resolution, mlp, mlp_hidden, mlp_input_size)
+        def __init__(self, transfer, w_det, dim, resolution=28, mlp=True, mlp_hidden=1024, mlp_input_size=28, mlp_layers=1):
+            super().__init__(transfer, w_det, dim, resolution, mlp, mlp_hidden, mlp_input_size, mlp_layers)
             self.shared = nn.Parameter(torch.zeros(dim))
 
         def class_mask_weights(self, classes, w_det=None):

@@ -126,6 +126,8 @@ def _one_error_line(r) -> str:
     (["--transfer-layers", "0"], "--transfer-layers must be 1, 2 or 3"),
     (["--transfer-activation", "tanh"], "--transfer-activation"),
     (["--set", "head.fcn=unet"], "unknown head.fcn 'unet'"),
+    (["--set", "head.mlp_layers=3"], "head.mlp_layers must be 1 or 2, got 3"),
+    (["--set", "head.transfer_init=xavier"], "unknown head.transfer_init 'xavier' (expected fan_out | fan_in)"),
 ])
 def test_wrong_combinations_fail_before_anything_runs(tmp_path, extra, expected):
     # mask-train: rejected before the detector or embeddings are even opened
