@@ -67,6 +67,7 @@ def prepare_vg_cmd(
         ("classes", "classes kept"),
         ("coco_classes_matched", "COCO classes matched"),
         ("coco_classes_matched_by_hand", "  of which by the hand map"),
+        ("coco_extra_classes", "  of which extra classes (beyond the most frequent)"),
         ("objects_not_in_classes", "objects of other synsets"),
         ("degenerate_boxes_dropped", "degenerate boxes dropped"),
         ("boxes_clipped_to_image", "boxes clipped to the image"),

@@ -21,17 +21,22 @@ The rules, following the paper and its authors' release scripts:
 2. An object becomes a box annotation only if it has exactly one synset and that synset is a
    class. Boxes are clipped to the image; those of zero area (before or after clipping) are
    dropped and counted.
-3. Each COCO class is aligned to a class synset: first :data:`COCO_TO_VG_HAND_MAP` (the first of
-   its candidates that is among the classes), else by name: the most frequent class synset whose
-   lemma (``traffic_light.n.01`` -> ``traffic light``) equals the COCO name. A COCO class with no
-   match is reported by name and counted; its masks are left out of ``coco_masks_*.json``.
+3. Each COCO class is aligned to a synset: first :data:`COCO_TO_VG_HAND_MAP` (the first of its
+   candidates that is among the classes), else the first hand-mapped candidate that VG uses at all
+   (the first candidate if VG uses none), which then becomes an *extra class* beyond the
+   ``num_classes`` (as the authors' preparation keeps it: their VG3k configs have 3,001 classes),
+   with its VG boxes and its COCO masks; else by name: the most frequent class synset whose lemma
+   (``traffic_light.n.01`` -> ``traffic light``) equals the COCO name. A COCO class with no match
+   is reported by name and counted; its masks are left out of ``coco_masks_*.json``.
 4. Category ids: the aligned COCO classes first, in COCO id order (ids 1..M, ``coco_id`` = their
-   COCO category id), then the other classes by decreasing frequency (``coco_id: null``).
+   COCO category id), then the other classes by decreasing frequency (``coco_id: null``). There
+   are ``num_classes`` + (number of extra classes) categories.
 
 Category names are the COCO names for COCO classes and the synset lemma for the others (the
 synset itself where two lemmas collide); every category also carries ``synset``, ``instance_count``
-(its frequency: the number of objects that carry the synset, LVIS's name for it), ``match`` (``hand``
-or ``name`` for COCO classes) and ``vg_name`` (the most common VG name of its objects).
+(its frequency: the number of objects that carry the synset, LVIS's name for it), ``match`` (``hand``,
+``extra`` (hand-mapped, beyond the ``num_classes`` most frequent) or ``name`` for COCO classes) and
+``vg_name`` (the most common VG name of its objects).
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ class VGPrepareResult:
     val_boxes: int
     coco_mask_train_annotations: int
     coco_mask_val_annotations: int
+    coco_extra: list[str] = field(default_factory=list)  # COCO classes kept as extra classes: "name (synset, N objects)"
     stats: dict[str, int] = field(default_factory=dict)  # every count, for the table and the report
     files: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -218,14 +224,18 @@ def _load_hand_map(path: str) -> dict[str, list[str]]:
 
 
 def align_coco_to_synsets(
-    coco_categories: list[dict], ranked_synsets: list[str], hand_map: dict[str, list[str]] | None = None
+    coco_categories: list[dict], ranked_synsets: list[str], hand_map: dict[str, list[str]] | None = None,
+    vg_synsets: set[str] | None = None,
 ) -> tuple[dict[int, tuple[str, str]], list[str]]:
-    """Match COCO classes to class synsets (rule 3 of the module docstring).
+    """Match COCO classes to synsets (rule 3 of the module docstring).
 
-    ``ranked_synsets``: the classes, most frequent first. Returns ``{coco id: (synset, "hand" |
-    "name")}`` and the names of the COCO classes left unmatched (with the reason).
+    ``ranked_synsets``: the classes, most frequent first; ``vg_synsets``: every synset VG uses (default:
+    the classes). Returns ``{coco id: (synset, "hand" | "extra" | "name")}`` (``extra``: a hand-mapped
+    synset that is not among the classes, to be added as a class) and the names of the COCO classes
+    left unmatched (with the reason).
     """
     hand_map = COCO_TO_VG_HAND_MAP if hand_map is None else hand_map
+    vg_synsets = set(ranked_synsets) if vg_synsets is None else vg_synsets
     selected = set(ranked_synsets)
     by_lemma: dict[str, str] = {}
     for s in ranked_synsets:  # most frequent first: keep the first synset of each lemma
@@ -236,10 +246,14 @@ def align_coco_to_synsets(
     for cat in sorted(coco_categories, key=lambda c: c["id"]):
         name = cat["name"]
         synset, how = None, ""
-        for cand in hand_map.get(name, []):
+        candidates = hand_map.get(name, [])
+        for cand in candidates:
             if cand in selected:
                 synset, how = cand, "hand"
                 break
+        if synset is None and candidates:
+            used = [c for c in candidates if c in vg_synsets]
+            synset, how = (used or candidates)[0], "extra"
         if synset is None and name in by_lemma:
             synset, how = by_lemma[name], "name"
         if synset is None:
@@ -463,7 +477,14 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
     if len(ranked) < cfg.num_classes:
         warnings.append(f"only {len(ranked)} distinct synsets in {Path(cfg.objects).name}, fewer than the {cfg.num_classes} classes asked for")
     coco_cats = sorted(coco_val["categories"], key=lambda c: c["id"])
-    matched, unmatched = align_coco_to_synsets(coco_cats, ranked, hand_map)
+    matched, unmatched = align_coco_to_synsets(coco_cats, ranked, hand_map, set(freq))
+    extra = [f"{c['name']} ({matched[c['id']][0]}, {freq[matched[c['id']][0]]} objects)" for c in coco_cats
+             if c["id"] in matched and matched[c["id"]][1] == "extra"]
+    if extra:
+        warnings.append(
+            f"{len(extra)} COCO class(es) map by hand to a synset outside the {len(ranked)} most frequent, "
+            f"kept as extra classes with their boxes and masks: {', '.join(extra)}"
+        )
     if unmatched:
         warnings.append(
             f"{len(unmatched)} COCO class(es) have no Visual Genome class among the {len(ranked)} kept, "
@@ -472,7 +493,8 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
     categories, class_of_synset = _categories(coco_cats, ranked, matched, freq, names)
     stats["classes"] = len(categories)
     stats["coco_classes_matched"] = len(matched)
-    stats["coco_classes_matched_by_hand"] = sum(1 for _, how in matched.values() if how == "hand")
+    stats["coco_classes_matched_by_hand"] = sum(1 for _, how in matched.values() if how in ("hand", "extra"))
+    stats["coco_extra_classes"] = len(extra)
 
     _drop_missing_images(cfg, images, stats, warnings, progress)
     split_of = {iid: ("val" if img["coco_id"] is not None and img["coco_id"] in val_coco_ids else "train") for iid, img in images.items()}
@@ -496,7 +518,7 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
     result = VGPrepareResult(
         out=str(out),
         layout=f"image_data: '{img_key}'; objects: '{layout.get('image', '?')}', objects by '{layout.get('object', '?')}'",
-        num_classes=len(categories), coco_classes_matched=len(matched), coco_unmatched=unmatched,
+        num_classes=len(categories), coco_classes_matched=len(matched), coco_unmatched=unmatched, coco_extra=extra,
         train_images=stats["train_images"], val_images=stats["val_images"], train_boxes=stats["train_boxes"],
         val_boxes=stats["val_boxes"], coco_mask_train_annotations=stats["coco_mask_train_annotations"],
         coco_mask_val_annotations=stats["coco_mask_val_annotations"], stats=dict(stats),

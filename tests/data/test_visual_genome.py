@@ -302,3 +302,37 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in res.output
     res = _run(["data", "prepare-vg", "--vg", str(vg), "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "--coco-train" in res.output
+
+
+def test_hand_mapped_synset_beyond_the_top_classes_is_kept_as_an_extra_class(tmp_path):
+    # 4 classes: person, tree (4 objects each), then of the 2-object synsets bag.n.06 and sign.n.02 win the
+    # tie by name; fire hydrant's hand-mapped water_faucet.n.01 (2 objects) is not among them. The original
+    # preparation keeps such a class (its VG3k configs: 3,000 + 1 classes), so it becomes class 2 of 5.
+    r = prepare_vg(_cfg(tmp_path, num_classes=4))
+    out = Path(r.out)
+    cats = json.loads((out / "vg_train.json").read_text())["categories"]
+    assert [(c["synset"], c["coco_id"], c["match"]) for c in cats] == [
+        ("person.n.01", 1, "name"), ("water_faucet.n.01", 11, "extra"), ("sign.n.02", 13, "hand"),
+        ("bag.n.06", 33, "hand"), ("tree.n.01", None, ""),
+    ]
+    assert r.num_classes == 5 and r.stats["coco_extra_classes"] == 1
+    assert r.coco_extra == ["fire hydrant (water_faucet.n.01, 2 objects)"]
+    assert any("kept as extra classes" in w and "fire hydrant" in w for w in r.warnings)
+    # bear matches by name only, and bear.n.01 is not a class: left out, as before
+    assert r.coco_unmatched == ["bear", "toothbrush"]
+    # its COCO masks are kept under its VG id (COCO val annotation 2 is a fire hydrant) ...
+    cm_val = json.loads((out / "coco_masks_val.json").read_text())
+    assert sorted((a["id"], a["category_id"]) for a in cm_val["annotations"]) == [(1, 1), (2, 2)]
+    # ... and so are its VG boxes (objects 103 in a val image, 306 in a train image)
+    boxes = {k: {a["id"] for a in json.loads((out / f"vg_{k}.json").read_text())["annotations"] if a["category_id"] == 2}
+             for k in ("train", "val")}
+    assert boxes == {"train": {306}, "val": {103}}
+    assert resolve_split("coco", cats) == [1, 2, 3, 4]
+
+
+def test_extra_class_takes_the_first_hand_candidate_vg_uses():
+    cats = [{"id": 11, "name": "fire hydrant"}, {"id": 52, "name": "hot dog"}]
+    hand = {"fire hydrant": ["water_faucet.n.01", "hydrant.n.01"], "hot dog": ["hotdog.n.01", "frank.n.02"]}
+    matched, unmatched = align_coco_to_synsets(cats, ["person.n.01"], hand, {"person.n.01", "hydrant.n.01"})
+    # a candidate among the classes would win; none is, so the first one VG uses, else the first one
+    assert matched == {11: ("hydrant.n.01", "extra"), 52: ("hotdog.n.01", "extra")} and unmatched == []
