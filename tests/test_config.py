@@ -32,7 +32,38 @@ def test_paper_recipes_load(name):
     det = load_config(DetectTrainConfig, name, section="detect_train")
     assert det.solver.lr == 0.02 and det.solver.batch_size == 16 and det.solver.iterations == 90000
     assert det.detector.backbone in ("resnet50", "resnet101")
-    load_config(MaskTrainConfig, name, section="mask_train")
+    mask = load_config(MaskTrainConfig, name, section="mask_train")
+    # as the original code: flipped training images, the 1-FC MLP branch, T by fan-out, T unregularised
+    assert det.data.hflip and mask.data.hflip
+    h = mask.head
+    assert (h.mlp_layers, h.transfer_init, h.normalize_input, h.input_dropout) == (1, "fan_out", False, 0.0)
+
+
+E2E_TARGETS = {"coco_voc_r50_e2e": ("resnet50", "voc", "nonvoc", "23.7"), "coco_nonvoc_r50_e2e": ("resnet50", "nonvoc", "voc", "28.9"),
+               "coco_voc_r101_e2e": ("resnet101", "voc", "nonvoc", "23.8"), "coco_nonvoc_r101_e2e": ("resnet101", "nonvoc", "voc", "29.5")}
+
+
+@pytest.mark.parametrize("name", sorted(E2E_TARGETS))
+def test_end_to_end_recipes_quote_table_3_5(name):
+    from pipelines.config import resolve_config_path
+
+    backbone, set_a, set_b, target = E2E_TARGETS[name]
+    cfg = load_config(TrainE2EConfig, name)
+    assert (cfg.detector.backbone, cfg.data.mask_classes, cfg.data.hflip) == (backbone, set_a, True)
+    assert (cfg.head.head, cfg.head.mlp, cfg.head.input, cfg.head.stop_gradient, cfg.head.mlp_layers) == ("transfer", True, "cls+box", True, 1)
+    assert (cfg.solver.batch_size, cfg.solver.lr, cfg.solver.iterations) == (16, 0.02, 90000)
+    assert load_config(EvalConfig, name, section="eval").split == set_b
+    header = resolve_config_path(name).read_text().split("\ndata:")[0]
+    assert "Table 3.5" in header and f"{target} mask AP" in header and f"maskx train --config {name}" in header
+
+
+@pytest.mark.parametrize("name, target", [("coco_voc_r50", "21.3"), ("coco_nonvoc_r50", "26.6")])
+def test_stage_wise_recipes_quote_table_3_3(name, target):
+    from pipelines.config import resolve_config_path
+
+    header = resolve_config_path(name).read_text().split("\ndata:")[0]
+    assert "stage-wise" in header and "Table 3.3" in header and f"{target} mask AP" in header
+    assert "maskx mask-train" in header and "maskx train " not in header
 
 
 def test_overrides_are_typed():
