@@ -67,6 +67,7 @@ def train_probe(source: Path, detector: Path, embeddings: Path, work: Path, seed
         raise MaskxError("the probe reports voc -> nonvoc; the run must be trained with data.mask_classes=voc", source)
     same = {"data": {k: data[k] for k in ("train_json", "train_images", "val_json", "val_images", "mask_classes")},
             "head": {k: head[k] for k in ("mask_dim", "num_convs", "fcn", "mlp_hidden", "mlp_input_size", "roi_size")}}
+    same["head"]["mlp_layers"] = head.get("mlp_layers", 2)  # runs saved before the key had the 2-layer branch
     cfg = load_config(MaskTrainConfig, "synthetic", [same, {"head": {"head": "oracle", "mlp": True}, "solver": {"seed": seed}},
                                                      *(extra or [])])
     run = work / f"probe_{source.name}_s{seed}"
