@@ -23,9 +23,9 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("recipe", ["coco_voc_r50", "coco_nonvoc_r50", "coco_voc_r101", "vg3k_r101", "lvis_r50"])
+@pytest.mark.parametrize("recipe", ["coco_voc_r50", "coco_nonvoc_r50", "coco_voc_r101", "vg3k_r101", "lvis_r50", "coco_voc_tv_r50"])
 def test_real_data_recipes_build_the_official_mlp_branch(recipe):
-    head = load_config(MaskTrainConfig, recipe, section="mask_train").head
+    head = load_config(MaskTrainConfig, recipe).head
     with torch.device("meta"):  # shapes only: 157 M parameters need no memory
         side = build_mask_side(head, 80, 256, torch.zeros(80, 5 * 1024))
     mlp = side.predictor.mlp
@@ -35,7 +35,7 @@ def test_real_data_recipes_build_the_official_mlp_branch(recipe):
 
 
 def test_two_layer_mlp_branch_is_an_option():
-    head = load_config(MaskTrainConfig, "coco_voc_r50", ["head.mlp_layers=2"], section="mask_train").head
+    head = load_config(MaskTrainConfig, "coco_voc_r50", ["head.mlp_layers=2"]).head
     with torch.device("meta"):
         side = build_mask_side(head, 80, 256, torch.zeros(80, 5 * 1024))
     assert n_params(side.predictor.mlp) == TWO_LAYER_MLP == 206_325_520
@@ -67,7 +67,7 @@ def test_transfer_init_is_caffe2_msra_fill_by_fan_out():
     first layer would start sqrt(5120/256) = 4.5x smaller.
     """
     torch.manual_seed(0)
-    head = load_config(MaskTrainConfig, "coco_voc_r50", ["head.mlp=false"], section="mask_train").head  # T alone
+    head = load_config(MaskTrainConfig, "coco_voc_r50", ["head.mlp=false"]).head  # T alone
     t = build_mask_side(head, 80, 256, torch.randn(80, 5 * 1024)).predictor.transfer
     assert head.transfer_init == "fan_out"
     assert _stds(t) == pytest.approx([math.sqrt(2 / 256)] * 2, rel=0.02)
@@ -91,7 +91,7 @@ def test_head_config_defaults_are_the_papers():
     t = build_mask_side(HeadConfig(mask_dim=8, num_convs=1), 5, 8, torch.randn(5, 12)).predictor.transfer
     assert t.normalize_input is False and isinstance(t.dropout, nn.Identity)
     # the synthetic recipe sets its own regularisation (docs/synthetic_world.md)
-    syn = load_config(MaskTrainConfig, "synthetic", section="mask_train").head
+    syn = load_config(MaskTrainConfig, "synthetic").head
     assert (syn.normalize_input, syn.input_dropout) == (True, 0.7)
 
 
