@@ -52,7 +52,8 @@ class DataConfig:
     max_train_images: int = 0
     max_val_images: int = 0
     # Horizontal flips while training (Detectron's TRAIN.USE_FLIPPED): every training image once as it
-    # is and once mirrored (pipelines/data/transforms.py). Read by detect-train, train and the stage-2 cache.
+    # is and once mirrored (pipelines/data/transforms.py). Read by detect-train and train; for stage 2 the
+    # flipped copies are extra rows of the cache (docs/cache.md).
     hflip: bool = True
 
 
@@ -147,17 +148,27 @@ class HeadConfig:
 
 @dataclass
 class CacheConfig:
-    """Cached frozen-detector state for stage 2 (RoI features + mask targets)."""
+    """Cached frozen-detector state for stage 2 (RoI features + mask targets); see docs/cache.md."""
 
     enabled: bool = True
     dir: str = ""  # default: <detector run>/cache
-    proposals_per_instance: int = 2  # sampled positive proposals per instance, beside its GT box
+    # Which classes' RoIs are cached: train = only the run's training classes (set A; every class for
+    # the oracle) | all = every class (one cache for every head and split; a superset is always reused).
+    classes: str = "train"
+    # RoIs per image: instance = each instance's GT box + up to proposals_per_instance proposals |
+    # detectron = the official sampler (up to fg_fraction x rois_per_image foreground RoIs, GT boxes included).
+    sampling: str = "instance"
+    proposals_per_instance: int = 2  # instance sampling: sampled positive proposals per instance, beside its GT box
+    rois_per_image: int = 512  # detectron sampling: TRAIN.BATCH_SIZE_PER_IM of the official stage-wise configs
+    fg_fraction: float = 0.25  # detectron sampling: TRAIN.FG_FRACTION
+    min_iou: float = 0.5  # a proposal is a positive (foreground) RoI of an instance at this IoU
     dtype: str = "float16"  # float16 | float32
-    min_iou: float = 0.5
     # Caches up to this size are read into memory once; larger ones stream from disk (docs/cache.md).
     ram_budget_gb: float = 4.0
-    # Streaming shuffle: random order of HDF5 chunks per epoch, RoIs shuffled within this many chunks.
+    # Streaming shuffle: random order of chunks per epoch, RoIs shuffled within this many chunks.
     shuffle_window: int = 8
+    reader_threads: int = 4  # parallel reads of a streamed (or loaded) cache
+    workers: int = 2  # DataLoader workers decoding images and masks while a cache is built
 
 
 @dataclass

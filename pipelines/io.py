@@ -260,3 +260,48 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Hex SHA-256 of an object's canonical JSON form (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created, and removed when released) for the block.
+
+    Another process (or thread) asking for the same lock waits until it is released; ``on_wait()``
+    is called once if it has to wait. The lock file is removed on release; a waiter that then finds
+    its file gone or replaced takes the lock anew, so removal never lets two holders in.
+    """
+    import fcntl
+
+    path = Path(path)
+    waited = False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as exc:
+            raise MaskxError(f"cannot create a lock file: {exc.strerror or exc}", path) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder removed (or replaced) the file while we waited: lock the current one
+    try:
+        yield
+    finally:
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # closing releases the lock

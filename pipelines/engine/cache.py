@@ -1,22 +1,30 @@
 """The stage-2 feature cache: what the frozen detector gives the mask side, computed once.
 
-For every training instance with a mask (of the cached classes) the cache holds RoIs = its
-ground-truth box plus up to ``proposals_per_instance`` RPN proposals with IoU >= ``min_iou``, and
-for each RoI: RoIAligned FPN features ``[C, S, S]`` (half precision by default), the 28x28 mask
-target ``uint8[M, M]`` and the class label (1..K). Stored in HDF5, chunked, masks compressed, under
-a key made of the detector checkpoint's hash, the annotation file's hash and the RoI settings.
-A cache is written under a temporary name and renamed when complete, so a partial cache never
-carries the final name; one that is unreadable or whose key differs is rebuilt.
+For every training image (and, with flips, its mirrored copy) the cache holds the RoIs that
+:mod:`pipelines.engine.roi_sampling` draws (``instance``: each instance's GT box plus up to
+``proposals_per_instance`` proposals; ``detectron``: the official foreground sample), for the
+instances of the cached classes only, and for each RoI: RoIAligned FPN features ``[C, S, S]``
+(half precision by default), the 28x28 mask target ``uint8[M, M]`` and the class label (1..K).
 
-:func:`ensure_cache` finds the cache of a (detector, training data, RoI settings) or builds it; one
-cache holds the RoIs of every class's masks, so agnostic, transfer and oracle runs of any set A share
-it. Stage 2 then reads training batches from a *RoI source* (``rois`` RoIs, ``batch(iteration)`` ->
+Layout (``docs/cache.md``): ``features-<key>.rows``, a raw file of fixed-size records (features
+then mask, no header), beside ``features-<key>.h5``, the HDF5 file that describes it (labels,
+the RoIs' boxes, images and flags, the settings and the key). Both are written under temporary
+names and renamed when complete, the HDF5 file last, so a partial cache never carries the final
+name; one that is unreadable, shorter than its rows or whose key differs is rebuilt.
+
+:func:`ensure_cache` finds the cache of a (detector, training data, RoI settings, classes) or
+builds it. By default (``cache.classes=train``) a cache holds the RoIs of the run's mask classes
+only (:func:`pipelines.data.splits.mask_classes`: set A, every class for the oracle);
+``cache.classes=all`` caches every class, so agnostic, transfer and oracle runs of any set A share
+it, and a cache of more classes built with the same settings is always reused. Concurrent runs that
+need the same cache take a lock file beside it: the first builds, the others wait and reuse it.
+Stage 2 then reads training batches from a *RoI source* (``rois`` RoIs, ``batch(iteration)`` ->
 :class:`RoIBatch`), restricted to the RoIs the set-A rule keeps
 (:func:`pipelines.data.splits.takes_mask_loss`): :class:`InMemoryRoIs` (the cache in RAM, a full
 permutation per epoch), :class:`StreamingRoIs` (a cache larger than the RAM budget, read chunk by
-chunk from disk by a background thread, shuffled at chunk granularity) -- :func:`cache_source` picks
-one -- or :class:`DetectorRoIs` (no cache: the frozen detector runs on every step). See
-``docs/cache.md``.
+chunk from disk by parallel reader threads, shuffled at chunk granularity, each process of a
+``torchrun`` job reading its own share of every epoch) -- :func:`cache_source` picks one -- or
+:class:`DetectorRoIs` (no cache: the frozen detector runs on every step). See ``docs/cache.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import math
 import queue
 import shutil
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,23 +42,30 @@ import numpy as np
 import torch
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
-from torchvision.ops import MultiScaleRoIAlign, box_iou
+from torchvision.ops import MultiScaleRoIAlign
 
 from pipelines.config import CacheConfig, DataConfig
 from pipelines.data.coco import CocoDataset, collate
 from pipelines.data.splits import label_table, takes_mask_loss
+from pipelines.data.transforms import FlippedCopies
+from pipelines.engine.roi_sampling import SAMPLINGS, fg_per_image, image_generator, sample_detectron, sample_instance
+from pipelines.engine.rowfile import RowFile, RowWriter
 from pipelines.engine.run_dir import DetectorRun
 from pipelines.engine.sampler import IterationBatches
 from pipelines.errors import MaskxError
-from pipelines.io import hdf5_file, sha256_file, sha256_json
+from pipelines.io import atomic_path, file_lock, hdf5_file, make_parent, sha256_file, sha256_json
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
 from pipelines.progress import NULL_PROGRESS, Progress
 
 FORMAT = "maskx-feature-cache"
-VERSION = 1
+VERSION = 2
 CHUNK = 64
 DTYPES = {"float16": np.float16, "float32": np.float32}
-CACHE_SEED = 0  # proposal sampling of the cache: fixed, so a cache's content is a function of its key
+CACHE_SEED = 0  # RoI sampling of the cache: fixed, so a cache's content is a function of its key
+BUILD_BATCH_IMAGES = 8  # images per detector batch while building
+# per-RoI metadata kept in the HDF5 file besides the label: boxes float32[4], image_id int64,
+# instance int32, flipped uint8, is_gt uint8
+META_BYTES = 16 + 8 + 4 + 1 + 1
 
 
 @dataclass
@@ -57,209 +73,483 @@ class RoIBatch:
     """A batch of RoIs: features [R, C, S, S], mask targets uint8[R, M, M], labels int64[R] (1..K).
 
     ``index`` int64[R] (optional) says where each RoI comes from: its row in the cache file for
-    cache batches; its instance (position in the batch's instance list) for :func:`extract_rois`.
+    cache batches; its instance (position among the masked instances of the batch's images) for
+    :func:`extract_rois`, which also fills ``boxes`` float32[R, 4] (the RoI in the input image's
+    pixels), ``is_gt`` bool[R] (the RoI is a ground-truth box), ``instance`` int64[R] (the
+    matched instance's position in its image's target) and ``image`` int64[R] (its image's
+    position in the batch).
     """
 
     features: torch.Tensor
     masks: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    is_gt: torch.Tensor | None = None
+    instance: torch.Tensor | None = None
+    image: torch.Tensor | None = None
 
 
-def cache_key(detector_sha256: str, data_sha256: str, class_ids: list[int], roi_size: int, cfg: CacheConfig, images: int) -> str:
-    return sha256_json({
-        "version": VERSION, "detector": detector_sha256, "data": data_sha256, "classes": sorted(class_ids),
-        "roi_size": roi_size, "proposals_per_instance": cfg.proposals_per_instance, "min_iou": cfg.min_iou,
-        "dtype": cfg.dtype, "images": images,
-    })
+def sampling_settings(cfg: CacheConfig) -> dict:
+    """The settings that decide which RoIs are drawn (only those of the chosen sampling)."""
+    if cfg.sampling == "detectron":
+        return {"sampling": "detectron", "rois_per_image": cfg.rois_per_image, "fg_fraction": cfg.fg_fraction, "min_iou": cfg.min_iou}
+    return {"sampling": "instance", "proposals_per_instance": cfg.proposals_per_instance, "min_iou": cfg.min_iou}
+
+
+def settings_key(detector_sha256: str, data_sha256: str, roi_size: int, cfg: CacheConfig, images: int, hflip: bool = False) -> str:
+    """What a cache's rows are, whichever classes it holds: detector, data, RoI settings, flips."""
+    return sha256_json({"version": VERSION, "detector": detector_sha256, "data": data_sha256, "roi_size": roi_size,
+                        "dtype": cfg.dtype, "images": images, "hflip": bool(hflip), **sampling_settings(cfg)})
+
+
+def cache_key(detector_sha256: str, data_sha256: str, class_ids: list[int], roi_size: int, cfg: CacheConfig, images: int,
+              hflip: bool = False) -> str:
+    """The key of the cache of ``class_ids`` for these settings (see :func:`settings_key`)."""
+    return sha256_json({"settings": settings_key(detector_sha256, data_sha256, roi_size, cfg, images, hflip),
+                        "classes": sorted(class_ids)})
+
+
+def _generators(generator, n: int) -> list[torch.Generator]:
+    return list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
 
 
 @torch.no_grad()
 def extract_rois(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, images: list[torch.Tensor], targets: list[dict],
-                 cfg: CacheConfig, generator: torch.Generator) -> RoIBatch:
+                 cfg: CacheConfig, generator: torch.Generator | list[torch.Generator]) -> RoIBatch:
     """Run the frozen detector's backbone and RPN on ``images`` and cut out the RoIs of masked instances.
 
-    ``targets`` are CocoDataset targets with ``masks`` and ``has_mask``; only instances with
-    ``has_mask`` are used. Boxes and masks are resized with the detector's own transform.
-    Per image, RoIs come instance by instance (GT boxes first, then each instance's proposals);
-    ``index`` [R] gives each RoI's instance as a position among the kept instances of all images.
+    ``targets`` are CocoDataset targets (``boxes`` of every instance, ``masks`` and ``has_mask``);
+    RoIs are drawn with ``cfg.sampling`` over every instance and kept when their matched
+    instance has ``has_mask``. ``generator``: one for all images, or one per image. Boxes and
+    masks are resized with the detector's own transform. Per image, RoIs come in the sampler's
+    order (instance: GT boxes first, then each instance's proposals); ``index`` [R] gives each
+    RoI's instance as a position among the masked instances of all images.
     """
     device = next(model.parameters()).device
-    keep = [t["has_mask"] for t in targets]
-    tgts = [{"boxes": t["boxes"][k].to(device), "labels": t["labels"][k].to(device), "masks": t["masks"][k].to(device)}
-            for t, k in zip(targets, keep)]
-    image_list, tgts = model.transform([im.to(device) for im in images], tgts)
+    gens = _generators(generator, len(images))
+    has_mask = [t["has_mask"].to(device) for t in targets]
+    tgts = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device), "masks": t["masks"][t["has_mask"]].to(device)}
+            for t in targets]
+    in_sizes = [tuple(im.shape[-2:]) for im in images]
+    image_list, tgts = model.transform([im.to(device, non_blocking=True) for im in images], tgts)
     features = model.backbone(image_list.tensors)
     proposals, _ = model.rpn(image_list, features)
-    rois, matched, instance, offset = [], [], [], 0
-    for props, t in zip(proposals, tgts):
-        gt = t["boxes"]
-        boxes, idx = [gt], [torch.arange(len(gt), device=device)]
-        if len(gt) and len(props) and cfg.proposals_per_instance > 0:
-            iou = box_iou(gt, props)  # [G, P]
-            for g in range(len(gt)):
-                cand = torch.where(iou[g] >= cfg.min_iou)[0]
-                if len(cand) > cfg.proposals_per_instance:
-                    pick = torch.randperm(len(cand), generator=generator)[: cfg.proposals_per_instance]
-                    cand = cand[pick.to(cand.device)]
-                boxes.append(props[cand])
-                idx.append(torch.full((len(cand),), g, device=device, dtype=torch.long))
-        rois.append(torch.cat(boxes))
-        matched.append(torch.cat(idx))
-        instance.append(matched[-1] + offset)
-        offset += len(gt)
+    rois, matched_mask, labels, index, boxes, is_gt, instance, image = [], [], [], [], [], [], [], []
+    offset = 0
+    for i, (props, t, hm, g) in enumerate(zip(proposals, tgts, has_mask, gens)):
+        if cfg.sampling == "detectron":
+            r, matched, gt_flag = sample_detectron(t["boxes"], props, cfg.rois_per_image, cfg.fg_fraction, cfg.min_iou, g)
+        else:
+            r, matched, gt_flag = sample_instance(t["boxes"], props, cfg.proposals_per_instance, cfg.min_iou, g)
+        keep = hm[matched]
+        r, matched, gt_flag = r[keep], matched[keep], gt_flag[keep]
+        pos = torch.cumsum(hm.long(), 0) - 1  # position of each instance among this image's masked ones
+        mi = pos[matched]
+        rois.append(r)
+        matched_mask.append(mi)
+        labels.append(t["labels"][matched])
+        index.append(mi + offset)
+        offset += int(hm.sum())
+        (h0, w0), (h1, w1) = in_sizes[i], image_list.image_sizes[i]
+        scale = torch.tensor([w1 / w0, h1 / h0, w1 / w0, h1 / h0], device=r.device)
+        boxes.append((r / scale).float())
+        is_gt.append(gt_flag)
+        instance.append(matched)
+        image.append(torch.full((len(r),), i, dtype=torch.long, device=device))
     m = 2 * roi_pool.output_size[0]
     feats = roi_pool(features, rois, image_list.image_sizes)
     masks = torch.cat([
         project_masks_on_boxes(t["masks"], r, mi, m) if len(r) else feats.new_zeros((0, m, m))
-        for t, r, mi in zip(tgts, rois, matched)
+        for t, r, mi in zip(tgts, rois, matched_mask)
     ])
-    labels = torch.cat([t["labels"][mi] for t, mi in zip(tgts, matched)])
-    return RoIBatch(feats, (masks >= 0.5).to(torch.uint8), labels, torch.cat(instance).cpu())
+    cpu = lambda xs: torch.cat(xs).cpu()  # noqa: E731
+    return RoIBatch(feats, (masks >= 0.5).to(torch.uint8), torch.cat(labels), cpu(index), cpu(boxes), cpu(is_gt),
+                    cpu(instance), cpu(image))
 
 
-def estimate_bytes(instances: int, channels: int, roi_size: int, cfg: CacheConfig) -> int:
-    """Upper bound of a cache's size: every instance with all its proposals, features uncompressed."""
-    return instances * (1 + cfg.proposals_per_instance) * row_bytes(channels, roi_size, cfg.dtype)
-
-
+# --------------------------------------------------------------------------------------------
+# Sizes
 def row_bytes(channels: int, roi_size: int, dtype: str) -> int:
     """Bytes of one RoI in memory: features [C, S, S] of ``dtype``, uint8 mask [2S, 2S], int64 label."""
-    return channels * roi_size * roi_size * np.dtype(DTYPES[dtype]).itemsize + (2 * roi_size) ** 2 + 8
+    return record_bytes(channels, roi_size, dtype) + 8
+
+
+def record_bytes(channels: int, roi_size: int, dtype: str) -> int:
+    """Bytes of one record of the row file: features [C, S, S] of ``dtype``, then the uint8 mask [2S, 2S]."""
+    return channels * roi_size * roi_size * np.dtype(DTYPES[dtype]).itemsize + (2 * roi_size) ** 2
+
+
+def disk_row_bytes(channels: int, roi_size: int, dtype: str) -> int:
+    """Bytes of one RoI on disk: its record, its label and its metadata."""
+    return row_bytes(channels, roi_size, dtype) + META_BYTES
+
+
+def estimate_rows(instances: list[tuple[int, int]], cfg: CacheConfig, proposals: int) -> int:
+    """Upper bound of a cache's RoIs. ``instances``: per image (and flipped copy), (masked instances, all instances).
+
+    instance: every masked instance with all its proposals. detectron: per image with a masked
+    instance, the foreground cap or every candidate (all GT boxes + ``proposals``), the smaller.
+    """
+    if cfg.sampling == "detectron":
+        cap = fg_per_image(cfg.rois_per_image, cfg.fg_fraction)
+        return sum(min(cap, n_all + proposals) for n_masked, n_all in instances if n_masked)
+    return sum(n_masked for n_masked, _ in instances) * (1 + cfg.proposals_per_instance)
+
+
+def estimate_bytes(rows: int, channels: int, roi_size: int, dtype: str) -> int:
+    """Bytes on disk of ``rows`` RoIs (record + label + metadata)."""
+    return rows * disk_row_bytes(channels, roi_size, dtype)
+
+
+def split_records(records: torch.Tensor, channels: int, roi_size: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8[n, record_bytes] -> (features [n, C, S, S] of ``dtype``, masks uint8[n, 2S, 2S]), new contiguous tensors."""
+    n, s = records.shape[0], roi_size
+    fb = record_bytes(channels, roi_size, dtype) - (2 * s) ** 2
+    tdtype = torch.from_numpy(np.zeros(0, DTYPES[dtype])).dtype
+    feats = records[:, :fb].contiguous().view(tdtype).view(n, channels, s, s)
+    return feats, records[:, fb:].contiguous().view(n, 2 * s, 2 * s)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and opening
+class CacheWriter:
+    """Write a cache (row file + HDF5 description) under temporary names; both renamed on success.
+
+    ``with CacheWriter(path, key, channels, roi_size, dtype) as w: w.append(...); w.attrs.update(...)``.
+    On an exception neither file is left behind; the HDF5 file, renamed last, marks the cache complete.
+    """
+
+    def __init__(self, path: Path, key: str, channels: int, roi_size: int, dtype: str, chunk_rows: int = CHUNK):
+        self.path, self.key = Path(path), key
+        self.rows_path = self.path.with_suffix(".rows")
+        self.channels, self.roi_size, self.dtype, self.chunk_rows = channels, roi_size, dtype, chunk_rows
+        self.record_bytes = record_bytes(channels, roi_size, dtype)
+        self.attrs: dict = {}
+        self._meta: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "boxes", "image_id", "instance", "flipped", "is_gt")}
+
+    def __enter__(self) -> CacheWriter:
+        make_parent(self.path)
+        self._rows_ctx = atomic_path(self.rows_path)
+        self._rows = RowWriter(self._rows_ctx.__enter__(), self.record_bytes)
+        return self
+
+    @property
+    def rows(self) -> int:
+        return self._rows.rows
+
+    def append(self, features: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None = None,
+               image_id: np.ndarray | None = None, instance: torch.Tensor | None = None, flipped: np.ndarray | None = None,
+               is_gt: torch.Tensor | None = None) -> None:
+        """Append RoIs: features [n, C, S, S], masks uint8[n, 2S, 2S], labels [n] (+ optional per-RoI metadata)."""
+        n = int(labels.shape[0])
+        if n == 0:
+            return
+        f = features.detach().cpu().numpy().astype(DTYPES[self.dtype], copy=False).reshape(n, -1)
+        m = masks.detach().cpu().numpy().astype(np.uint8, copy=False).reshape(n, -1)
+        rec = np.empty((n, self.record_bytes), np.uint8)
+        rec[:, : f.shape[1] * f.itemsize] = f.view(np.uint8)
+        rec[:, f.shape[1] * f.itemsize :] = m
+        self._rows.append(rec)
+        meta = {"labels": labels, "boxes": boxes, "image_id": image_id, "instance": instance, "flipped": flipped, "is_gt": is_gt}
+        fill = {"labels": None, "boxes": np.full((n, 4), np.nan, np.float32), "image_id": np.full(n, -1, np.int64),
+                "instance": np.full(n, -1, np.int32), "flipped": np.zeros(n, np.uint8), "is_gt": np.zeros(n, np.uint8)}
+        dtypes = {"labels": np.int64, "boxes": np.float32, "image_id": np.int64, "instance": np.int32, "flipped": np.uint8,
+                  "is_gt": np.uint8}
+        for k, v in meta.items():
+            v = fill[k] if v is None else (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+            self._meta[k].append(v.astype(dtypes[k], copy=False))
+
+    def _write_description(self) -> None:
+        cat = {k: np.concatenate(v) if v else np.zeros((0, 4) if k == "boxes" else 0, np.float32 if k == "boxes" else np.int64)
+               for k, v in self._meta.items()}
+        with hdf5_file(self.path) as f:  # atomic, and a full disk is one error line (not an HDF5 crash)
+            for k, v in cat.items():
+                f.create_dataset(k, data=v)
+            f.attrs.update({"format": FORMAT, "version": VERSION, "key": self.key, "roi_size": self.roi_size,
+                            "channels": self.channels, "dtype": self.dtype, "chunk_rows": self.chunk_rows,
+                            "record_bytes": self.record_bytes, "rows": self.rows, "rows_file": self.rows_path.name})
+            f.attrs.update(self.attrs)
+            f.attrs["complete"] = True  # written last
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:  # the row file's temporary goes, the error goes on
+            try:
+                self._rows.close()
+            except OSError:
+                pass
+            return self._rows_ctx.__exit__(exc_type, exc, tb)
+        try:
+            self._rows.close()
+        except OSError as err:  # (a full disk at the last flush: one error line, no temporary left)
+            self._rows_ctx.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._rows_ctx.__exit__(None, None, None)  # the row file under its name, then its description (the completion mark)
+        try:
+            self._write_description()
+        except BaseException:
+            self.rows_path.unlink(missing_ok=True)  # a row file without its description is nothing: remove it
+            raise
+        return False
 
 
 class FeatureCache:
-    """A finished cache file: ``len(cache)`` RoIs; ``read(start, stop)`` or ``load()`` them.
+    """A finished cache: ``len(cache)`` RoIs; ``read(start, stop)``, ``read_rows(rows)`` or ``load()`` them.
 
-    ``labels`` (int64[N], 1..K) is read into memory at once; features and masks stay on disk.
+    ``labels`` (int64[N], 1..K) is read into memory at once; ``features`` [N, C, S, S] and
+    ``masks`` [N, 2S, 2S] are read-only memory maps of the row file (handy for inspection);
+    ``rowfile`` reads it in parallel. ``meta(name)`` reads a per-RoI metadata dataset.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int = 4):
         self.path = Path(path)
         self.file = h5py.File(path, "r")
-        self.features = self.file["features"]
-        self.masks = self.file["masks"]
-        self.labels = self.file["labels"][()]
-        self.key = str(self.file.attrs["key"])
+        self.rowfile: RowFile | None = None
+        try:
+            a = self.file.attrs
+            self.labels = self.file["labels"][()]
+            self.key = str(a["key"])
+            self.channels, self.roi_size, self.dtype = int(a["channels"]), int(a["roi_size"]), str(a["dtype"])
+            self.record_bytes = record_bytes(self.channels, self.roi_size, self.dtype)
+            if int(a["record_bytes"]) != self.record_bytes:
+                raise ValueError("record size does not match the stored shapes")
+            self.rows_path = self.path.with_name(str(a["rows_file"]))
+            self.rowfile = RowFile(self.rows_path, self.record_bytes, threads)
+            c, s, m = self.channels, self.roi_size, 2 * self.roi_size
+            if self.rowfile.size != len(self) * self.record_bytes:
+                raise ValueError(f"row file holds {self.rowfile.size} bytes, not {len(self)} x {self.record_bytes}")
+            rec = np.dtype([("features", np.dtype(DTYPES[self.dtype]).newbyteorder("<"), (c, s, s)), ("masks", np.uint8, (m, m))])
+            if len(self):
+                self._map = np.memmap(self.rows_path, dtype=rec, mode="r", shape=(len(self),))
+                self.features, self.masks = self._map["features"], self._map["masks"]
+            else:
+                self._map = None
+                self.features, self.masks = np.zeros((0, c, s, s), DTYPES[self.dtype]), np.zeros((0, m, m), np.uint8)
+        except BaseException:
+            self.close()
+            raise
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @property
     def chunk_rows(self) -> int:
-        """RoIs per HDF5 chunk of the feature dataset (the unit the streaming reader reads)."""
-        return int(self.features.chunks[0]) if self.features.chunks else CHUNK
+        """RoIs per chunk: the unit the streaming reader reads and shuffles."""
+        return int(self.file.attrs.get("chunk_rows", CHUNK))
 
     @property
     def row_bytes(self) -> int:
         """Bytes of one RoI once read into memory (features + mask + label)."""
-        f = self.features
-        return int(np.prod(f.shape[1:])) * f.dtype.itemsize + int(np.prod(self.masks.shape[1:])) + 8
+        return self.record_bytes + 8
 
     @property
     def nbytes(self) -> int:
         """Bytes of the whole cache once read into memory."""
         return len(self) * self.row_bytes
 
+    def meta(self, name: str) -> np.ndarray:
+        """A per-RoI metadata dataset: ``boxes`` float32[N, 4], ``image_id``, ``instance``, ``flipped``, ``is_gt``."""
+        return self.file[name][()]
+
+    def split(self, records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_records(records, self.channels, self.roi_size, self.dtype)
+
     def read(self, start: int, stop: int) -> RoIBatch:
-        return RoIBatch(torch.from_numpy(self.features[start:stop]), torch.from_numpy(self.masks[start:stop]),
-                        torch.from_numpy(self.labels[start:stop]), torch.arange(start, stop))
+        feats, masks = self.split(self.rowfile.read(start, stop))
+        return RoIBatch(feats, masks, torch.from_numpy(self.labels[start:stop]), torch.arange(start, stop))
+
+    def read_rows(self, rows: np.ndarray, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, masks) of the sorted ``rows``: blocks of the file that hold any are read in parallel."""
+        rows = np.asarray(rows, dtype=np.int64)
+        block = block or 16 * self.chunk_rows
+        n = len(rows)
+        fb = self.record_bytes - (2 * self.roi_size) ** 2
+        feats = torch.empty((n, fb), dtype=torch.uint8)
+        masks = torch.empty((n, self.record_bytes - fb), dtype=torch.uint8)
+        starts = np.unique(rows // block) * block
+        runs = [(int(a), int(min(a + block, len(self)))) for a in starts]
+        bounds = np.searchsorted(rows, [a for a, _ in runs] + [len(self)])
+        done = 0
+        for (a, buf), lo, hi in zip(self.rowfile.read_runs(runs), bounds[:-1], bounds[1:]):
+            idx = torch.from_numpy(rows[lo:hi] - a)
+            torch.index_select(buf[:, :fb], 0, idx, out=feats[done : done + len(idx)])
+            torch.index_select(buf[:, fb:], 0, idx, out=masks[done : done + len(idx)])
+            done += len(idx)
+        s = self.roi_size
+        tdtype = torch.from_numpy(np.zeros(0, DTYPES[self.dtype])).dtype
+        return feats.view(tdtype).view(n, self.channels, s, s), masks.view(n, 2 * s, 2 * s)
 
     def load(self) -> RoIBatch:
         return self.read(0, len(self))
 
     def info(self) -> dict:
-        """What ``maskx cache info`` shows: counts, shapes, dtype, sizes, key."""
+        """What ``maskx cache info`` shows: counts, shapes, dtype, settings, sizes, key."""
         labels, counts = np.unique(self.labels, return_counts=True)
+        a = self.file.attrs
+        sampling = str(a.get("sampling", "instance"))
+        settings = ({"rois_per_image": int(a.get("rois_per_image", 0)), "fg_fraction": float(a.get("fg_fraction", 0))}
+                    if sampling == "detectron" else {"proposals_per_instance": int(a.get("proposals_per_instance", 0))})
         return {
-            "path": str(self.path), "rois": len(self), "instances": int(self.file.attrs.get("instances", -1)),
-            "classes": int(len(labels)), "feature_shape": list(self.features.shape[1:]), "dtype": str(self.features.dtype),
-            "chunk_rows": self.chunk_rows, "memory_bytes": self.nbytes, "file_bytes": self.path.stat().st_size,
+            "path": str(self.path), "rows_file": str(self.rows_path), "rois": len(self),
+            "instances": int(a.get("instances", -1)), "images": int(a.get("images", -1)),
+            "classes": int(len(labels)), "feature_shape": [self.channels, self.roi_size, self.roi_size], "dtype": self.dtype,
+            "sampling": sampling, **settings, "hflip": bool(a.get("hflip", False)),
+            "chunk_rows": self.chunk_rows, "memory_bytes": self.nbytes,
+            "file_bytes": self.path.stat().st_size + self.rows_path.stat().st_size,
             "key": self.key, "rois_per_class": {int(k): int(v) for k, v in zip(labels, counts)},
         }
 
     def close(self) -> None:
+        if self.rowfile is not None:
+            self.rowfile.close()
+        self._map = None
+        self.features = self.masks = None
         self.file.close()
 
 
-def open_cache(path: Path, key: str | None) -> FeatureCache | None:
+def open_cache(path: Path, key: str | None, threads: int = 4) -> FeatureCache | None:
     """The cache at ``path`` if it is complete and was built for ``key`` (any key if None); None otherwise.
 
-    A truncated or otherwise unreadable file, one without the completion mark, or one whose key
-    differs gives None (the caller rebuilds it). Temporary ``.tmp`` files are never opened.
+    A truncated or otherwise unreadable file, one without the completion mark, one whose row file
+    is missing or of the wrong size, or whose key differs gives None (the caller rebuilds it).
+    Temporary ``.tmp`` files are never opened.
     """
     path = Path(path)
     if not path.is_file() or path.suffix == ".tmp":
         return None
     try:
-        cache = FeatureCache(path)
+        f = h5py.File(path, "r")
     except (OSError, KeyError, ValueError, TypeError):
         return None
     try:
-        f = cache.file
         ok = bool(f.attrs.get("format") == FORMAT and int(f.attrs.get("version", -1)) == VERSION and f.attrs.get("complete")
-                  and (key is None or cache.key == key) and cache.features.shape[0] == len(cache) == cache.masks.shape[0])
-        if ok and len(cache):  # the last rows must be readable (a truncated file fails here at the latest)
-            last = len(cache) - 1
-            cache.features[last : last + 1]
-            cache.masks[last : last + 1]
+                  and (key is None or str(f.attrs.get("key")) == key))
     except (OSError, KeyError, ValueError, TypeError):
         ok = False
+    finally:
+        f.close()
     if not ok:
+        return None
+    try:
+        cache = FeatureCache(path, threads)
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    try:
+        if len(cache):  # the last row must be readable
+            cache.rowfile.read(len(cache) - 1, len(cache))
+    except (OSError, ValueError):
         cache.close()
         return None
     return cache
 
 
-def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset: CocoDataset, cfg: CacheConfig, path: Path, key: str,
+def _flip_source(dataset) -> tuple[CocoDataset, int]:
+    """(the CocoDataset under ``dataset``, 2 for FlippedCopies else 1)."""
+    return (dataset.dataset, 2) if isinstance(dataset, FlippedCopies) else (dataset, 1)
+
+
+def masked_instances(dataset: CocoDataset, mask_labels: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """(image index, annotation index) of each instance of ``dataset`` the set-A rule keeps
+    (:func:`takes_mask_loss`: a class of ``mask_labels``, bool ``[K + 1]``, default the dataset's mask
+    classes, and a mask annotation), in dataset order."""
+    if mask_labels is None:
+        mask_labels = label_table(dataset.mask_cats, dataset.data["categories"])
+    every = [(i, j, a) for i, im in enumerate(dataset.images) for j, a in enumerate(dataset.anns_by_image.get(im["id"], []))]
+    if not every:
+        return []
+    labels = torch.tensor([dataset.label_of[a["category_id"]] for _, _, a in every], dtype=torch.int64)
+    has_mask = torch.tensor(["segmentation" in a for _, _, a in every], dtype=torch.bool)
+    kept = takes_mask_loss(labels, mask_labels, has_mask).tolist()
+    return [(i, j) for (i, j, _), k in zip(every, kept) if k]
+
+
+def instance_counts(dataset) -> list[tuple[int, int]]:
+    """Per image of ``dataset`` (flipped copies included): (instances the set-A rule keeps, all instances)."""
+    base, copies = _flip_source(dataset)
+    kept = np.bincount(np.array([i for i, _ in masked_instances(base)], np.int64), minlength=len(base.images))
+    return [(int(kept[i]), len(base.anns_by_image.get(im["id"], []))) for i, im in enumerate(base.images)] * copies
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """``dataset`` whose MaskxError (an unreadable image, ...) reaches the main process as one line, not a worker traceback."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except MaskxError as exc:
+            return (_ERROR, exc.message, exc.path)
+
+
+_ERROR = "maskx-error"
+
+
+def _collate_guarded(batch):
+    """:func:`collate`, or the first ``(_ERROR, message, path)`` item of the batch."""
+    return next((item for item in batch if isinstance(item[0], str)), None) or collate(batch)
+
+
+def describe_build(instances: int, rows: int, per_row: int, cfg: CacheConfig, copies: int) -> str:
+    """The line printed before a build: what is cached and how large it can get."""
+    what = (f"GT box + up to {cfg.proposals_per_instance} proposals per instance" if cfg.sampling == "instance"
+            else f"up to {fg_per_image(cfg.rois_per_image, cfg.fg_fraction)} foreground RoIs per image (detectron sampling)")
+    flips = " (images and their flipped copies)" if copies == 2 else ""
+    return (f"{instances} instances{flips}, {what}: up to {rows} RoIs x {per_row} bytes = "
+            f"{rows * per_row / 2**30:.2f} GiB")
+
+
+def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: CacheConfig, path: Path, key: str,
                 channels: int, progress: Progress = NULL_PROGRESS, batch_images: int = 8, seed: int = 0,
-                chunk_rows: int = CHUNK) -> FeatureCache:
+                chunk_rows: int = CHUNK, workers: int = 0, attrs: dict | None = None) -> FeatureCache:
     """Compute the cache for every image of ``dataset`` and write it to ``path``; return it opened.
 
-    Rows follow the dataset's image order, instance by instance (see :func:`extract_rois`);
-    ``seed`` drives the choice of proposals. HDF5 chunks hold ``chunk_rows`` RoIs. Refuses to
-    start (MaskxError) when the disk cannot hold the estimated size.
+    ``dataset``: a :class:`CocoDataset` whose ``has_mask`` marks the cached classes, or
+    :class:`FlippedCopies` of one. Images and masks are decoded in ``workers`` DataLoader
+    processes, the detector runs on batches of ``batch_images``. Rows follow the dataset's order,
+    image by image; each image's RoIs are drawn from :func:`image_generator` (``seed``, image id,
+    flipped), so the content does not depend on batching or workers. Row chunks hold
+    ``chunk_rows`` RoIs. Refuses to start (MaskxError) when the disk cannot hold the estimate.
     """
-    instances = sum(len([a for a in dataset.anns_by_image.get(im["id"], []) if a["category_id"] in dataset.mask_cats])
-                    for im in dataset.images)
+    base, copies = _flip_source(dataset)
+    counts = instance_counts(dataset)
+    instances = sum(n for n, _ in counts)
     if instances == 0:
-        raise MaskxError("no training instance of the mask classes (set A): nothing to train the mask head on", dataset.image_root)
+        raise MaskxError("no training instance of the mask classes (set A): nothing to train the mask head on", base.image_root)
     roi_size = roi_pool.output_size[0]
-    estimate = estimate_bytes(instances, channels, roi_size, cfg)
+    per_row = disk_row_bytes(channels, roi_size, cfg.dtype)
+    estimate = estimate_rows(counts, cfg, int(model.rpn.post_nms_top_n()))
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
-    if estimate > free:
-        raise MaskxError(f"feature cache needs up to {estimate / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free "
-                         f"(lower cache.proposals_per_instance or use cache.dtype=float16)", path.parent)
-    progress.log(f"building feature cache: {instances} instances, up to {estimate / 2**20:.0f} MiB -> {path}")
-    generator = torch.Generator().manual_seed(seed)
-    s, m = roi_size, 2 * roi_size
-    dtype = DTYPES[cfg.dtype]
+    if estimate * per_row > free:
+        raise MaskxError(f"feature cache needs up to {estimate * per_row / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free "
+                         f"(lower cache.proposals_per_instance or cache.rois_per_image, set cache.classes=train, "
+                         f"data.hflip=false or cache.dtype=float16)", path.parent)
+    progress.log(f"building feature cache: {describe_build(instances, estimate, per_row, cfg, copies)} "
+                 f"({free / 2**30:.0f} GiB free) -> {path}")
+    s = roi_size
+    device = next(model.parameters()).device
     task = progress.task("feature cache", len(dataset))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_images, collate_fn=collate, num_workers=0)
-    with hdf5_file(path) as f:  # a full disk: one error line, not an HDF5 crash
-        feats = f.create_dataset("features", (0, channels, s, s), maxshape=(None, channels, s, s), dtype=dtype,
-                                 chunks=(chunk_rows, channels, s, s))
-        masks = f.create_dataset("masks", (0, m, m), maxshape=(None, m, m), dtype=np.uint8, chunks=(chunk_rows, m, m),
-                                 compression="lzf")
-        labels: list[np.ndarray] = []
-        n = 0
-        for images, targets in loader:
-            batch = extract_rois(model, roi_pool, list(images), list(targets), cfg, generator)
-            r = batch.labels.shape[0]
-            if r:
-                feats.resize(n + r, axis=0)
-                masks.resize(n + r, axis=0)
-                feats[n : n + r] = batch.features.cpu().numpy().astype(dtype)
-                masks[n : n + r] = batch.masks.cpu().numpy()
-                labels.append(batch.labels.cpu().numpy())
-                n += r
+    loader = torch.utils.data.DataLoader(_Guarded(dataset), batch_size=batch_images, collate_fn=_collate_guarded, num_workers=workers,
+                                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    with CacheWriter(path, key, channels, s, cfg.dtype, chunk_rows) as w:
+        for item in loader:
+            if isinstance(item[0], str):  # (_ERROR, message, path) from a worker
+                raise MaskxError(item[1], item[2])
+            images, targets = item
+            gens = [image_generator(seed, t["image_id"], t.get("flipped", False)) for t in targets]
+            batch = extract_rois(model, roi_pool, list(images), list(targets), cfg, gens)
+            img = batch.image.numpy()
+            w.append(batch.features, batch.masks, batch.labels, batch.boxes,
+                     np.array([targets[i]["image_id"] for i in img], np.int64), batch.instance,
+                     np.array([bool(targets[i].get("flipped", False)) for i in img], np.uint8), batch.is_gt)
             task.advance(len(images))
-        f.create_dataset("labels", data=np.concatenate(labels) if labels else np.zeros(0, np.int64))
-        f.attrs.update({"format": FORMAT, "version": VERSION, "key": key, "instances": instances, "roi_size": roi_size,
-                        "channels": channels, "dtype": cfg.dtype, "proposals_per_instance": cfg.proposals_per_instance,
-                        "images": len(dataset)})
-        f.attrs["complete"] = True  # written last
+        w.attrs.update({"instances": instances, "images": len(dataset), "hflip": copies == 2, "seed": seed,
+                        "classes": np.array(sorted(base.mask_cats), np.int64), **sampling_settings(cfg), **(attrs or {})})
     task.close()
     cache = open_cache(path, key)
     assert cache is not None
@@ -286,16 +576,7 @@ class InMemoryRoIs:
     def __init__(self, cache: FeatureCache, rows: np.ndarray, batch_size: int, iterations: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         rows = np.sort(np.asarray(rows, dtype=np.int64))
-        f, m = cache.features, cache.masks
-        self.features = torch.empty((len(rows),) + f.shape[1:], dtype=torch.from_numpy(np.zeros(0, f.dtype)).dtype)
-        self.masks = torch.empty((len(rows),) + m.shape[1:], dtype=torch.uint8)
-        block, done = 64 * cache.chunk_rows, 0  # read in blocks: never the whole file, only the kept rows
-        for a in range(0, len(cache), block):
-            sel = rows[(rows >= a) & (rows < a + block)]
-            if len(sel):
-                self.features[done : done + len(sel)] = torch.from_numpy(f[a : a + block][sel - a])
-                self.masks[done : done + len(sel)] = torch.from_numpy(m[a : a + block][sel - a])
-                done += len(sel)
+        self.features, self.masks = cache.read_rows(rows)
         self.rows = torch.from_numpy(rows)
         self.labels = torch.from_numpy(cache.labels[rows])
         self.rois = len(rows)
@@ -310,22 +591,29 @@ class InMemoryRoIs:
 
 
 class StreamingRoIs:
-    """The kept rows of a cache, streamed from disk: never more than a few chunks in memory.
+    """The kept rows of a cache, streamed from disk: never more than a few windows of chunks in memory.
 
-    Order (a function of ``seed`` and the cache alone, so a resumed run sees the same batches):
-    epoch ``e`` visits the HDF5 chunks in a random order drawn from ``seed * 100003 + e``, in
-    windows of ``window`` chunks; within a window its kept RoIs are shuffled. Windows are read
-    with their chunks in file order. As with :class:`IterationBatches`, iteration ``i`` takes
-    positions ``[i*B, (i+1)*B)`` of the concatenated epochs. A background thread reads ahead
-    up to ``prefetch`` batches. Memory: about ``(2 * window * chunk_rows + prefetch * B)`` RoIs.
+    Order (a function of ``seed``, the cache, ``rank`` and ``world_size`` alone, so a resumed run
+    sees the same batches): epoch ``e`` visits the chunks (``cache.chunk_rows`` consecutive rows)
+    holding kept rows in a random order drawn from ``seed * 100003 + e``. That order is cut into
+    ``world_size`` consecutive shares of about equal kept rows, and process ``rank`` reads only its
+    own share (:meth:`shard`), so every kept row is read by exactly one process per epoch. A share
+    is visited in windows of ``window`` chunks whose kept rows are shuffled together. Each process
+    concatenates its shares of epochs 0, 1, ... and iteration ``i`` takes positions
+    ``[i*b, (i+1)*b)`` of that stream, ``b = batch_size / world_size``. A background thread
+    assembles batches while the cache's reader threads keep several chunk reads in flight, up to
+    ``prefetch`` batches ahead. Memory: about ``(ahead * window * chunk_rows + prefetch * b)`` RoIs.
     """
 
     def __init__(self, cache: FeatureCache, rows: np.ndarray, batch_size: int, iterations: int, seed: int,
                  window: int = 8, prefetch: int = 4, rank: int = 0, world_size: int = 1):
         if len(rows) == 0:
             raise ValueError("no rows to stream")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
         self.cache, self.batch_size, self.iterations, self.seed = cache, batch_size, iterations, seed
         self.window, self.prefetch, self.rank, self.world_size = max(1, window), max(1, prefetch), rank, world_size
+        self.local_batch = batch_size // world_size
         self.rois = len(rows)
         self.chunk = cache.chunk_rows
         n = len(cache)
@@ -334,51 +622,78 @@ class StreamingRoIs:
         n_chunks = math.ceil(n / self.chunk)
         self._chunk_rows = [np.flatnonzero(kept[c * self.chunk : (c + 1) * self.chunk]) + c * self.chunk for c in range(n_chunks)]
         self._chunks = [c for c in range(n_chunks) if len(self._chunk_rows[c])]
+        self._counts = np.array([len(self._chunk_rows[c]) for c in range(n_chunks)], dtype=np.int64)
+        if len(self._chunks) < world_size:
+            raise MaskxError(f"the training rows lie in {len(self._chunks)} chunks, too few to share among {world_size} "
+                             f"processes: raise cache.ram_budget_gb (they fit in memory)", cache.path)
+        self.ahead = max(2, math.ceil(2 * cache.rowfile.threads / self.window))  # windows read ahead
+        self.bytes_read = 0
+        self._epoch_lengths: dict[int, int] = {}
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._next = -1
 
-    def windows(self, epoch: int) -> list[tuple[list[int], np.ndarray]]:
-        """(chunk ids, rows in visiting order) of each window of ``epoch``."""
+    def shard(self, epoch: int) -> list[int]:
+        """The chunk ids this process reads in ``epoch``, in visiting order."""
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        order = [self._chunks[i] for i in torch.randperm(len(self._chunks), generator=g).tolist()]
+        order = np.array(self._chunks)[torch.randperm(len(self._chunks), generator=g).numpy()]
+        if self.world_size == 1:
+            return order.tolist()
+        counts = self._counts[order]
+        mid = np.cumsum(counts) - counts / 2
+        part = np.minimum((mid * self.world_size / counts.sum()).astype(np.int64), self.world_size - 1)
+        if len(np.unique(part)) < self.world_size:  # a chunk larger than a share: deal the chunks out in turn
+            part = np.arange(len(order)) % self.world_size
+        return order[part == self.rank].tolist()
+
+    def windows(self, epoch: int) -> list[tuple[list[int], np.ndarray]]:
+        """(chunk ids, rows in visiting order) of each window of this process's share of ``epoch``."""
+        g = torch.Generator().manual_seed((self.seed * 100003 + epoch) * 1024 + self.rank)
+        share = self.shard(epoch)
         out = []
-        for w in range(0, len(order), self.window):
-            chunks = order[w : w + self.window]
+        for w in range(0, len(share), self.window):
+            chunks = share[w : w + self.window]
             rows = np.concatenate([self._chunk_rows[c] for c in chunks])
             out.append((chunks, rows[torch.randperm(len(rows), generator=g).numpy()]))
         return out
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """All kept rows in the order epoch ``epoch`` visits them."""
+        """The kept rows this process visits in ``epoch``, in order."""
         return np.concatenate([rows for _, rows in self.windows(epoch)])
 
-    def _read_window(self, chunks: list[int], rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Read ``chunks`` (merged into sequential runs) and pick ``rows`` in the given order."""
-        f, m = self.cache.features, self.cache.masks
-        n = len(self.cache)
-        offset = {}
-        feats, masks, pos = [], [], 0
-        ordered = sorted(chunks)
-        runs: list[list[int]] = []
-        for c in ordered:
-            if runs and runs[-1][-1] == c - 1:
-                runs[-1].append(c)
-            else:
-                runs.append([c])
-        for run in runs:
-            a, b = run[0] * self.chunk, min((run[-1] + 1) * self.chunk, n)
-            feats.append(f[a:b])
-            masks.append(m[a:b])
-            for c in run:
-                offset[c] = pos + (c - run[0]) * self.chunk
+    def epoch_length(self, epoch: int) -> int:
+        """Kept rows in this process's share of ``epoch``."""
+        if epoch not in self._epoch_lengths:
+            self._epoch_lengths[epoch] = int(self._counts[self.shard(epoch)].sum())
+        return self._epoch_lengths[epoch]
+
+    def _windows_from(self, iteration: int):
+        pos, epoch = iteration * self.local_batch, 0
+        while pos >= self.epoch_length(epoch):
+            pos -= self.epoch_length(epoch)
+            epoch += 1
+        while True:
+            for chunks, rows in self.windows(epoch):
+                if pos >= len(rows):
+                    pos -= len(rows)
+                    continue
+                yield chunks, rows[pos:]
+                pos = 0
+            epoch += 1
+
+    def _submit(self, chunks: list[int], rows: np.ndarray):
+        """Start reading ``chunks`` into one buffer; (buffer, futures, rows' positions in it, rows)."""
+        n, rec = len(self.cache), self.cache.record_bytes
+        spans = [(c, c * self.chunk, min((c + 1) * self.chunk, n)) for c in sorted(chunks)]
+        buf = torch.empty((sum(b - a for _, a, b in spans), rec), dtype=torch.uint8)
+        shift = np.zeros(len(self._counts), dtype=np.int64)
+        futures, pos = [], 0
+        for c, a, b in spans:
+            futures.append(self.cache.rowfile.submit(a, buf[pos : pos + b - a]))
+            shift[c] = pos - a
             pos += b - a
-        local = rows - (rows // self.chunk) * self.chunk + np.array([offset[c] for c in rows // self.chunk], dtype=np.int64)
-        fa = feats[0] if len(feats) == 1 else np.concatenate(feats)
-        ma = masks[0] if len(masks) == 1 else np.concatenate(masks)
-        return (torch.from_numpy(fa[local]), torch.from_numpy(ma[local]), torch.from_numpy(self.cache.labels[rows]),
-                torch.from_numpy(rows.copy()))
+        return buf, futures, torch.from_numpy(rows + shift[rows // self.chunk]), rows
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -390,29 +705,58 @@ class StreamingRoIs:
         return False
 
     def _produce(self, start_iter: int) -> None:
+        inflight: deque = deque()
         try:
-            b = self.batch_size
-            epoch, skip = divmod(start_iter * b, self.rois)
-            it, pending = start_iter, None
-            while it < self.iterations:
-                for chunks, rows in self.windows(epoch):
-                    if skip >= len(rows):
-                        skip -= len(rows)
-                        continue
-                    part = self._read_window(chunks, rows[skip:])
-                    skip = 0
-                    pending = part if pending is None else tuple(torch.cat([x, y]) for x, y in zip(pending, part))
-                    while pending[0].shape[0] >= b and it < self.iterations:
-                        share = slice(self.rank, b, self.world_size)
-                        if not self._put((it, RoIBatch(*(t[share] for t in pending)))):
-                            return
-                        pending = tuple(t[b:] for t in pending)
-                        it += 1
-                    if it >= self.iterations:
-                        break
-                epoch += 1
+            b, c, s = self.local_batch, self.cache.channels, self.cache.roi_size
+            fb = self.cache.record_bytes - (2 * s) ** 2
+            tdtype = torch.from_numpy(np.zeros(0, DTYPES[self.cache.dtype])).dtype
+            wins = self._windows_from(start_iter)
+            need = (self.iterations - start_iter) * b  # rows still to deliver: nothing is read beyond them
+
+            def refill() -> None:
+                nonlocal need
+                if need > 0:
+                    chunks, rows = next(wins)
+                    need -= len(rows)
+                    inflight.append(self._submit(chunks, rows))
+
+            for _ in range(self.ahead):
+                refill()
+            cur, cursor = None, 0
+            for it in range(start_iter, self.iterations):
+                feats = torch.empty((b, fb), dtype=torch.uint8)
+                masks = torch.empty((b, self.cache.record_bytes - fb), dtype=torch.uint8)
+                rows_out = np.empty(b, dtype=np.int64)
+                filled = 0
+                while filled < b:
+                    if cur is None or cursor == len(cur[2]):
+                        cur, cursor = inflight.popleft(), 0
+                        for f in cur[1]:
+                            f.result()
+                        self.bytes_read += cur[0].numel()
+                        refill()
+                    buf, _, local, rows = cur
+                    take = min(b - filled, len(local) - cursor)
+                    idx = local[cursor : cursor + take]
+                    torch.index_select(buf[:, :fb], 0, idx, out=feats[filled : filled + take])
+                    torch.index_select(buf[:, fb:], 0, idx, out=masks[filled : filled + take])
+                    rows_out[filled : filled + take] = rows[cursor : cursor + take]
+                    filled += take
+                    cursor += take
+                batch = RoIBatch(feats.view(tdtype).view(b, c, s, s), masks.view(b, 2 * s, 2 * s),
+                                 torch.from_numpy(self.cache.labels[rows_out]), torch.from_numpy(rows_out))
+                if not self._put((it, batch)):
+                    return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._put(exc)
+        finally:
+            for _, futures, _, _ in inflight:  # reads still writing into buffers: let them finish
+                for f in futures:
+                    if not f.cancel():
+                        try:
+                            f.result()
+                        except BaseException:  # noqa: BLE001 - the batch is not used any more
+                            pass
 
     def _start(self, iteration: int) -> None:
         self.close()
@@ -423,7 +767,7 @@ class StreamingRoIs:
         self._next = iteration
 
     def batch(self, iteration: int) -> RoIBatch:
-        """The batch of ``iteration`` (sequential calls are served from the read-ahead queue)."""
+        """This process's batch of ``iteration`` (sequential calls are served from the read-ahead queue)."""
         if not 0 <= iteration < self.iterations:
             raise IndexError(f"iteration {iteration} outside 0..{self.iterations - 1}")
         if self._thread is None or iteration != self._next:
@@ -437,7 +781,7 @@ class StreamingRoIs:
         return item[1]
 
     def close(self) -> None:
-        """Stop the reader thread (the cache file itself stays open)."""
+        """Stop the assembling thread (the cache file itself stays open)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -445,29 +789,30 @@ class StreamingRoIs:
 
 
 class DetectorRoIs:
-    """No cache: training RoIs computed by the frozen detector on every step.
+    """No cache: training RoIs computed by the frozen detector on every step (instance sampling).
 
-    Iteration ``i`` draws ``max(1, batch_size // (1 + proposals_per_instance))`` masked instances
-    of ``dataset`` (those with ``has_mask``) in :class:`IterationBatches` order, runs
-    :func:`extract_rois` on their images and returns their RoIs in that order (per instance: GT
-    box, then its proposals). With ``proposals_per_instance = 0`` the RoIs, their order and
-    ``rois`` equal those of :class:`InMemoryRoIs` over a cache of the same data, so both routes
-    train on identical batches; ``index`` holds the instances' positions in :attr:`instances`.
-    ``mask_labels`` (bool ``[K + 1]``, default: the dataset's mask classes) picks the instances by the
-    set-A rule.
+    ``dataset``: a :class:`CocoDataset` or its :class:`FlippedCopies`. Iteration ``i`` draws
+    ``max(1, batch_size // (1 + proposals_per_instance))`` of the instances the set-A rule keeps
+    (:func:`masked_instances`; in dataset order, flipped copies after the originals, as the cache's
+    rows) in :class:`IterationBatches` order, runs :func:`extract_rois` on their images and returns
+    their RoIs in that order (per instance: GT box, then its proposals). With
+    ``proposals_per_instance = 0`` the RoIs, their order and ``rois`` equal those of
+    :class:`InMemoryRoIs` over a cache of the same data, so both routes train on identical
+    batches; ``index`` holds the instances' positions in :attr:`instances`. ``mask_labels`` (bool
+    ``[K + 1]``, default: the dataset's mask classes) picks the instances by the set-A rule.
     """
 
-    def __init__(self, model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset: CocoDataset, cfg: CacheConfig,
+    def __init__(self, model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: CacheConfig,
                  batch_size: int, iterations: int, seed: int, rank: int = 0, world_size: int = 1,
                  mask_labels: torch.Tensor | None = None):
+        if cfg.sampling != "instance":
+            raise MaskxError("cache.sampling=detectron needs the feature cache (cache.enabled=true); "
+                             "training through the frozen detector samples instances (cache.sampling=instance)",
+                             key="cache.sampling")
         self.model, self.roi_pool, self.dataset, self.cfg = model, roi_pool, dataset, cfg
-        if mask_labels is None:  # the dataset's mask classes
-            mask_labels = label_table(dataset.mask_cats, dataset.data["categories"])
-        every = [(i, j, a) for i, im in enumerate(dataset.images) for j, a in enumerate(dataset.anns_by_image.get(im["id"], []))]
-        labels = torch.tensor([dataset.label_of[a["category_id"]] for _, _, a in every], dtype=torch.int64)
-        has_mask = torch.tensor([dataset.has_mask(a) for _, _, a in every], dtype=torch.bool)
-        kept = takes_mask_loss(labels, mask_labels, has_mask).tolist()
-        self.instances = [(i, j) for (i, j, _), k in zip(every, kept) if k]
+        base, copies = _flip_source(dataset)
+        kept = masked_instances(base, mask_labels)
+        self.instances = [(k * len(base) + i, j) for k in range(copies) for i, j in kept]
         self.rois = len(self.instances)
         per_step = max(1, batch_size // (1 + cfg.proposals_per_instance))
         self.batches = IterationBatches(self.rois, per_step, iterations, seed, rank=rank, world_size=world_size)
@@ -528,41 +873,90 @@ class CacheResult:
 
 
 def check_cache_config(cfg: CacheConfig) -> None:
+    def bad(key: str, message: str):
+        raise MaskxError(f"cache.{key} {message}", key=f"cache.{key}")
+
     if cfg.dtype not in DTYPES:
-        raise MaskxError(f"cache.dtype must be float16 or float32, got '{cfg.dtype}'", key="cache.dtype")
+        bad("dtype", f"must be float16 or float32, got '{cfg.dtype}'")
+    if cfg.sampling not in SAMPLINGS:
+        bad("sampling", f"must be {' or '.join(SAMPLINGS)}, got '{cfg.sampling}'")
+    if cfg.classes not in ("train", "all"):
+        bad("classes", f"must be train or all, got '{cfg.classes}'")
     if cfg.proposals_per_instance < 0:
-        raise MaskxError(f"cache.proposals_per_instance must be 0 or more, got {cfg.proposals_per_instance}",
-                         key="cache.proposals_per_instance")
+        bad("proposals_per_instance", f"must be 0 or more, got {cfg.proposals_per_instance}")
+    if cfg.rois_per_image < 1:
+        bad("rois_per_image", f"must be 1 or more, got {cfg.rois_per_image}")
+    if not 0 < cfg.fg_fraction <= 1:
+        bad("fg_fraction", f"must be in (0, 1], got {cfg.fg_fraction}")
+    if not 0 < cfg.min_iou <= 1:
+        bad("min_iou", f"must be in (0, 1], got {cfg.min_iou}")
     if cfg.ram_budget_gb < 0:
-        raise MaskxError(f"cache.ram_budget_gb must be 0 or more, got {cfg.ram_budget_gb}", key="cache.ram_budget_gb")
+        bad("ram_budget_gb", f"must be 0 or more, got {cfg.ram_budget_gb}")
+    for key in ("reader_threads", "shuffle_window"):
+        if getattr(cfg, key) < 1:
+            bad(key, f"must be 1 or more, got {getattr(cfg, key)}")
+    if cfg.workers < 0:
+        bad("workers", f"must be 0 or more, got {cfg.workers}")
 
 
-def cache_dataset(data: dict, data_cfg: DataConfig) -> CocoDataset:
-    """Every training image with an annotation; masks of every class (the cache's input)."""
-    all_ids = [c["id"] for c in data["categories"]]
-    full = CocoDataset(data, data_cfg.train_images, with_masks=True, mask_category_ids=all_ids,
-                       max_images=data_cfg.max_train_images)
-    full.images = [im for im in full.images if full.anns_by_image.get(im["id"])]
-    return full
+def cache_dataset(data: dict, data_cfg: DataConfig, class_ids: list[int] | None = None):
+    """The cache's input: training images with an instance of ``class_ids`` (every class if None) that
+    the set-A rule keeps, masks of those classes; with ``data.hflip`` followed by their flipped copies
+    (:class:`FlippedCopies`)."""
+    ids = [c["id"] for c in data["categories"]] if class_ids is None else list(class_ids)
+    full = CocoDataset(data, data_cfg.train_images, with_masks=True, mask_category_ids=ids, max_images=data_cfg.max_train_images)
+    keep = {i for i, _ in masked_instances(full)}
+    full.images = [im for i, im in enumerate(full.images) if i in keep]
+    return FlippedCopies(full) if data_cfg.hflip else full
+
+
+def find_superset(folder: Path, settings: str, class_ids: list[int], threads: int = 4) -> FeatureCache | None:
+    """A complete cache in ``folder`` built with ``settings`` whose classes include ``class_ids``
+    (the one with the fewest classes), or None."""
+    wanted, found = set(class_ids), []
+    for p in sorted(folder.glob("features-*.h5")):
+        try:
+            with h5py.File(p, "r") as f:
+                if str(f.attrs.get("settings_key")) == settings and f.attrs.get("complete"):
+                    classes = {int(c) for c in f.attrs["classes"]}
+                    if wanted <= classes:
+                        found.append((len(classes), p, str(f.attrs["key"])))
+        except (OSError, KeyError, ValueError, TypeError):
+            continue
+    for _, p, key in sorted(found):
+        cache = open_cache(p, key, threads)
+        if cache is not None:
+            return cache
+    return None
 
 
 def ensure_cache(det: DetectorRun, data: dict, data_cfg: DataConfig, cfg: CacheConfig, roi_size: int,
-                 progress: Progress = NULL_PROGRESS) -> CacheResult:
-    """The complete cache for (detector, training data, RoI settings): reused if present, else built.
+                 progress: Progress = NULL_PROGRESS, class_ids: list[int] | None = None) -> CacheResult:
+    """The complete cache for (detector, training data, RoI settings, classes): reused if present, else built.
 
-    The cache lives in ``cfg.dir`` (default ``<detector run>/cache``) as ``features-<key[:16]>.h5``.
-    The detector must already be on the device it should run on.
+    ``class_ids``: the run's mask classes (:func:`pipelines.data.splits.mask_classes`; every class if
+    None or ``cache.classes=all``). The cache lives in ``cfg.dir`` (default ``<detector run>/cache``)
+    as ``features-<key[:16]>.h5`` + ``.rows``; a complete cache of more classes with the same settings
+    is reused. The build holds a lock file beside it. The detector must already be on the device it
+    should run on.
     """
     check_cache_config(cfg)
-    full = cache_dataset(data, data_cfg)
-    if not full.images:
-        raise MaskxError("no training image has an annotation", data_cfg.train_json)
     all_ids = [c["id"] for c in det.categories]
-    key = cache_key(det.sha256, sha256_file(data_cfg.train_json), all_ids, roi_size, cfg, len(full))
-    path = (Path(cfg.dir) if cfg.dir else det.run_dir / "cache") / f"features-{key[:16]}.h5"
-    cache = open_cache(path, key)
-    if cache is not None:
-        return CacheResult(path, key, False, cache)
-    cache = build_cache(det.model, build_mask_roi_pool(roi_size), full, cfg, path, key, det.model.backbone.out_channels,
-                        progress, seed=CACHE_SEED)
+    wanted = all_ids if class_ids is None or cfg.classes == "all" else sorted(set(class_ids))
+    args = (det.sha256, sha256_file(data_cfg.train_json))
+    settings = settings_key(*args, roi_size, cfg, data_cfg.max_train_images, data_cfg.hflip)
+    key = cache_key(*args, wanted, roi_size, cfg, data_cfg.max_train_images, data_cfg.hflip)
+    folder = Path(cfg.dir) if cfg.dir else det.run_dir / "cache"
+    path = folder / f"features-{key[:16]}.h5"
+    lock = folder / f".features-{settings[:16]}.lock"
+    with file_lock(lock, on_wait=lambda: progress.log(f"another process is building this feature cache: waiting for it ({lock})")):
+        cache = open_cache(path, key, cfg.reader_threads) or find_superset(folder, settings, wanted, cfg.reader_threads)
+        if cache is not None:
+            return CacheResult(cache.path, cache.key, False, cache)
+        full = cache_dataset(data, data_cfg, wanted)
+        if not len(full):
+            raise MaskxError("no training image has a mask of the cached classes", data_cfg.train_json)
+        cache = build_cache(det.model, build_mask_roi_pool(roi_size), full, cfg, path, key, det.model.backbone.out_channels,
+                            progress, batch_images=BUILD_BATCH_IMAGES, seed=CACHE_SEED, workers=cfg.workers,
+                            attrs={"settings_key": settings})
     return CacheResult(path, key, True, cache)

@@ -1,8 +1,9 @@
 """``maskx cache build``: the stage-2 feature cache on its own, before any mask-train.
 
 It finds or builds the cache with :func:`pipelines.engine.cache.ensure_cache`, the function
-``mask-train`` calls before training, so a cache built ahead of time is the one a later mask-train
-with the same config and detector reuses.
+``mask-train`` calls before training, with the same classes (:func:`pipelines.data.splits.mask_classes`
+of the config's head and set A), so a cache built ahead of time is the one a later mask-train with
+the same config and detector reuses.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from pipelines.config import MaskTrainConfig
 from pipelines.data.coco import check_same_categories, load_split
+from pipelines.data.splits import mask_classes, resolve_split
 from pipelines.engine.cache import CacheResult, check_cache_config, ensure_cache
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import load_detector_run
@@ -30,4 +32,5 @@ def cache_build(cfg: MaskTrainConfig, detector: str | Path, progress: Progress =
     data, _ = load_split(cfg.data.train_json, "train", require_masks=True)
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     det.model.to(resolve_device(cfg.solver.device))
-    return ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress)
+    classes = mask_classes(cfg.head.head, resolve_split(cfg.data.mask_classes, det.categories), det.categories)
+    return ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, classes)

@@ -18,6 +18,7 @@ import torch
 from pipelines.config import MaskTrainConfig, to_dict
 from pipelines.data.coco import CocoDataset, check_same_categories, load_split
 from pipelines.data.splits import label_table, mask_classes, resolve_split
+from pipelines.data.transforms import FlippedCopies
 from pipelines.engine import distributed as dist
 from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source, check_cache_config, ensure_cache
 from pipelines.engine.device import autocast
@@ -50,6 +51,9 @@ def check_mask_train_config(cfg: MaskTrainConfig) -> None:
     check_head(cfg.head)
     check_cache_config(cfg.cache)
     check_solver(cfg.solver)
+    if not cfg.cache.enabled and cfg.cache.sampling != "instance":
+        raise MaskxError("cache.sampling=detectron needs the feature cache (cache.enabled=true); training through the "
+                         "frozen detector samples instances (cache.sampling=instance)", key="cache.sampling")
 
 
 def _training_images(data: dict, cfg: MaskTrainConfig, train_classes: list[int]) -> CocoDataset:
@@ -105,7 +109,7 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     dist.main_first(lambda: prepare_run_dir(out, "mask-train", to_dict(cfg),
                                             {"detector": det.checkpoint, "embeddings": embeddings, "train_json": cfg.data.train_json},
                                             extra={"set_a": set_a, "train_classes": len(train_classes)}), others=False)
-    source, prepared = _roi_source(cfg, det, data, dataset, label_table(train_classes, categories), progress)
+    source, prepared = _roi_source(cfg, det, data, dataset, train_classes, progress)
 
     wrapped = dist.wrap(mask_side, device)
     trainer = Trainer(wrapped, cfg.solver, out, "mask-train",
@@ -139,20 +143,22 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     return MaskTrainResult(out, final, cfg.head.head, set_a, source.rois, cache_path, bool(prepared and prepared.built), stats, missing)
 
 
-def _roi_source(cfg: MaskTrainConfig, det: DetectorRun, data: dict, dataset: CocoDataset, mask_labels: torch.Tensor,
+def _roi_source(cfg: MaskTrainConfig, det: DetectorRun, data: dict, dataset: CocoDataset, train_classes: list[int],
                 progress: Progress):
     """(RoI source of the training batches, the opened cache or None): the cache's RoIs of the mask
-    classes, or the frozen detector's on every step (``cache.enabled=false``)."""
+    classes ``train_classes``, or the frozen detector's on every step (``cache.enabled=false``); with
+    ``data.hflip``, of the images and their flipped copies."""
     batch_args = (cfg.solver.batch_size, cfg.solver.iterations, cfg.solver.seed)
+    mask_labels = label_table(train_classes, det.categories)
     if not cfg.cache.enabled:
-        source = DetectorRoIs(det.model, build_mask_roi_pool(cfg.head.roi_size), dataset, cfg.cache, *batch_args,
-                              dist.rank(), dist.world_size(), mask_labels=mask_labels)
+        source = DetectorRoIs(det.model, build_mask_roi_pool(cfg.head.roi_size), FlippedCopies(dataset) if cfg.data.hflip else dataset,
+                              cfg.cache, *batch_args, dist.rank(), dist.world_size(), mask_labels=mask_labels)
         return source, None
-    # one cache of every class's masks serves agnostic, transfer and oracle runs alike; rank 0 builds
+    # the cache of the mask classes (or one of more classes with the same settings); rank 0 builds
     # (or finds) it, the other ranks then open the finished file. Building it must not shift the
     # random stream (dropout of T): a run gives the same weights whether the cache was built now or found.
     before = rng_state()
-    prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress))
+    prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, train_classes))
     set_rng_state(before)
     source = cache_source(prepared.cache, mask_labels, *batch_args, cfg.cache, dist.rank(), dist.world_size())
     if isinstance(source, StreamingRoIs):

@@ -190,10 +190,12 @@ def _grabcut_path(out: Path, direction: str) -> Path:
 
 def _run_config(ctx: _Context, row: SweepRow, row_set: list[Override], direction: str, seed: int,
                 stage2: list[Override], glove: str | None):
-    """The resolved config of one row's run: recipe < data < glove < overrides < stage2 < row < split, seed."""
+    """The resolved config of one row's run: recipe < data < cache of every class (stage-wise) < glove < overrides < stage2 < row < split, seed."""
     spec = ctx.spec
     cls = TrainE2EConfig if row.train == "e2e" else MaskTrainConfig
     layers: list[Any] = [{"data": ctx.data}]
+    if row.train == "stagewise":  # one cache of every class serves every row, split and seed (unless the sweep says otherwise)
+        layers.append({"cache": {"classes": "all"}})
     if glove:
         layers.append({"head": {"glove": str(glove)}})
     layers += stage_overrides(cls, ctx.every) + stage_overrides(cls, stage2)

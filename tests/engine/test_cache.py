@@ -1,10 +1,12 @@
-"""The stage-2 feature cache: reuse, rebuild on change, corruption, streaming, disk refusal, and
-stage 2 from the cache equal to stage 2 through the frozen detector."""
+"""The stage-2 feature cache: reuse, rebuild on change, corruption, streaming and its sharding, disk
+refusal, flips, both RoI samplings, classes, workers, the build lock, and stage 2 from the cache
+equal to stage 2 through the frozen detector."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections import namedtuple
 from dataclasses import replace
 from pathlib import Path
@@ -16,10 +18,13 @@ from typer.testing import CliRunner
 
 from pipelines.config import CacheConfig, DataConfig, DetectorConfig, DetectTrainConfig, HeadConfig, MaskTrainConfig, SolverConfig, to_dict
 from pipelines.data.coco import CocoDataset, load_split
+from pipelines.data.splits import mask_classes, resolve_split
 from pipelines.data.synthetic import SynthConfig, generate
+from pipelines.data.transforms import FlippedCopies
 from pipelines.engine import cache as cache_mod
 from pipelines.engine.cache import (DetectorRoIs, InMemoryRoIs, StreamingRoIs, build_cache, cache_dataset, cache_source, ensure_cache,
                                     kept_rows, open_cache)
+from pipelines.engine.roi_sampling import sample_detectron, sample_instance
 from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.engine.run_dir import load_detector_run
 from pipelines.errors import MaskxError
@@ -69,13 +74,16 @@ def gt_cache(world, tmp_path_factory) -> Path:
 
 
 def _copy_in(src: Path, tmp_path: Path) -> Path:
+    """Copy a cache (its HDF5 description and its row file) into ``tmp_path/cache``."""
     (tmp_path / "cache").mkdir(exist_ok=True)
+    shutil.copy(src.with_suffix(".rows"), tmp_path / "cache" / src.with_suffix(".rows").name)
     return Path(shutil.copy(src, tmp_path / "cache" / src.name))
 
 
-def _ensure(world: World, cfg: CacheConfig, det_dir: Path | None = None, data=None, data_cfg=None):
+def _ensure(world: World, cfg: CacheConfig, det_dir: Path | None = None, data=None, data_cfg=None, class_ids=None, progress=None):
     det = load_detector_run(det_dir or world.det_dir)
-    return ensure_cache(det, data or world.data, data_cfg or world.data_cfg, cfg, ROI)
+    return ensure_cache(det, data or world.data, data_cfg or world.data_cfg, cfg, ROI,
+                        progress or cache_mod.NULL_PROGRESS, class_ids)
 
 
 def _cfg(tmp_path: Path, **kw) -> CacheConfig:
@@ -123,16 +131,21 @@ def test_reused_then_rebuilt_when_detector_data_or_roi_setting_changes(world, gt
     same.cache.close()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "incomplete"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "incomplete", "short_rows", "no_rows"])
 def test_damaged_cache_is_detected_and_rebuilt(world, gt_cache, tmp_path, damage):
     cfg = _cfg(tmp_path, proposals_per_instance=0)
     path = _copy_in(gt_cache, tmp_path)
     first = _ensure(world, cfg)
     assert not first.built and first.path == path
-    feats = first.cache.features[()]
+    feats = np.array(first.cache.features)
     first.cache.close()
     raw = path.read_bytes()
-    if damage == "truncate":
+    rows_file = path.with_suffix(".rows")
+    if damage == "short_rows":
+        rows_file.write_bytes(rows_file.read_bytes()[:-1])
+    elif damage == "no_rows":
+        rows_file.unlink()
+    elif damage == "truncate":
         path.write_bytes(raw[: len(raw) * 2 // 3])
     elif damage == "garbage":
         path.write_bytes(b"\0" * 4096 + raw[4096:])
@@ -151,7 +164,8 @@ def test_damaged_cache_is_detected_and_rebuilt(world, gt_cache, tmp_path, damage
 def test_tmp_leftover_is_never_read_and_a_failed_build_leaves_nothing(world, gt_cache, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, proposals_per_instance=0)
     leftover = tmp_path / "cache" / f".{gt_cache.name}.abc123.tmp"
-    _copy_in(gt_cache, tmp_path).rename(leftover)  # a complete-looking file under a temporary name
+    leftover.parent.mkdir()
+    shutil.copy(gt_cache, leftover)  # a complete-looking file under a temporary name
     key = h5_key(leftover)
     assert open_cache(leftover, key) is None
 
@@ -188,7 +202,7 @@ def test_disk_refusal_names_the_folder_and_the_knobs(world, tmp_path, monkeypatc
     cfg = _cfg(tmp_path, proposals_per_instance=2)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(MaskxError, match=r"feature cache needs up to .* GiB but only 0\.0 GiB is free.*proposals_per_instance") as e:
+    with pytest.raises(MaskxError, match=r"feature cache needs up to .* GiB but only 0\.0 GiB is free.*proposals_per_instance.*hflip") as e:
         _ensure(world, cfg)
     assert e.value.path == str(tmp_path / "cache")
     assert not any((tmp_path / "cache").iterdir())
@@ -227,9 +241,6 @@ def test_streaming_covers_the_same_rois_as_in_memory(world, tmp_path):
     # jumping to an iteration (resume) gives the batch a sequential read gave
     again = stream.batch(iters - 3)
     assert torch.equal(again.index, got_stream[iters - 3].index) and torch.equal(again.features, got_stream[iters - 3].features)
-    # DDP: two processes split each global batch
-    halves = [StreamingRoIs(cache, rows, b, iters, seed=3, window=2, rank=r, world_size=2).batch(1) for r in (0, 1)]
-    assert sorted(torch.cat([h.index for h in halves]).tolist()) == sorted(got_stream[1].index.tolist())
     stream.close()
     # the RAM budget picks the route
     assert isinstance(cache_source(cache, keep, b, iters, 0, replace(cfg, ram_budget_gb=0.0)), StreamingRoIs)
@@ -237,6 +248,57 @@ def test_streaming_covers_the_same_rois_as_in_memory(world, tmp_path):
     with pytest.raises(MaskxError, match="no RoI of the training classes"):
         cache_source(cache, torch.zeros(13, dtype=torch.bool), b, iters, 0, cfg)
     cache.close()
+
+
+def test_streaming_shards_each_epoch_so_that_every_row_is_read_by_one_process(world, tmp_path):
+    cfg = _cfg(tmp_path, proposals_per_instance=1)
+    det = load_detector_run(world.det_dir)
+    cache = build_cache(det.model, build_mask_roi_pool(ROI), cache_dataset(world.data, world.data_cfg), cfg,
+                        tmp_path / "c.h5", "k", 16, chunk_rows=4)
+    keep = torch.ones(13, dtype=torch.bool)
+    keep[int(np.bincount(cache.labels).argmax())] = False
+    rows = kept_rows(cache.labels, keep)
+    read: dict[int, list[int]] = {0: [], 1: []}
+    caches = [open_cache(cache.path, "k") for _ in (0, 1)]  # one per process, each logging the rows it reads
+
+    def logger(r, real):
+        def logged(start, out):
+            read[r].extend(range(start, start + out.shape[0]))
+            return real(start, out)
+        return logged
+
+    for r, c in enumerate(caches):
+        c.rowfile.read_into = logger(r, c.rowfile.read_into)
+    b, n = 8, len(rows)
+    shares = [StreamingRoIs(caches[r], rows, b, 3 * n // b, seed=5, window=2, rank=r, world_size=2) for r in (0, 1)]
+    for e in range(3):
+        orders = [s.epoch_order(e) for s in shares]
+        assert sorted(np.concatenate(orders).tolist()) == rows.tolist()  # every kept row exactly once per epoch
+        assert abs(len(orders[0]) - len(orders[1])) <= 2 * cache.chunk_rows  # shares of about equal size
+        chunks = [set(s.shard(e)) for s in shares]
+        assert not chunks[0] & chunks[1]
+    assert not np.array_equal(shares[0].epoch_order(0), shares[0].epoch_order(1))  # a new order every epoch
+    # what each process actually reads: its own share's chunks, every row of an epoch by one process only
+    iters = min(s.epoch_length(0) for s in shares) // (b // 2)  # a run that ends within epoch 0
+    for r, share in enumerate(shares):
+        share.iterations = iters
+        got = [share.batch(i) for i in range(iters)]
+        share.close()
+        seen = torch.cat([x.index for x in got]).numpy()
+        assert all(x.features.shape[0] == b // 2 for x in got)  # each process: its half of the global batch
+        np.testing.assert_array_equal(seen, share.epoch_order(0)[: len(seen)])
+        share_rows = {x for c in share.shard(0) for x in range(c * 4, min(c * 4 + 4, len(cache)))}
+        assert set(read[r]) <= share_rows and set(seen.tolist()) <= set(read[r])
+        assert len(read[r]) == len(set(read[r])) and share.bytes_read == len(read[r]) * cache.record_bytes  # each row once
+    assert read[0] and read[1] and not set(read[0]) & set(read[1])
+    # a resumed reader (any iteration) continues the same stream
+    again = StreamingRoIs(cache, rows, b, 3 * n // b, seed=5, window=2, rank=1, world_size=2)
+    k = 2 * n // b
+    assert torch.equal(again.batch(k).index, torch.from_numpy(np.concatenate([again.epoch_order(e) for e in range(4)])
+                                                               [k * b // 2 : (k + 1) * b // 2]))
+    again.close()
+    for c in caches + [cache]:
+        c.close()
 
 
 def test_streaming_read_error_is_one_clear_line(world, gt_cache, tmp_path):
@@ -289,8 +351,9 @@ def test_stage2_from_cache_equals_stage2_through_the_frozen_detector(world, tmp_
     keep[[i + 1 for i, c in enumerate(cats) if c["id"] in set_a]] = True
     dataset = CocoDataset(world.data, world.data_cfg.train_images, with_masks=True, mask_category_ids=set_a)
     dataset.images = [im for im in dataset.images if any(a["category_id"] in set_a for a in dataset.anns_by_image.get(im["id"], []))]
-    through = DetectorRoIs(det.model, build_mask_roi_pool(ROI), dataset, cfg.cache, 6, 2, seed=5)
-    r = _ensure(world, cfg.cache)
+    assert cfg.data.hflip  # both routes see every image as it is and mirrored
+    through = DetectorRoIs(det.model, build_mask_roi_pool(ROI), FlippedCopies(dataset), cfg.cache, 6, 2, seed=5)
+    r = _ensure(world, cfg.cache, class_ids=set_a)
     cached = cache_source(r.cache, keep, 6, 2, 5, cfg.cache)
     assert not r.built and through.rois == cached.rois == via_cache.train_rois
     for i in range(2):
@@ -308,11 +371,14 @@ def test_cli_cache_build_then_mask_train_reuses_it(world, tmp_path):
     res = runner.invoke(app, ["cache", "build", "--detector", str(world.det_dir), "--device", "cpu", *sets])
     assert res.exit_code == 0, res.output
     assert "feature cache built" in res.output and "RoIs" in res.output
+    assert "building feature cache:" in res.output and "GiB" in res.output  # the size, printed before the build
     (path,) = (tmp_path / "cache").glob("features-*.h5")
     res2 = runner.invoke(app, ["cache", "build", "--detector", str(world.det_dir), "--device", "cpu", *sets])
     assert res2.exit_code == 0 and "reused" in res2.output
-    reused = _ensure(world, _cfg(tmp_path, proposals_per_instance=0))
+    set_a = mask_classes("transfer", resolve_split("voc", world.data["categories"]), world.data["categories"])
+    reused = _ensure(world, _cfg(tmp_path, proposals_per_instance=0), class_ids=set_a)  # what mask-train asks for
     assert not reused.built and reused.path == path
+    assert set(np.unique(reused.cache.labels)) <= {i + 1 for i, c in enumerate(world.data["categories"]) if c["id"] in set_a}
     n = reused.rois
     reused.cache.close()
     info = runner.invoke(app, ["cache", "info", str(path)])
@@ -320,3 +386,203 @@ def test_cli_cache_build_then_mask_train_reuses_it(world, tmp_path):
     path.write_bytes(b"not hdf5")
     bad = runner.invoke(app, ["cache", "info", str(path)])
     assert bad.exit_code == 2 and "not a complete maskx feature cache" in bad.output
+
+
+def _build(world: World, path: Path, cfg: CacheConfig, hflip: bool = True, class_ids=None, **kw):
+    det = load_detector_run(world.det_dir)
+    dataset = cache_dataset(world.data, replace(world.data_cfg, hflip=hflip), class_ids)
+    return build_cache(det.model, build_mask_roi_pool(ROI), dataset, cfg, path, path.stem, 16, **kw)
+
+
+def test_flipped_copies_are_extra_rows_with_mirrored_boxes_and_targets(world, tmp_path):
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+
+    from pipelines.data.coco import annotation_mask
+
+    cfg = _cfg(tmp_path, proposals_per_instance=0)
+    plain = _build(world, tmp_path / "plain.h5", cfg, hflip=False, batch_images=1)
+    flipped = _build(world, tmp_path / "flipped.h5", cfg, hflip=True, batch_images=1)
+    n = len(plain)
+    assert len(flipped) == 2 * n and flipped.file.attrs["hflip"] and not plain.file.attrs["hflip"]
+    # rows 0..n-1: the images as they are (the plain cache itself); rows n..2n-1: their mirrored copies
+    np.testing.assert_array_equal(flipped.features[:n], plain.features)
+    np.testing.assert_array_equal(flipped.masks[:n], plain.masks)
+    fl, ids, inst = flipped.meta("flipped"), flipped.meta("image_id"), flipped.meta("instance")
+    assert not fl[:n].any() and fl[n:].all() and flipped.meta("is_gt").all()
+    np.testing.assert_array_equal(ids[n:], ids[:n])
+    np.testing.assert_array_equal(inst[n:], inst[:n])
+    np.testing.assert_array_equal(flipped.labels[n:], flipped.labels[:n])
+    widths = {im["id"]: im["width"] for im in world.data["images"]}
+    boxes = flipped.meta("boxes")
+    w = np.array([widths[i] for i in ids[:n]], np.float32)
+    np.testing.assert_allclose(boxes[n:, 0], w - boxes[:n, 2], atol=1e-4)
+    np.testing.assert_allclose(boxes[n:, 2], w - boxes[:n, 0], atol=1e-4)
+    np.testing.assert_allclose(boxes[n:, 1::2], boxes[:n, 1::2], atol=1e-4)
+    assert not np.array_equal(flipped.features[n:], flipped.features[:n])
+    # the flipped copy's target = the original's mirrored; with torchvision's RoIAlign (aligned=False)
+    # a mirror samples the mask one pixel to the side: exactly the target of the mask shifted by +1 px
+    anns = CocoDataset(world.data, world.data_cfg.train_images).anns_by_image
+    checked = 0
+    for r in range(n):
+        x1, x2 = boxes[r, 0], boxes[r, 2]
+        if x1 < 1 or x2 > w[r] - 1:
+            continue
+        ann = anns[int(ids[r])][int(inst[r])]
+        m = torch.from_numpy(annotation_mask(ann, ann_h := next(im["height"] for im in world.data["images"] if im["id"] == ids[r]),
+                                             int(w[r])))
+        shifted = torch.zeros_like(m)
+        shifted[:, 1:] = m[:, :-1]
+        expect = project_masks_on_boxes(shifted[None], torch.from_numpy(boxes[r : r + 1]), torch.tensor([0]), 2 * ROI)
+        assert ann_h > 0 and np.array_equal(flipped.masks[n + r], (expect[0] >= 0.5).numpy().astype(np.uint8)[:, ::-1]), r
+        checked += 1
+    assert checked >= n // 2
+    plain.close()
+    flipped.close()
+
+
+def test_a_cache_built_with_workers_equals_one_built_without(world, tmp_path):
+    cfg = _cfg(tmp_path, proposals_per_instance=1)
+    a = _build(world, tmp_path / "a.h5", cfg, batch_images=3, workers=0)
+    b = _build(world, tmp_path / "b.h5", cfg, batch_images=3, workers=2)
+    assert len(a) == len(b) > 20
+    for name in ("boxes", "image_id", "instance", "flipped", "is_gt"):
+        np.testing.assert_array_equal(a.meta(name), b.meta(name))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    np.testing.assert_allclose(a.features.astype(np.float32), b.features.astype(np.float32), rtol=1e-3, atol=1e-3)
+    a.close()
+    b.close()
+
+
+def test_an_unreadable_image_in_a_build_worker_is_one_line_naming_it(world, tmp_path):
+    images = Path(shutil.copytree(world.data_cfg.train_images, tmp_path / "images"))
+    victim = images / world.data["images"][-1]["file_name"]
+    victim.write_bytes(b"not an image")
+    data_cfg = replace(world.data_cfg, train_images=str(images))
+    det = load_detector_run(world.det_dir)
+    with pytest.raises(MaskxError) as e:
+        build_cache(det.model, build_mask_roi_pool(ROI), cache_dataset(world.data, data_cfg), _cfg(tmp_path), tmp_path / "c.h5",
+                    "k", 16, workers=2, batch_images=2)
+    assert e.value.path == str(victim) and "image cannot be read" in e.value.message and "\n" not in e.value.line()
+    assert not list(tmp_path.glob("c.*")) and not list(tmp_path.glob(".c.*"))
+
+
+def test_a_cache_of_set_a_holds_the_set_a_rows_of_the_all_class_cache_which_it_reuses(world, tmp_path):
+    cats = world.data["categories"]
+    set_a = mask_classes("transfer", resolve_split("voc", cats), cats)
+    labels_a = {i + 1 for i, c in enumerate(cats) if c["id"] in set_a}
+    cfg = _cfg(tmp_path, proposals_per_instance=1)
+    every = _ensure(world, cfg)
+    only_a = _ensure(world, replace(cfg, dir=str(tmp_path / "other")), class_ids=set_a)
+    assert every.built and only_a.built and set(np.unique(only_a.cache.labels)) <= labels_a
+    rows = np.flatnonzero(np.isin(every.cache.labels, list(labels_a)))
+    assert len(only_a.cache) == len(rows) < len(every.cache)
+    np.testing.assert_array_equal(only_a.cache.labels, every.cache.labels[rows])
+    np.testing.assert_array_equal(only_a.cache.masks, every.cache.masks[rows])
+    for name in ("boxes", "image_id", "instance", "flipped", "is_gt"):
+        np.testing.assert_array_equal(only_a.cache.meta(name), every.cache.meta(name)[rows])
+    np.testing.assert_allclose(only_a.cache.features.astype(np.float32), every.cache.features[rows].astype(np.float32),
+                               rtol=1e-3, atol=1e-3)
+    only_a.cache.close()
+    # a set-A run next to the all-class cache reuses it (no second build); cache.classes=all asks for it
+    reused = _ensure(world, cfg, class_ids=set_a)
+    assert not reused.built and reused.path == every.path
+    reused.cache.close()
+    assert _ensure(world, replace(cfg, classes="all"), class_ids=set_a).path == every.path
+    every.cache.close()
+
+
+def test_detectron_sampler_caps_the_foreground_and_keeps_the_iou_threshold():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.tensor([[10.0, 10.0, 50.0, 50.0], [60.0, 20.0, 100.0, 90.0], [0.0, 60.0, 30.0, 100.0]])
+    props = [gt + torch.randn(3, 4, generator=g) * 6 for _ in range(40)] + [torch.rand(60, 4, generator=g) * 100]
+    props = torch.cat(props)
+    props[:, 2:] = torch.maximum(props[:, 2:], props[:, :2] + 2)
+    props = torch.cat([props, torch.tensor([[10.0, 10.0, 50.0, 30.0], [10.0, 10.0, 50.0, 29.6]])])  # IoU 0.5 and just below
+    from torchvision.ops import box_iou
+
+    cand = torch.cat([gt, props])
+    best, match = box_iou(cand, gt).max(1)
+    fg = set(torch.where(best >= 0.5)[0].tolist())
+    assert len(fg) > 40 and (len(gt) + len(props) - 2) in fg and (len(gt) + len(props) - 1) not in fg
+    drawn: set[int] = set()
+    for seed in range(300):
+        boxes, matched, is_gt = sample_detectron(gt, props, 64, 0.25, 0.5, torch.Generator().manual_seed(seed))
+        assert len(boxes) == 16  # round(0.25 * 64): the cap, fewer than the foreground candidates
+        i = box_iou(boxes, gt)
+        assert (i.max(1).values >= 0.5).all() and torch.equal(i.argmax(1), matched)
+        idx = [int(torch.where((cand == b).all(1))[0][0]) for b in boxes]
+        assert set(idx) <= fg and torch.equal(is_gt, torch.tensor([k < len(gt) for k in idx]))
+        drawn |= set(idx)
+    assert drawn == fg  # every foreground candidate can be drawn, nothing else ever is
+    # a large budget takes every foreground candidate, ground-truth boxes included
+    boxes, matched, is_gt = sample_detectron(gt, props, 4096, 0.25, 0.5, g)
+    assert len(boxes) == len(fg) and int(is_gt.sum()) == 3
+    # the instance sampler: GT box first, then at most k proposals of IoU >= min_iou per instance
+    boxes, matched, is_gt = sample_instance(gt, props, 2, 0.5, g)
+    assert torch.equal(boxes[:3], gt) and is_gt[:3].all() and not is_gt[3:].any() and len(boxes) == 3 + 3 * 2
+    assert (box_iou(boxes, gt)[torch.arange(len(boxes)), matched] >= 0.5).all()
+
+
+def test_a_detectron_sampled_cache_holds_foreground_rois_of_the_cached_classes(world, tmp_path):
+    from torchvision.ops import box_iou
+
+    cats = world.data["categories"]
+    set_a = mask_classes("transfer", resolve_split("voc", cats), cats)
+    cfg = _cfg(tmp_path, sampling="detectron", rois_per_image=16, fg_fraction=0.25, min_iou=0.5)
+    cache = _build(world, tmp_path / "d.h5", cfg, class_ids=set_a)
+    ids, inst, fl, boxes = cache.meta("image_id"), cache.meta("instance"), cache.meta("flipped"), torch.from_numpy(cache.meta("boxes"))
+    assert cache.file.attrs["sampling"] == "detectron" and len(cache) > 0
+    anns = CocoDataset(world.data, world.data_cfg.train_images).anns_by_image
+    widths = {im["id"]: im["width"] for im in world.data["images"]}
+    per_image = np.unique(np.stack([ids, fl]), axis=1, return_counts=True)[1]
+    assert per_image.max() <= 4  # round(0.25 * 16) per image (and per flipped copy)
+    for r in range(len(cache)):
+        a = anns[int(ids[r])][int(inst[r])]
+        x, y, w, h = a["bbox"]
+        gt = torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32)
+        if fl[r]:
+            gt = torch.tensor([[widths[int(ids[r])] - (x + w), y, widths[int(ids[r])] - x, y + h]])
+        assert a["category_id"] in set_a and box_iou(boxes[r : r + 1], gt).item() >= 0.5 - 1e-5
+    cache.close()
+    # without the cache, stage 2 samples instances: detectron sampling is refused with one clear line
+    with pytest.raises(MaskxError, match="cache.sampling=detectron needs the feature cache"):
+        DetectorRoIs(None, None, None, cfg, 8, 1, 0)
+
+
+def test_concurrent_runs_build_a_cache_once_the_second_waits_and_reuses_it(world, tmp_path, monkeypatch):
+    from pipelines.progress import NullProgress
+
+    cfg = _cfg(tmp_path, proposals_per_instance=0)
+    started, release, waiting = threading.Event(), threading.Event(), threading.Event()
+    builds = []
+    real = cache_mod.build_cache
+
+    def slow_build(*args, **kwargs):
+        builds.append(1)
+        started.set()
+        assert release.wait(120)
+        return real(*args, **kwargs)
+
+    class Waiting(NullProgress):
+        def log(self, message: str) -> None:
+            if "another process is building this feature cache" in message:
+                waiting.set()
+
+    monkeypatch.setattr(cache_mod, "build_cache", slow_build)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", _ensure(world, cfg)))
+    first.start()
+    assert started.wait(120)
+    second = threading.Thread(target=lambda: results.setdefault("second", _ensure(world, cfg, progress=Waiting())))
+    second.start()
+    assert waiting.wait(120) and "second" not in results  # blocked on the lock while the first builds
+    (lock,) = (tmp_path / "cache").glob(".features-*.lock")
+    release.set()
+    first.join(120)
+    second.join(120)
+    assert len(builds) == 1 and results["first"].built and not results["second"].built
+    assert results["first"].path == results["second"].path and results["second"].rois == results["first"].rois
+    assert not lock.exists()  # removed when released
+    for r in results.values():
+        r.cache.close()

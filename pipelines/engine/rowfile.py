@@ -1,0 +1,124 @@
+"""Fixed-size records in a raw file: appended in order while a cache is built, read in parallel later.
+
+A *row file* is ``N`` records of ``record_bytes`` bytes each, back to back, no header (what the
+records mean is described by the HDF5 file beside it; see ``docs/cache.md``). Row ``r`` starts at
+byte ``r * record_bytes``, so any run of rows is one contiguous read. :class:`RowFile` reads runs
+with ``os.preadv`` straight into the caller's tensor: the system call releases Python's global
+lock (unlike h5py, whose calls hold one lock for the whole process), so a pool of threads keeps
+several large reads in flight and a cold file streams at the disk's sequential speed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+class RowWriter:
+    """Append records to a new raw file: ``append(uint8[n, record_bytes])``; ``rows`` so far."""
+
+    def __init__(self, path: Path, record_bytes: int):
+        self.path, self.record_bytes, self.rows = Path(path), int(record_bytes), 0
+        self._file = open(self.path, "wb")
+
+    def append(self, records: np.ndarray) -> None:
+        if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != self.record_bytes:
+            raise ValueError(f"records must be uint8[n, {self.record_bytes}], got {records.dtype}{list(records.shape)}")
+        self._file.write(np.ascontiguousarray(records).data)
+        self.rows += records.shape[0]
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+class RowFile:
+    """An open row file of ``rows`` records; thread-safe positional reads.
+
+    ``read_into(start, out)`` fills ``out`` (uint8[n, record_bytes], contiguous, on the CPU) with rows
+    ``start .. start + n``; ``submit(start, out)`` does the same on the pool of ``threads`` reader
+    threads and returns a Future. After ``close()`` every read raises ``OSError(EBADF)``.
+    """
+
+    def __init__(self, path: Path, record_bytes: int, threads: int = 4):
+        self.path, self.record_bytes = Path(path), int(record_bytes)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        self.rows = size // self.record_bytes if self.record_bytes else 0
+        self.size = size
+        self.threads = max(1, int(threads))
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def read_into(self, start: int, out: torch.Tensor) -> int:
+        """Read ``out.shape[0]`` rows from row ``start`` into ``out``; return the bytes read."""
+        n = out.shape[0]
+        if out.dtype != torch.uint8 or not out.is_contiguous() or tuple(out.shape[1:]) != (self.record_bytes,):
+            raise ValueError(f"out must be a contiguous uint8[n, {self.record_bytes}] tensor")
+        if start < 0 or start + n > self.rows:
+            raise ValueError(f"rows {start}..{start + n} outside 0..{self.rows}")
+        view = memoryview(out.numpy()).cast("B")
+        offset, done, want = start * self.record_bytes, 0, n * self.record_bytes
+        while done < want:
+            fd = self._fd
+            if fd < 0:
+                raise OSError(errno.EBADF, "row file is closed", str(self.path))
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"unexpected end of file at byte {offset + done} (file shorter than its rows)",
+                              str(self.path))
+            done += got
+        return done
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start .. stop`` as a new uint8[stop - start, record_bytes] tensor."""
+        out = torch.empty((max(0, stop - start), self.record_bytes), dtype=torch.uint8)
+        if len(out):
+            self.read_into(start, out)
+        return out
+
+    def submit(self, start: int, out: torch.Tensor) -> Future:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="maskx-rows")
+            pool = self._pool
+        return pool.submit(self.read_into, start, out)
+
+    def read_runs(self, runs: list[tuple[int, int]], ahead: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, rows)`` for each ``(start, stop)`` of ``runs``, in order, with up to ``ahead`` reads in flight."""
+        ahead = max(1, ahead or 2 * self.threads)
+        pending: list[tuple[int, torch.Tensor, Future]] = []
+        it = iter(runs)
+        try:
+            for start, stop in it:
+                out = torch.empty((stop - start, self.record_bytes), dtype=torch.uint8)
+                pending.append((start, out, self.submit(start, out)))
+                if len(pending) >= ahead:
+                    s, o, f = pending.pop(0)
+                    f.result()
+                    yield s, o
+            while pending:
+                s, o, f = pending.pop(0)
+                f.result()
+                yield s, o
+        finally:
+            for _, _, f in pending:
+                f.cancel()
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if fd >= 0:
+            os.close(fd)
