@@ -21,8 +21,22 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def machine() -> dict:
-    """Where the numbers come from: CPU / GPU, threads, load, versions, date."""
+def add_device_arg(ap) -> None:
+    """``--device auto|cpu|cuda`` (auto: the GPU when there is one)."""
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (auto: cuda if available)")
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device of ``--device``; exits with one line when cuda is asked for and missing."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is visible to torch")
+    return torch.device(name)
+
+
+def machine(device: torch.device | None = None) -> dict:
+    """Where the numbers come from: CPU / GPU, threads, load, versions, date, the device used."""
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -38,6 +52,9 @@ def machine() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    if device is not None:
+        info["device"] = str(device)
     return info
 
 

@@ -9,6 +9,7 @@ scores are sharpened (classifier weights x20) and ``score_thresh = 0`` so each i
 detections, as a trained detector would. Runs alternate between the two models; medians reported.
 
     uv run python benchmarks/bench_inference.py --out bench_inference.json
+    PYTHONPATH=. python3 benchmarks/bench_inference.py --device cuda --out bench_inference_gpu.json
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-from _common import interleaved, machine, print_table, write_report  # noqa: E402  (puts the repo on sys.path)
+from _common import add_device_arg, interleaved, machine, pick_device, print_table, sync, write_report  # noqa: E402  (puts the repo on sys.path)
 from pipelines.config import DetectorConfig, HeadConfig  # noqa: E402
 from pipelines.modeling.detector import build_detector  # noqa: E402
 from pipelines.modeling.mask_heads import MaskSide  # noqa: E402
@@ -53,25 +54,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per model (alternating)")
     ap.add_argument("--full", action="store_true", help="7 rounds")
     ap.add_argument("--out", type=Path, default=None, help="JSON report")
+    add_device_arg(ap)
     args = ap.parse_args()
+    device = pick_device(args.device)
     rounds = 7 if args.full else args.rounds
-    image = [torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0))]
+    image = [torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)]
     tv, mx = build_pair(args.size, mlp=False)
     _, mx_mlp = build_pair(args.size, mlp=True)
+    tv, mx, mx_mlp = tv.to(device), mx.to(device), mx_mlp.to(device)
     heads: dict[str, list[float]] = {}
     for name, m in (("torchvision", tv), ("maskx", mx), ("maskx+mlp", mx_mlp)):
-        m.roi_heads.forward = _timed(m.roi_heads.forward, heads.setdefault(name, []))
+        m.roi_heads.forward = _timed(m.roi_heads.forward, heads.setdefault(name, []), device)
     with torch.no_grad():
         dets = [len(m(image)[0]["boxes"]) for m in (tv, mx, mx_mlp)]
         same = torch.equal(tv(image)[0]["boxes"], mx(image)[0]["boxes"])
         # the mask side alone, on the same 100 detections' RoI features
-        feats = torch.randn(100, 256, 14, 14).relu()
-        labels = torch.randint(1, K + 1, (100,))
+        feats = torch.randn(100, 256, 14, 14).relu().to(device)
+        labels = torch.randint(1, K + 1, (100,)).to(device)
         mx_side, mx_mlp_side = (MaskSide(m.roi_heads.mask_head, m.roi_heads.mask_predictor) for m in (mx, mx_mlp))
         tv_mask = lambda: tv.roi_heads.mask_predictor(tv.roi_heads.mask_head(feats))[torch.arange(100), labels]  # noqa: E731
         t = interleaved({"torchvision": lambda: tv(image), "maskx": lambda: mx(image), "maskx+mlp": lambda: mx_mlp(image),
                          "tv_mask": tv_mask, "mx_mask": lambda: mx_side(feats, labels),
-                         "mx_mlp_mask": lambda: mx_mlp_side(feats, labels)}, rounds)
+                         "mx_mlp_mask": lambda: mx_mlp_side(feats, labels)}, rounds, device=device)
     h = {k: sorted(v[-rounds:])[rounds // 2] for k, v in heads.items()}  # RoI heads (box + mask side) of the timed runs
     rows = [
         ["torchvision maskrcnn_resnet50_fpn", dets[0], t["torchvision"], 1.0, h["torchvision"], 1.0, t["tv_mask"], 1.0],
@@ -80,18 +84,20 @@ def main() -> None:
         ["maskx Mask^X R-CNN (transfer+MLP)", dets[2], t["maskx+mlp"], t["maskx+mlp"] / t["torchvision"], h["maskx+mlp"],
          h["maskx+mlp"] / h["torchvision"], t["mx_mlp_mask"], t["mx_mlp_mask"] / t["tv_mask"]],
     ]
-    print_table(f"inference per image, R-50-FPN, {K + 1} classes, {args.size} px (same detections: {same})",
+    print_table(f"inference per image on {device}, R-50-FPN, {K + 1} classes, {args.size} px (same detections: {same})",
                 ["model", "detections", "s/image", "x tv", "RoI heads s", "x tv", "mask side s (100 RoIs)", "x tv"], rows)
-    write_report(args.out, {"benchmark": "inference", "machine": machine(), "size": args.size, "rounds": rounds,
+    write_report(args.out, {"benchmark": "inference", "machine": machine(device), "size": args.size, "rounds": rounds,
                             "same_boxes": same,
                             "rows": [dict(zip(["model", "detections", "seconds", "ratio", "roi_heads_seconds", "roi_heads_ratio",
                                                "mask_seconds", "mask_ratio"], r)) for r in rows]})
 
 
-def _timed(fn, sink: list[float]):
+def _timed(fn, sink: list[float], device: torch.device):
     def run(*a, **kw):
+        sync(device)
         t0 = time.perf_counter()
         out = fn(*a, **kw)
+        sync(device)
         sink.append(time.perf_counter() - t0)
         return out
     return run

@@ -1,8 +1,9 @@
 """Stage-2 training throughput in mask RoIs per second, four ways, on the same machine in one run:
 
   limit     the mask side's own forward + backward + SGD step on RoI tensors already in memory;
-  cache     the same, batches read from a feature cache (HDF5, float16): in memory, and streamed
-            from disk by the background reader (the file is fresh, so mostly from the page cache);
+  cache     the same, batches read from a feature cache (row file, float16): in memory, and streamed
+            from disk by the parallel reader (the file is fresh, so mostly from the page cache; the
+            cold-disk speed is bench_cache.py's);
   detector  the same head trained through the frozen detector (backbone + RPN + RoIAlign each step);
   full      a whole torchvision Mask R-CNN training step, per mask RoI it trains on.
 
@@ -14,6 +15,7 @@ does not depend on them. Ratios are each route's RoIs/s over the limit's.
 
     uv run python benchmarks/bench_stage2.py --out bench_stage2.json
     uv run python benchmarks/bench_stage2.py --full --out bench_stage2_full.json
+    PYTHONPATH=. python3 benchmarks/bench_stage2.py --device cuda --out bench_stage2_gpu.json
 """
 
 from __future__ import annotations
@@ -22,16 +24,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from _common import interleaved, machine, print_table, timed, write_report  # noqa: E402  (puts the repo on sys.path)
+from _common import add_device_arg, interleaved, machine, pick_device, print_table, timed, write_report  # noqa: E402  (puts the repo on sys.path)
 from pipelines.config import CacheConfig, DetectorConfig, HeadConfig  # noqa: E402
-from pipelines.engine.cache import CHUNK, FORMAT, VERSION, InMemoryRoIs, StreamingRoIs, extract_rois, open_cache  # noqa: E402
+from pipelines.engine.cache import CacheWriter, InMemoryRoIs, StreamingRoIs, extract_rois, open_cache  # noqa: E402
 from pipelines.modeling.detector import build_backbone, build_detector  # noqa: E402
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, mask_loss  # noqa: E402
 
@@ -64,39 +65,37 @@ def random_targets(n_images: int, objects: int, size: int, g: torch.Generator, w
     return images, targets
 
 
-def write_cache(path: Path, n: int, channels: int, s: int, g: torch.Generator) -> None:
-    """A cache file of ``n`` random RoIs in the layout build_cache writes (float16 features, lzf masks)."""
-    with h5py.File(path, "w") as f:
-        feats = f.create_dataset("features", (n, channels, s, s), dtype=np.float16, chunks=(CHUNK, channels, s, s))
-        masks = f.create_dataset("masks", (n, 2 * s, 2 * s), dtype=np.uint8, chunks=(CHUNK, 2 * s, 2 * s), compression="lzf")
-        for a in range(0, n, 1024):
-            b = min(n, a + 1024)
-            feats[a:b] = torch.randn(b - a, channels, s, s, generator=g).relu().half().numpy()
-            masks[a:b] = (torch.rand(b - a, 2 * s, 2 * s, generator=g) > 0.5).to(torch.uint8).numpy()
-        f.create_dataset("labels", data=torch.randint(1, K + 1, (n,), generator=g).numpy())
-        f.attrs.update({"format": FORMAT, "version": VERSION, "key": "bench", "instances": n, "complete": True})
+def write_cache(path: Path, n: int, channels: int, s: int, g: torch.Generator, block: int = 1024) -> None:
+    """A cache of ``n`` random RoIs in the layout build_cache writes (float16 row file + HDF5 description)."""
+    with CacheWriter(path, "bench", channels, s, "float16") as w:
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            w.append(torch.randn(b - a, channels, s, s, generator=g).relu().half(),
+                     (torch.rand(b - a, 2 * s, 2 * s, generator=g) > 0.5).to(torch.uint8), torch.randint(1, K + 1, (b - a,), generator=g))
+        w.attrs.update({"instances": n})
 
 
-def bench(name: str, st: dict, steps: int, cache_rois: int, tmp: Path) -> dict:
+def bench(name: str, st: dict, steps: int, cache_rois: int, tmp: Path, device: torch.device) -> dict:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     det_cfg, head, b = st["det"], st["head"], st["rois"]
     c, s = det_cfg.fpn_channels, head.roi_size
-    side = build_mask_side(head, K, c, torch.randn(K, 5 * det_cfg.box_representation))
+    side = build_mask_side(head, K, c, torch.randn(K, 5 * det_cfg.box_representation)).to(device)
     side.train()
     opt = torch.optim.SGD(side.parameters(), lr=1e-3, momentum=0.9)
 
     def train_on(features: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> None:
-        loss = mask_loss(side(features.float(), labels), masks)
+        features, labels, masks = features.to(device, torch.float32), labels.to(device), masks.to(device)
+        loss = mask_loss(side(features, labels), masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     rows = {}
     # (i) the limit, (ii) from the cache in memory and streamed: interleaved step by step
-    feats = torch.randn(b, c, s, s, generator=g).relu()
-    labels = torch.randint(1, K + 1, (b,), generator=g)
-    masks = (torch.rand(b, 2 * s, 2 * s, generator=g) > 0.5).to(torch.uint8)
+    feats = torch.randn(b, c, s, s, generator=g).relu().to(device)
+    labels = torch.randint(1, K + 1, (b,), generator=g).to(device)
+    masks = (torch.rand(b, 2 * s, 2 * s, generator=g) > 0.5).to(torch.uint8).to(device)
     path = tmp / f"cache_{name}.h5"
     write_cache(path, cache_rois, c, s, g)
     cache = open_cache(path, "bench")
@@ -111,7 +110,7 @@ def bench(name: str, st: dict, steps: int, cache_rois: int, tmp: Path) -> dict:
         train_on(x.features, x.labels, x.masks)
 
     t = interleaved({"limit": lambda: train_on(feats, labels, masks), "mem": lambda: from_source(mem, "mem"),
-                     "stream": lambda: from_source(stream, "stream")}, steps)
+                     "stream": lambda: from_source(stream, "stream")}, steps, device=device)
     stream.close()
     cache.close()
     rows["limit: head fwd+bwd, tensors in memory"] = (b, t["limit"])
@@ -119,9 +118,10 @@ def bench(name: str, st: dict, steps: int, cache_rois: int, tmp: Path) -> dict:
     rows["cache, streamed from disk (fp16)"] = (b, t["stream"])
 
     # (iii) through the frozen detector
-    det = build_detector(det_cfg, K).eval().requires_grad_(False)
+    det = build_detector(det_cfg, K).eval().requires_grad_(False).to(device)
     roi_pool = build_mask_roi_pool(s)
     images, targets = random_targets(st["images"], st["objects"], st["size"], g)
+    images = [im.to(device) for im in images]
     ccfg = CacheConfig(proposals_per_instance=max(0, b // (st["images"] * st["objects"]) - 1))
     dg = torch.Generator().manual_seed(0)
     got = {}
@@ -131,7 +131,7 @@ def bench(name: str, st: dict, steps: int, cache_rois: int, tmp: Path) -> dict:
         got["n"] = len(r.labels)
         train_on(r.features, r.labels, r.masks)
 
-    t = timed(through, max(2, steps // 4))
+    t = timed(through, max(2, steps // 4), device=device)
     rows["through the frozen detector"] = (got["n"], t)
     del det
 
@@ -147,10 +147,10 @@ def bench(name: str, st: dict, steps: int, cache_rois: int, tmp: Path) -> dict:
                          mask_head=MaskRCNNHeads(c, [d] * head.num_convs, 1), mask_predictor=MaskRCNNPredictor(d, d, K + 1),
                          rpn_post_nms_top_n_train=det_cfg.rpn_post_nms_top_n_train,
                          box_batch_size_per_image=det_cfg.box_batch_size_per_image)
-    model.train()
+    model.train().to(device)
     counts = []
     model.roi_heads.mask_roi_pool.register_forward_hook(lambda mod, inp, out: counts.append(out.shape[0]))
-    full_targets = [{k: v for k, v in t_.items() if k != "has_mask"} for t_ in targets]
+    full_targets = [{k: v.to(device) for k, v in t_.items() if k != "has_mask"} for t_ in targets]
     fopt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def full_step() -> None:
@@ -159,7 +159,7 @@ def bench(name: str, st: dict, steps: int, cache_rois: int, tmp: Path) -> dict:
         loss.backward()
         fopt.step()
 
-    t = timed(full_step, max(2, steps // 4))
+    t = timed(full_step, max(2, steps // 4), device=device)
     rows["full torchvision Mask R-CNN step"] = (int(np.median(counts)), t)
 
     limit = rows["limit: head fwd+bwd, tensors in memory"][0] / rows["limit: head fwd+bwd, tensors in memory"][1]
@@ -168,7 +168,7 @@ def bench(name: str, st: dict, steps: int, cache_rois: int, tmp: Path) -> dict:
         rate = n / sec
         out.append({"route": k, "rois_per_step": n, "seconds_per_step": sec, "rois_per_s": rate, "ratio_to_limit": rate / limit,
                     "cost_per_roi_x_limit": limit / rate})
-    return {"setting": name, "channels": c, "roi_size": s, "mask_dim": head.mask_dim, "num_convs": head.num_convs,
+    return {"setting": name, "device": str(device), "channels": c, "roi_size": s, "mask_dim": head.mask_dim, "num_convs": head.num_convs,
             "mlp": head.mlp, "image_size": st["size"], "images_per_step": st["images"], "objects_per_image": st["objects"],
             "backbone": det_cfg.backbone, "cache_rois": cache_rois, "results": out}
 
@@ -180,17 +180,23 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image side of the coco setting (default 512; 800 with --full)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps of the head routes (default 8; 20 with --full)")
     ap.add_argument("--cache-rois", type=int, default=None, help="RoIs in the benchmark cache (default 2048; 8192 with --full)")
+    ap.add_argument("--images", type=int, default=None, help="images per step through the detector (default: the setting's)")
     ap.add_argument("--out", type=Path, default=None, help="JSON report")
+    add_device_arg(ap)
     args = ap.parse_args()
+    device = pick_device(args.device)
     steps = args.steps or (20 if args.full else 8)
     cache_rois = args.cache_rois or (8192 if args.full else 2048)
     SETTINGS["coco"]["size"] = args.size or (800 if args.full else 512)
-    report = {"benchmark": "stage2", "machine": machine(), "steps": steps, "settings": []}
+    if args.images:
+        for st in SETTINGS.values():
+            st["images"] = args.images
+    report = {"benchmark": "stage2", "machine": machine(device), "steps": steps, "settings": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings.split(","):
-            r = bench(name, SETTINGS[name], steps, cache_rois, Path(tmp))
+            r = bench(name, SETTINGS[name], steps, cache_rois, Path(tmp), device)
             report["settings"].append(r)
-            print_table(f"stage-2 throughput, {name}: {r['backbone']} FPN {r['channels']} ch, {r['image_size']} px, "
+            print_table(f"stage-2 throughput on {device}, {name}: {r['backbone']} FPN {r['channels']} ch, {r['image_size']} px, "
                         f"head {r['num_convs']}x{r['mask_dim']} +mlp",
                         ["route", "RoIs/step", "s/step", "RoIs/s", "x limit speed", "cost/RoI vs limit"],
                         [[x["route"], x["rois_per_step"], x["seconds_per_step"], x["rois_per_s"], x["ratio_to_limit"],

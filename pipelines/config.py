@@ -167,6 +167,8 @@ class CacheConfig:
     ram_budget_gb: float = 4.0
     # Streaming shuffle: random order of chunks per epoch, RoIs shuffled within this many chunks.
     shuffle_window: int = 8
+    # RoIs per chunk, the unit a streamed cache is read and shuffled in (0: the cache's own, 64).
+    stream_chunk_rows: int = 0
     reader_threads: int = 4  # parallel reads of a streamed (or loaded) cache
     workers: int = 2  # DataLoader workers decoding images and masks while a cache is built
 

@@ -33,7 +33,6 @@ import math
 import queue
 import shutil
 import threading
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,22 +358,25 @@ class FeatureCache:
         return RoIBatch(feats, masks, torch.from_numpy(self.labels[start:stop]), torch.arange(start, stop))
 
     def read_rows(self, rows: np.ndarray, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, masks) of the sorted ``rows``: blocks of the file that hold any are read in parallel."""
+        """(features [n, C, S, S], masks [n, 2S, 2S]) of the sorted ``rows``: the blocks of ``block`` rows
+        that hold any are read in parallel, each row straight into its place."""
         rows = np.asarray(rows, dtype=np.int64)
-        block = block or 16 * self.chunk_rows
-        n = len(rows)
-        fb = self.record_bytes - (2 * self.roi_size) ** 2
+        block = block or 4 * self.chunk_rows
+        n, rec = len(rows), self.record_bytes
+        fb = rec - (2 * self.roi_size) ** 2
         feats = torch.empty((n, fb), dtype=torch.uint8)
-        masks = torch.empty((n, self.record_bytes - fb), dtype=torch.uint8)
-        starts = np.unique(rows // block) * block
-        runs = [(int(a), int(min(a + block, len(self)))) for a in starts]
-        bounds = np.searchsorted(rows, [a for a, _ in runs] + [len(self)])
-        done = 0
-        for (a, buf), lo, hi in zip(self.rowfile.read_runs(runs), bounds[:-1], bounds[1:]):
-            idx = torch.from_numpy(rows[lo:hi] - a)
-            torch.index_select(buf[:, :fb], 0, idx, out=feats[done : done + len(idx)])
-            torch.index_select(buf[:, fb:], 0, idx, out=masks[done : done + len(idx)])
-            done += len(idx)
+        masks = torch.empty((n, rec - fb), dtype=torch.uint8)
+        fv, mv = memoryview(feats.numpy()).cast("B"), memoryview(masks.numpy()).cast("B")
+        futures = []
+        for a in np.unique(rows // block) * block:
+            a, z = int(a), int(min(a + block, len(self)))
+            lo, hi = np.searchsorted(rows, [a, z])
+            views: list = [None] * (z - a)
+            for j in range(lo, hi):
+                views[rows[j] - a] = [fv[j * fb : (j + 1) * fb], mv[j * (rec - fb) : (j + 1) * (rec - fb)]]
+            futures.append(self.rowfile.submit_scatter(a, views))
+        for f in futures:
+            f.result()
         s = self.roi_size
         tdtype = torch.from_numpy(np.zeros(0, DTYPES[self.dtype])).dtype
         return feats.view(tdtype).view(n, self.channels, s, s), masks.view(n, 2 * s, 2 * s)
@@ -590,23 +592,62 @@ class InMemoryRoIs:
         pass
 
 
+def _use_count(t: torch.Tensor) -> int:
+    """How many tensors (views included) share ``t``'s storage, plus one for the storage handle asked for."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _BatchBuffers:
+    """Reusable batch buffers (features uint8[b, fb], masks uint8[b, mb] and their memoryviews).
+
+    Fresh memory costs a page fault per 4 KiB on first touch, which made reading a batch from the
+    page cache about 4x slower than reading into memory used before. A buffer is handed out again
+    only when no tensor outside this pool refers to its storage any more (the consumer has let go
+    of the batch and every view of it), so reuse can never overwrite a batch still in use.
+    """
+
+    def __init__(self, b: int, fb: int, mb: int, keep: int = 16):
+        self.b, self.fb, self.mb, self.keep = b, fb, mb, keep
+        self.entries: list[list] = []  # [features, masks, views, base use counts, being filled]
+        self.counting = hasattr(torch._C, "_storage_Use_Count")
+
+    def get(self):
+        for e in self.entries:
+            if not e[4] and (_use_count(e[0]), _use_count(e[1])) == e[3]:
+                e[4] = True
+                return e[0], e[1], e[2]
+        f, m = torch.empty((self.b, self.fb), dtype=torch.uint8), torch.empty((self.b, self.mb), dtype=torch.uint8)
+        views = (memoryview(f.numpy()).cast("B"), memoryview(m.numpy()).cast("B"))
+        if self.counting and len(self.entries) < self.keep:
+            self.entries.append([f, m, views, (_use_count(f), _use_count(m)), True])
+        return f, m, views
+
+    def filled(self, f: torch.Tensor) -> None:
+        """The buffer of ``f`` is complete and handed to the consumer: reusable once it lets go."""
+        for e in self.entries:
+            if e[0] is f:
+                e[4] = False
+
+
 class StreamingRoIs:
     """The kept rows of a cache, streamed from disk: never more than a few windows of chunks in memory.
 
     Order (a function of ``seed``, the cache, ``rank`` and ``world_size`` alone, so a resumed run
-    sees the same batches): epoch ``e`` visits the chunks (``cache.chunk_rows`` consecutive rows)
+    sees the same batches): epoch ``e`` visits the chunks (``chunk_rows`` consecutive rows, by default
+    the cache's ``chunk_rows``)
     holding kept rows in a random order drawn from ``seed * 100003 + e``. That order is cut into
     ``world_size`` consecutive shares of about equal kept rows, and process ``rank`` reads only its
     own share (:meth:`shard`), so every kept row is read by exactly one process per epoch. A share
     is visited in windows of ``window`` chunks whose kept rows are shuffled together. Each process
     concatenates its shares of epochs 0, 1, ... and iteration ``i`` takes positions
-    ``[i*b, (i+1)*b)`` of that stream, ``b = batch_size / world_size``. A background thread
-    assembles batches while the cache's reader threads keep several chunk reads in flight, up to
-    ``prefetch`` batches ahead. Memory: about ``(ahead * window * chunk_rows + prefetch * b)`` RoIs.
+    ``[i*b, (i+1)*b)`` of that stream, ``b = batch_size / world_size``. A background thread gives
+    every row of the next windows its slot in a batch and the cache's reader threads read each chunk
+    straight into those slots (no copy after the read), several chunks in flight; finished batches
+    wait in a queue of ``prefetch``. Memory: about ``(ahead * window * chunk_rows + prefetch * b)`` RoIs.
     """
 
     def __init__(self, cache: FeatureCache, rows: np.ndarray, batch_size: int, iterations: int, seed: int,
-                 window: int = 8, prefetch: int = 4, rank: int = 0, world_size: int = 1):
+                 window: int = 8, prefetch: int = 4, rank: int = 0, world_size: int = 1, chunk_rows: int = 0):
         if len(rows) == 0:
             raise ValueError("no rows to stream")
         if batch_size % world_size:
@@ -615,7 +656,7 @@ class StreamingRoIs:
         self.window, self.prefetch, self.rank, self.world_size = max(1, window), max(1, prefetch), rank, world_size
         self.local_batch = batch_size // world_size
         self.rois = len(rows)
-        self.chunk = cache.chunk_rows
+        self.chunk = chunk_rows or cache.chunk_rows
         n = len(cache)
         kept = np.zeros(n, bool)
         kept[rows] = True
@@ -627,6 +668,9 @@ class StreamingRoIs:
             raise MaskxError(f"the training rows lie in {len(self._chunks)} chunks, too few to share among {world_size} "
                              f"processes: raise cache.ram_budget_gb (they fit in memory)", cache.path)
         self.ahead = max(2, math.ceil(2 * cache.rowfile.threads / self.window))  # windows read ahead
+        fb = cache.record_bytes - (2 * cache.roi_size) ** 2
+        ahead_batches = max(1, math.ceil(self.ahead * self.window * self.chunk / self.local_batch))
+        self._buffers = _BatchBuffers(self.local_batch, fb, cache.record_bytes - fb, keep=self.prefetch + ahead_batches + 3)
         self.bytes_read = 0
         self._epoch_lengths: dict[int, int] = {}
         self._thread: threading.Thread | None = None
@@ -682,19 +726,6 @@ class StreamingRoIs:
                 pos = 0
             epoch += 1
 
-    def _submit(self, chunks: list[int], rows: np.ndarray):
-        """Start reading ``chunks`` into one buffer; (buffer, futures, rows' positions in it, rows)."""
-        n, rec = len(self.cache), self.cache.record_bytes
-        spans = [(c, c * self.chunk, min((c + 1) * self.chunk, n)) for c in sorted(chunks)]
-        buf = torch.empty((sum(b - a for _, a, b in spans), rec), dtype=torch.uint8)
-        shift = np.zeros(len(self._counts), dtype=np.int64)
-        futures, pos = [], 0
-        for c, a, b in spans:
-            futures.append(self.cache.rowfile.submit(a, buf[pos : pos + b - a]))
-            shift[c] = pos - a
-            pos += b - a
-        return buf, futures, torch.from_numpy(rows + shift[rows // self.chunk]), rows
-
     def _put(self, item) -> bool:
         while not self._stop.is_set():
             try:
@@ -705,56 +736,72 @@ class StreamingRoIs:
         return False
 
     def _produce(self, start_iter: int) -> None:
-        inflight: deque = deque()
+        """Assemble batches ``start_iter ..``: each window's rows are assigned their batch slots and its
+        chunks read straight into them (:meth:`RowFile.scatter_into`); a batch is handed over when
+        every read that fills it has finished."""
+        b, c, s = self.local_batch, self.cache.channels, self.cache.roi_size
+        n, rec = len(self.cache), self.cache.record_bytes
+        fb = rec - (2 * s) ** 2
+        tdtype = torch.from_numpy(np.zeros(0, DTYPES[self.cache.dtype])).dtype
+        end = (self.iterations - start_iter) * b  # rows to deliver: nothing is read beyond them
+        ahead = max(1, math.ceil(self.ahead * self.window * self.chunk / b))  # batches being read ahead (as in __init__)
+        batches: dict[int, list] = {}  # iteration -> [features, masks, rows, views, futures]
+        pos = 0
+        wins = self._windows_from(start_iter)
+
+        def slot(k: int) -> list:
+            if k not in batches:
+                f, m, views = self._buffers.get()
+                batches[k] = [f, m, np.empty(b, np.int64), views, []]
+            return batches[k]
+
+        def submit_window() -> None:
+            nonlocal pos
+            chunks, rows = next(wins)
+            dest: dict[int, tuple[int, int]] = {}
+            for r in rows[: end - pos]:
+                k, j = divmod(pos, b)
+                slot(start_iter + k)[2][j] = r
+                dest[int(r)] = (start_iter + k, j)
+                pos += 1
+            for ch in sorted(chunks):
+                lo, hi = ch * self.chunk, min((ch + 1) * self.chunk, n)
+                views, touched = [], set()
+                for r in range(lo, hi):
+                    d = dest.get(r)
+                    if d is None:
+                        views.append(None)
+                        continue
+                    k, j = d
+                    fv, mv = batches[k][3]
+                    views.append([fv[j * fb : (j + 1) * fb], mv[j * (rec - fb) : (j + 1) * (rec - fb)]])
+                    touched.add(k)
+                if touched:
+                    future = self.cache.rowfile.submit_scatter(lo, views)
+                    self.bytes_read += (hi - lo) * rec
+                    for k in touched:
+                        batches[k][4].append(future)
+
         try:
-            b, c, s = self.local_batch, self.cache.channels, self.cache.roi_size
-            fb = self.cache.record_bytes - (2 * s) ** 2
-            tdtype = torch.from_numpy(np.zeros(0, DTYPES[self.cache.dtype])).dtype
-            wins = self._windows_from(start_iter)
-            need = (self.iterations - start_iter) * b  # rows still to deliver: nothing is read beyond them
-
-            def refill() -> None:
-                nonlocal need
-                if need > 0:
-                    chunks, rows = next(wins)
-                    need -= len(rows)
-                    inflight.append(self._submit(chunks, rows))
-
-            for _ in range(self.ahead):
-                refill()
-            cur, cursor = None, 0
             for it in range(start_iter, self.iterations):
-                feats = torch.empty((b, fb), dtype=torch.uint8)
-                masks = torch.empty((b, self.cache.record_bytes - fb), dtype=torch.uint8)
-                rows_out = np.empty(b, dtype=np.int64)
-                filled = 0
-                while filled < b:
-                    if cur is None or cursor == len(cur[2]):
-                        cur, cursor = inflight.popleft(), 0
-                        for f in cur[1]:
-                            f.result()
-                        self.bytes_read += cur[0].numel()
-                        refill()
-                    buf, _, local, rows = cur
-                    take = min(b - filled, len(local) - cursor)
-                    idx = local[cursor : cursor + take]
-                    torch.index_select(buf[:, :fb], 0, idx, out=feats[filled : filled + take])
-                    torch.index_select(buf[:, fb:], 0, idx, out=masks[filled : filled + take])
-                    rows_out[filled : filled + take] = rows[cursor : cursor + take]
-                    filled += take
-                    cursor += take
-                batch = RoIBatch(feats.view(tdtype).view(b, c, s, s), masks.view(b, 2 * s, 2 * s),
-                                 torch.from_numpy(self.cache.labels[rows_out]), torch.from_numpy(rows_out))
+                while pos < min(end, (it - start_iter + 1 + ahead) * b):
+                    submit_window()
+                f, m, rows, _, futures = batches.pop(it)
+                for fut in futures:
+                    fut.result()
+                self._buffers.filled(f)
+                batch = RoIBatch(f.view(tdtype).view(b, c, s, s), m.view(b, 2 * s, 2 * s),
+                                 torch.from_numpy(self.cache.labels[rows]), torch.from_numpy(rows))
                 if not self._put((it, batch)):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._put(exc)
         finally:
-            for _, futures, _, _ in inflight:  # reads still writing into buffers: let them finish
-                for f in futures:
-                    if not f.cancel():
+            for pending in batches.values():  # reads still writing into buffers: let them finish
+                for fut in pending[4]:
+                    if not fut.cancel():
                         try:
-                            f.result()
+                            fut.result()
                         except BaseException:  # noqa: BLE001 - the batch is not used any more
                             pass
 
@@ -853,7 +900,8 @@ def cache_source(cache: FeatureCache, keep_label: torch.Tensor, batch_size: int,
         raise MaskxError("the feature cache holds no RoI of the training classes", cache.path)
     if len(rows) * cache.row_bytes <= cfg.ram_budget_gb * 2**30:
         return InMemoryRoIs(cache, rows, batch_size, iterations, seed, rank, world_size)
-    return StreamingRoIs(cache, rows, batch_size, iterations, seed, cfg.shuffle_window, rank=rank, world_size=world_size)
+    return StreamingRoIs(cache, rows, batch_size, iterations, seed, cfg.shuffle_window, rank=rank, world_size=world_size,
+                         chunk_rows=cfg.stream_chunk_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -895,8 +943,9 @@ def check_cache_config(cfg: CacheConfig) -> None:
     for key in ("reader_threads", "shuffle_window"):
         if getattr(cfg, key) < 1:
             bad(key, f"must be 1 or more, got {getattr(cfg, key)}")
-    if cfg.workers < 0:
-        bad("workers", f"must be 0 or more, got {cfg.workers}")
+    for key in ("workers", "stream_chunk_rows"):
+        if getattr(cfg, key) < 0:
+            bad(key, f"must be 0 or more, got {getattr(cfg, key)}")
 
 
 def cache_dataset(data: dict, data_cfg: DataConfig, class_ids: list[int] | None = None):

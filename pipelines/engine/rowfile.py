@@ -20,6 +20,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+IOV_MAX = 1024  # buffers per os.preadv call (Linux's limit)
+
 
 class RowWriter:
     """Append records to a new raw file: ``append(uint8[n, record_bytes])``; ``rows`` so far."""
@@ -58,6 +60,7 @@ class RowFile:
         self.threads = max(1, int(threads))
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._scratch: memoryview | None = None  # where rows read but not wanted go
 
     def read_into(self, start: int, out: torch.Tensor) -> int:
         """Read ``out.shape[0]`` rows from row ``start`` into ``out``; return the bytes read."""
@@ -79,6 +82,43 @@ class RowFile:
             done += got
         return done
 
+    def scatter_into(self, start: int, dests: list[list[memoryview] | None]) -> int:
+        """Read rows ``start .. start + len(dests)`` in one pass, row ``i`` into the buffers ``dests[i]``.
+
+        The buffers of a row (e.g. its features' and its mask's slots in two batch tensors) must
+        hold exactly ``record_bytes`` together; a row whose ``dests`` is None is read and dropped.
+        Rows go straight from the file to their final places (``os.preadv``): no copy after the read.
+        Returns the bytes read.
+        """
+        if start < 0 or start + len(dests) > self.rows:
+            raise ValueError(f"rows {start}..{start + len(dests)} outside 0..{self.rows}")
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(self.record_bytes))
+        iov = [v for d in dests for v in (d if d is not None else [self._scratch])]
+        offset, total = start * self.record_bytes, 0
+        while iov:
+            group, iov = iov[:IOV_MAX], iov[IOV_MAX:]
+            want = sum(len(v) for v in group)
+            while group:
+                fd = self._fd
+                if fd < 0:
+                    raise OSError(errno.EBADF, "row file is closed", str(self.path))
+                got = os.preadv(fd, group, offset)
+                if got == 0:
+                    raise OSError(errno.EIO, f"unexpected end of file at byte {offset} (file shorter than its rows)",
+                                  str(self.path))
+                offset, total, want = offset + got, total + got, want - got
+                while group and got >= len(group[0]):  # a short read: go on from where it stopped
+                    got -= len(group[0])
+                    group = group[1:]
+                if group and got:
+                    group = [group[0][got:]] + group[1:]
+        return total
+
+    def submit_scatter(self, start: int, dests: list[list[memoryview] | None]) -> Future:
+        """:meth:`scatter_into` on the reader threads."""
+        return self._executor().submit(self.scatter_into, start, dests)
+
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start .. stop`` as a new uint8[stop - start, record_bytes] tensor."""
         out = torch.empty((max(0, stop - start), self.record_bytes), dtype=torch.uint8)
@@ -86,12 +126,15 @@ class RowFile:
             self.read_into(start, out)
         return out
 
-    def submit(self, start: int, out: torch.Tensor) -> Future:
+    def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="maskx-rows")
-            pool = self._pool
-        return pool.submit(self.read_into, start, out)
+            return self._pool
+
+    def submit(self, start: int, out: torch.Tensor) -> Future:
+        """:meth:`read_into` on the reader threads."""
+        return self._executor().submit(self.read_into, start, out)
 
     def read_runs(self, runs: list[tuple[int, int]], ahead: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start, rows)`` for each ``(start, stop)`` of ``runs``, in order, with up to ``ahead`` reads in flight."""

@@ -262,13 +262,13 @@ def test_streaming_shards_each_epoch_so_that_every_row_is_read_by_one_process(wo
     caches = [open_cache(cache.path, "k") for _ in (0, 1)]  # one per process, each logging the rows it reads
 
     def logger(r, real):
-        def logged(start, out):
-            read[r].extend(range(start, start + out.shape[0]))
-            return real(start, out)
+        def logged(start, dests):
+            read[r].extend(range(start, start + len(dests)))
+            return real(start, dests)
         return logged
 
     for r, c in enumerate(caches):
-        c.rowfile.read_into = logger(r, c.rowfile.read_into)
+        c.rowfile.scatter_into = logger(r, c.rowfile.scatter_into)
     b, n = 8, len(rows)
     shares = [StreamingRoIs(caches[r], rows, b, 3 * n // b, seed=5, window=2, rank=r, world_size=2) for r in (0, 1)]
     for e in range(3):
@@ -586,3 +586,23 @@ def test_concurrent_runs_build_a_cache_once_the_second_waits_and_reuses_it(world
     assert not lock.exists()  # removed when released
     for r in results.values():
         r.cache.close()
+
+
+def test_row_file_reads_survive_short_reads_and_scatter_rows_into_place(world, gt_cache, tmp_path, monkeypatch):
+    import os as os_mod
+
+    from pipelines.engine import rowfile
+
+    path = _copy_in(gt_cache, tmp_path)
+    cache = open_cache(path, None)
+    whole = cache.rowfile.read(0, len(cache)).clone()
+    real = os_mod.preadv
+    monkeypatch.setattr(rowfile.os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:777]], off))  # at most 777 bytes a call
+    assert torch.equal(cache.rowfile.read(0, len(cache)), whole)
+    rows = np.array([1, 3, len(cache) - 1])
+    feats, masks = cache.read_rows(rows, block=2)
+    ref_f, ref_m = cache.split(whole[rows])
+    assert torch.equal(feats, ref_f) and torch.equal(masks, ref_m)
+    cache.close()
+    with pytest.raises(OSError):
+        cache.rowfile.read(0, 1)  # closed

@@ -16,7 +16,7 @@ from pipelines.engine.checkpoint import load_checkpoint
 from pipelines.stages.detect_train import detect_train
 from pipelines.stages.export_embeddings import export_embeddings
 from pipelines.stages.mask_train import mask_train
-from tests.engine.tiny_runs import HEAD, cli_overrides, detect_config, make_world, mask_config
+from tests.engine.tiny_runs import HEAD, cli_overrides, data_overrides, detect_config, make_world, mask_config
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +86,100 @@ def test_torchrun_two_processes_match_single_process_contract(tmp_path):
     # linear scaling rule: global batch 4 against the reference 8 -> half the recipe's LR
     assert json.loads((det / "manifest.json").read_text())["effective_lr"] == pytest.approx(0.02 * 4 / 8)
     assert json.loads((det / "manifest.json").read_text())["images_per_process"] == 2
+
+
+# Each torchrun worker: a streamed mask-train run (rank 0 builds the cache), one epoch of the streamed
+# cache read by this process (the rows it reads from disk logged), then the same run stopped by SIGTERM
+# after 2 iterations and resumed.
+SHARD_DRIVER = textwrap.dedent('''
+    import json, os, signal, sys
+    from pathlib import Path
+    import torch
+    from pipelines.config import MaskTrainConfig, load_config
+    from pipelines.engine import distributed as dist
+    from pipelines.engine.cache import StreamingRoIs, kept_rows, open_cache
+    from pipelines.errors import MaskxError
+    import pipelines.stages.mask_train as mt
+
+    plan = json.loads(sys.argv[1])
+    torch.set_num_threads(1)
+    cfg = load_config(MaskTrainConfig, "synthetic", plan["overrides"], section="mask_train")
+    full = mt.mask_train(cfg, plan["det"], plan["emb"], plan["full"])
+    rank, world = dist.rank(), dist.world_size()
+
+    cache = open_cache(full.cache_path, None)
+    read = []
+    real = cache.rowfile.scatter_into
+    def logged(start, dests):
+        read.extend(range(start, start + len(dests)))
+        return real(start, dests)
+    cache.rowfile.scatter_into = logged
+    keep = torch.zeros(int(cache.labels.max()) + 1, dtype=torch.bool)
+    keep[sorted(set(cache.labels.tolist()))] = True
+    rows = kept_rows(cache.labels, keep)
+    b = cfg.solver.batch_size
+    probe = StreamingRoIs(cache, rows, b, 10**6, 0, cfg.cache.shuffle_window, rank=rank, world_size=world,
+                          chunk_rows=cfg.cache.stream_chunk_rows)
+    probe.iterations = probe.epoch_length(0) // (b // world)  # stop within epoch 0: nothing read beyond it
+    seen = [int(r) for i in range(probe.iterations) for r in probe.batch(i).index]
+    probe.close()
+    json.dump({"read": read, "seen": seen, "epoch": probe.epoch_order(0).tolist(), "rows": rows.tolist(),
+               "bytes_read": probe.bytes_read, "record_bytes": cache.record_bytes},
+              open(Path(plan["logs"]) / f"rank{rank}.json", "w"))
+    cache.close()
+
+    calls = {"n": 0}
+    loss = mt.mask_loss
+    def stop_after_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3 and rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*a, **k)
+    mt.mask_loss = stop_after_two
+    try:
+        mt.mask_train(cfg, plan["det"], plan["emb"], plan["stopped"])
+        sys.exit("the run was not stopped")
+    except MaskxError as exc:
+        assert "stopped by" in str(exc), exc
+    mt.mask_loss = loss
+    dist.barrier()
+    mt.mask_train(cfg, plan["det"], plan["emb"], plan["stopped"], resume=True)
+''')
+
+
+def test_torchrun_streamed_cache_is_sharded_and_a_sharded_run_resumes_bit_identically(tmp_path):
+    world = make_world(tmp_path, train_images=16, val_images=1)
+    torch.set_num_threads(1)
+    detect_train(detect_config(world, "solver.iterations=1"), tmp_path / "det")
+    export_embeddings(tmp_path / "det", tmp_path / "emb.h5")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    overrides = [*data_overrides(world), *HEAD, "solver.iterations=5", "solver.checkpoint_every=0", "data.hflip=true",
+                 "data.mask_classes=all", "cache.ram_budget_gb=0", "cache.stream_chunk_rows=8", "cache.shuffle_window=2", f"cache.dir={tmp_path / 'cache'}"]
+    plan = {"overrides": overrides, "det": str(tmp_path / "det"), "emb": str(tmp_path / "emb.h5"),
+            "full": str(tmp_path / "full"), "stopped": str(tmp_path / "stopped"), "logs": str(logs)}
+    driver = tmp_path / "driver.py"
+    driver.write_text(SHARD_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver), json.dumps(plan)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    r0, r1 = (json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1))
+    rows = r0["rows"]
+    assert rows == r1["rows"] and len(rows) > 4 * 8
+    # over an epoch the two processes' rows are every kept row exactly once
+    assert sorted(r0["epoch"] + r1["epoch"]) == sorted(rows)
+    # each process reads from disk only rows of its own share, each once; the shares do not meet
+    for r in (r0, r1):
+        assert r["read"] and len(r["read"]) == len(set(r["read"])) and r["bytes_read"] == len(r["read"]) * r["record_bytes"]
+        assert set(r["seen"]) <= set(r["read"]) and r["seen"] == r["epoch"][: len(r["seen"])]
+    assert not set(r0["read"]) & set(r1["read"])
+    # the sharded streaming run stopped after 2 iterations and resumed = the uninterrupted one
+    full, resumed = load_checkpoint(tmp_path / "full" / "mask_final.pth"), load_checkpoint(tmp_path / "stopped" / "mask_final.pth")
+    assert full["model"].keys() == resumed["model"].keys()
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], resumed["model"][k]), k
+    assert lines(tmp_path / "stopped" / "metrics.jsonl") == lines(tmp_path / "full" / "metrics.jsonl")
+    manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["cache_built"]
