@@ -58,10 +58,15 @@ def write_rows(path: Path, rows: int, block: int = 512) -> None:
         w.attrs.update({"instances": rows})
 
 
+DROP = {"how": "auto"}
+
+
 def drop_page_cache(path: Path) -> str:
-    """Empty the page cache (all of it if permitted, else ``path``'s pages); say which was done."""
+    """Empty the page cache (all of it if permitted and ``--drop auto``, else ``path``'s pages); say which was done."""
     os.sync()
     try:
+        if DROP["how"] != "auto":
+            raise PermissionError
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("1\n")
         return "drop_caches"
@@ -221,6 +226,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--workers", type=int, default=CacheConfig().workers, help="DataLoader workers of the build")
     ap.add_argument("--sampling", default="detectron", choices=["instance", "detectron"])
+    ap.add_argument("--drop", default="auto", choices=["auto", "fadvise"],
+                    help="auto: drop the whole page cache when permitted (root); fadvise: evict only the file's pages")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: reader, build")
     ap.add_argument("--out", type=Path, default=None, help="JSON report")
     add_device_arg(ap)
@@ -234,6 +241,7 @@ def main() -> None:
         print(json.dumps(stream_epoch(args.cache, args.batch, args.threads, rank, world)))
         return
     device = pick_device(args.device)
+    DROP["how"] = args.drop
     args.build_batch = args.build_batch or (8 if device.type == "cuda" else 2)
     skip = set(filter(None, args.skip.split(",")))
     report = {"benchmark": "cache", "machine": machine(device), "uptime": _uptime()}

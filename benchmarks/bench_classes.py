@@ -28,13 +28,13 @@ from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn  # n
 E = 5 * 1024  # w_det = [w_cls, w_box] of a 1024-d box head
 
 
-def mask_inference(ks: list[int], rois: int, rounds: int, device: torch.device) -> list[list]:
+def mask_inference(ks: list[int], rois: int, rounds: int, device: torch.device, mlp_hidden: int = 1024) -> list[list]:
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(rois, 256, 14, 14, generator=g).relu().to(device)
     sides, fns, peaks = {}, {}, {}
     for k in ks:
         torch.manual_seed(0)
-        side = build_mask_side(HeadConfig(), k, 256, torch.randn(k, E)).eval().to(device)
+        side = build_mask_side(HeadConfig(mlp_hidden=mlp_hidden), k, 256, torch.randn(k, E)).eval().to(device)
         labels = torch.randint(1, k + 1, (rois,), generator=g).to(device)
         with torch.no_grad():
             side(feats[:1], labels[:1])  # T once on the table (cached for every later forward)
@@ -108,12 +108,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--full", action="store_true", help="800-px whole-model runs")
     ap.add_argument("--skip-model", action="store_true", help="only the mask-inference comparison")
+    ap.add_argument("--mlp-hidden", type=int, default=1024, help="hidden units of the MLP branch (1024: the paper's)")
     ap.add_argument("--out", type=Path, default=None, help="JSON report")
     add_device_arg(ap)
     args = ap.parse_args()
     device = pick_device(args.device)
     size = 800 if args.full else args.size
-    rows = mask_inference([80, 3000], args.rois, args.rounds, device)
+    rows = mask_inference([80, 3000], args.rois, args.rounds, device, args.mlp_hidden)
     print_table(f"mask inference on {device} (transfer head + MLP, eval), K classes",
                 ["K", "RoIs", "s", "x K=80", "peak MiB", "x K=80"], rows)
     report = {"benchmark": "classes", "machine": machine(device), "rounds": args.rounds,

@@ -369,6 +369,8 @@ def main() -> None:
     ap.add_argument("--reference-images", type=int, default=0, help="LVIS case: also run LVISEval on the first N images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the timings and metrics here (JSON)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="accepted for uniformity: COCOeval and LVISEval (every route) run on the CPU whatever the device")
     args = ap.parse_args()
     args.images = args.images or (5000 if args.case == "coco" else 19809)
 
@@ -377,7 +379,7 @@ def main() -> None:
 
     report: dict = {"command": "benchmarks/bench_eval.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
-        "machine": {**machine(), "pycocotools": getattr(pycocotools, "__version__", "?"),
+        "device": "cpu (evaluation is CPU code)", "machine": {**machine(), "pycocotools": getattr(pycocotools, "__version__", "?"),
                     "faster_coco_eval": faster_coco_eval.__version__}}
     (bench_lvis if args.case == "lvis" else bench_coco)(args, report)
     write_report(args.out, report)

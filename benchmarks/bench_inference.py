@@ -30,13 +30,15 @@ from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn  # n
 K = 80
 
 
-def build_pair(size: int, mlp: bool):
+def build_pair(size: int, mlp: bool, proposals: int = 1000, detections: int = 100):
     torch.manual_seed(0)
-    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K + 1, min_size=size, max_size=size)
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=K + 1, min_size=size, max_size=size,
+                               rpn_pre_nms_top_n_test=proposals, rpn_post_nms_top_n_test=proposals, box_detections_per_img=detections)
     with torch.no_grad():
         tv.roi_heads.box_predictor.cls_score.weight.mul_(20)
     tv.roi_heads.score_thresh = 0.0
-    det = build_detector(DetectorConfig(min_size=size, max_size=size, box_score_thresh=0.0), K)
+    det = build_detector(DetectorConfig(min_size=size, max_size=size, box_score_thresh=0.0, rpn_pre_nms_top_n_test=proposals,
+                                        rpn_post_nms_top_n_test=proposals, box_detections_per_img=detections), K)
     missing, unexpected = det.load_state_dict(tv.state_dict(), strict=False)
     assert not missing and all(k.startswith("roi_heads.mask_") for k in unexpected), (missing, unexpected)
     w_det = torch.cat([det.roi_heads.box_predictor.cls_score.weight[1:],
@@ -53,14 +55,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=800, help="image side in pixels")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per model (alternating)")
     ap.add_argument("--full", action="store_true", help="7 rounds")
+    ap.add_argument("--proposals", type=int, default=1000, help="RPN proposals per image (1000: Detectron's test setting)")
+    ap.add_argument("--detections", type=int, default=100, help="detections kept per image (and RoIs of the mask-side timing)")
     ap.add_argument("--out", type=Path, default=None, help="JSON report")
     add_device_arg(ap)
     args = ap.parse_args()
     device = pick_device(args.device)
     rounds = 7 if args.full else args.rounds
     image = [torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)]
-    tv, mx = build_pair(args.size, mlp=False)
-    _, mx_mlp = build_pair(args.size, mlp=True)
+    tv, mx = build_pair(args.size, False, args.proposals, args.detections)
+    _, mx_mlp = build_pair(args.size, True, args.proposals, args.detections)
     tv, mx, mx_mlp = tv.to(device), mx.to(device), mx_mlp.to(device)
     heads: dict[str, list[float]] = {}
     for name, m in (("torchvision", tv), ("maskx", mx), ("maskx+mlp", mx_mlp)):
@@ -69,10 +73,11 @@ def main() -> None:
         dets = [len(m(image)[0]["boxes"]) for m in (tv, mx, mx_mlp)]
         same = torch.equal(tv(image)[0]["boxes"], mx(image)[0]["boxes"])
         # the mask side alone, on the same 100 detections' RoI features
-        feats = torch.randn(100, 256, 14, 14).relu().to(device)
-        labels = torch.randint(1, K + 1, (100,)).to(device)
+        d = args.detections
+        feats = torch.randn(d, 256, 14, 14).relu().to(device)
+        labels = torch.randint(1, K + 1, (d,)).to(device)
         mx_side, mx_mlp_side = (MaskSide(m.roi_heads.mask_head, m.roi_heads.mask_predictor) for m in (mx, mx_mlp))
-        tv_mask = lambda: tv.roi_heads.mask_predictor(tv.roi_heads.mask_head(feats))[torch.arange(100), labels]  # noqa: E731
+        tv_mask = lambda: tv.roi_heads.mask_predictor(tv.roi_heads.mask_head(feats))[torch.arange(d), labels]  # noqa: E731
         t = interleaved({"torchvision": lambda: tv(image), "maskx": lambda: mx(image), "maskx+mlp": lambda: mx_mlp(image),
                          "tv_mask": tv_mask, "mx_mask": lambda: mx_side(feats, labels),
                          "mx_mlp_mask": lambda: mx_mlp_side(feats, labels)}, rounds, device=device)
@@ -85,8 +90,9 @@ def main() -> None:
          h["maskx+mlp"] / h["torchvision"], t["mx_mlp_mask"], t["mx_mlp_mask"] / t["tv_mask"]],
     ]
     print_table(f"inference per image on {device}, R-50-FPN, {K + 1} classes, {args.size} px (same detections: {same})",
-                ["model", "detections", "s/image", "x tv", "RoI heads s", "x tv", "mask side s (100 RoIs)", "x tv"], rows)
+                ["model", "detections", "s/image", "x tv", "RoI heads s", "x tv", f"mask side s ({args.detections} RoIs)", "x tv"], rows)
     write_report(args.out, {"benchmark": "inference", "machine": machine(device), "size": args.size, "rounds": rounds,
+                            "proposals": args.proposals, "detections": args.detections,
                             "same_boxes": same,
                             "rows": [dict(zip(["model", "detections", "seconds", "ratio", "roi_heads_seconds", "roi_heads_ratio",
                                                "mask_seconds", "mask_ratio"], r)) for r in rows]})

@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps of the head routes (default 8; 20 with --full)")
     ap.add_argument("--cache-rois", type=int, default=None, help="RoIs in the benchmark cache (default 2048; 8192 with --full)")
     ap.add_argument("--images", type=int, default=None, help="images per step through the detector (default: the setting's)")
+    ap.add_argument("--rois", type=int, default=None, help="mask RoIs per step of the head routes (default 64)")
     ap.add_argument("--out", type=Path, default=None, help="JSON report")
     add_device_arg(ap)
     args = ap.parse_args()
@@ -188,9 +189,9 @@ def main() -> None:
     steps = args.steps or (20 if args.full else 8)
     cache_rois = args.cache_rois or (8192 if args.full else 2048)
     SETTINGS["coco"]["size"] = args.size or (800 if args.full else 512)
-    if args.images:
-        for st in SETTINGS.values():
-            st["images"] = args.images
+    for st in SETTINGS.values():
+        st["images"] = args.images or st["images"]
+        st["rois"] = args.rois or st["rois"]
     report = {"benchmark": "stage2", "machine": machine(device), "steps": steps, "settings": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings.split(","):

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, write_report  # noqa: E402
+from _common import add_device_arg, machine, print_table, write_report  # noqa: E402
 
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config  # noqa: E402
 from pipelines.io import read_json, read_yaml  # noqa: E402
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--convs", type=int, nargs="+", default=[4, 1])
     ap.add_argument("--out", type=Path)
+    add_device_arg(ap)
     args = ap.parse_args()
 
     data = read_yaml(args.detector / "config.yaml")["data"]
@@ -110,7 +111,8 @@ def main() -> None:
             f["w_cls"][...] = table
         factor_emb.with_suffix(".tmp").rename(factor_emb)
 
-    base = [f"data.{k}={data[k]}" for k in ("train_json", "train_images", "val_json", "val_images")] + ["data.mask_classes=voc"]
+    base = [f"data.{k}={data[k]}" for k in ("train_json", "train_images", "val_json", "val_images")] + ["data.mask_classes=voc",
+                                                                                                      f"solver.device={args.device}"]
     heads = {"class-agnostic+MLP": ("agnostic", ["head.head=agnostic"], args.embeddings),
              "transfer+MLP (w_cls)": ("transfer_cls", ["head.head=transfer", "head.input=cls"], args.embeddings),
              "transfer+MLP (factor)": ("transfer_factor", ["head.head=transfer", "head.input=cls"], factor_emb)}

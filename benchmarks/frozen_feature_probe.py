@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, write_report  # noqa: E402
+from _common import add_device_arg, machine, print_table, write_report  # noqa: E402
 
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config  # noqa: E402
 from pipelines.engine.checkpoint import load_checkpoint  # noqa: E402
@@ -87,10 +87,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
+    add_device_arg(p)
     args = p.parse_args()
 
     try:
-        run = train_probe(args.source, args.detector, args.embeddings, args.work, args.seed)
+        run = train_probe(args.source, args.detector, args.embeddings, args.work, args.seed, [f"solver.device={args.device}"])
     except MaskxError as e:
         raise SystemExit(f"error: {e}") from None
     runs = {"source run": args.source, "oracle weights on its frozen features": run}

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars
-from maskx_cli.options import DEVICE, SetOpt, config_options
+from maskx_cli.options import CACHE, DEVICE, SetOpt, config_options
 
 
 def _size(n: int) -> str:
@@ -16,7 +16,7 @@ def _size(n: int) -> str:
 
 
 @guarded
-@config_options(DEVICE)
+@config_options(DEVICE, CACHE)
 def build_cmd(
     detector: Annotated[Path, typer.Option("--detector", "-d", help="Detector run folder (stage 1).")],
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe (default: the detector run's).")] = None,
@@ -53,7 +53,10 @@ def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (features-<
                          "the next mask-train or 'maskx cache build' rebuilds it", path)
     info = cache.info()
     cache.close()
-    for k in ("rois", "instances", "classes", "feature_shape", "dtype", "chunk_rows"):
+    for k in ("rois", "instances", "images", "classes", "feature_shape", "dtype", "sampling", "proposals_per_instance",
+              "rois_per_image", "fg_fraction", "hflip", "chunk_rows", "rows_file"):
+        if k not in info:
+            continue
         console.print(f"[dim]{k}:[/] {info[k]}", highlight=False)
     console.print(f"[dim]size:[/] {_size(info['file_bytes'])} on disk, {_size(info['memory_bytes'])} in memory", highlight=False)
     console.print(f"[dim]key:[/] {info['key']}", highlight=False)

@@ -1,7 +1,7 @@
 """Options that several commands share, declared once.
 
 ``--config`` / ``--set`` / ``--resume`` are plain annotated types. Options that set a config key
-are :class:`Opt` s in groups (``SOLVER``, ``MASK_SIDE``, ``END_TO_END``, ``EVAL``, and the
+are :class:`Opt` s in groups (``SOLVER``, ``MASK_SIDE``, ``CACHE``, ``END_TO_END``, ``EVAL``, and the
 synthetic world's, made from :class:`~pipelines.data.synthetic.SynthConfig`'s fields by
 :func:`world_options`); :func:`config_options` adds a group's options to a command, which then
 receives ``values``: the typed values the user gave, as a nested mapping ``{section: {key: value}}``
@@ -46,6 +46,10 @@ SOLVER = {
     "device": Opt("solver.device", Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]),
 }
 DEVICE = {"device": SOLVER["device"]}
+CACHE = {
+    "ram_budget_gb": Opt("cache.ram_budget_gb", Annotated[Optional[float], typer.Option(
+        help="Read the feature cache into memory up to this size, stream it from disk above (cache.ram_budget_gb).")]),
+}
 MASK_SIDE = {
     "head": Opt("head.head", Annotated[Optional[str], typer.Option(help="transfer | agnostic | oracle")]),
     "input_": Opt("head.input", Annotated[Optional[str], typer.Option("--input", help="Input of T: randn | glove | cls | box | cls+box")]),

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from maskx_cli.console import console, err_console, fail, guarded, metrics_table, print_paths, progress_bars, warn, warn_missing_glove
-from maskx_cli.options import EVAL, EVAL_BACKEND, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
+from maskx_cli.options import CACHE, EVAL, EVAL_BACKEND, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
 
 
 @guarded
@@ -83,7 +83,7 @@ def load_mask_train_config(config: str | None, detector: Path, set_: list[str] |
 
 
 @guarded
-@config_options(MASK_SIDE, SOLVER)
+@config_options(MASK_SIDE, SOLVER, CACHE)
 def mask_train_cmd(
     detector: Annotated[Path, typer.Option("--detector", "-d", help="Detector run folder (stage 1).")],
     embeddings: Annotated[Path, typer.Option("--embeddings", "-e", help="Embeddings file from export-embeddings.")],

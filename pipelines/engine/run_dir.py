@@ -220,10 +220,11 @@ class DetectorRun:
     categories: list[dict]
     model: FasterRCNN
 
-    def data_config(self, mask_classes: str) -> DataConfig:
-        """The run's data section (train/val files) with set A ``mask_classes``."""
+    def data_config(self, mine: DataConfig) -> DataConfig:
+        """The run's data section (train/val files) with the stage-2 run's own choices of ``mine``: set A
+        (``mask_classes``) and flipped copies in the cache (``hflip``)."""
         data = from_dict(DataConfig, self.config.get("data") or {})
-        data.mask_classes = mask_classes
+        data.mask_classes, data.hflip = mine.mask_classes, mine.hflip
         return data
 
 

@@ -28,7 +28,7 @@ def cache_build(cfg: MaskTrainConfig, detector: str | Path, progress: Progress =
     check_cache_config(cfg.cache)
     det = load_detector_run(detector)
     if not cfg.data.train_json:
-        cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data.mask_classes))
+        cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data))
     data, _ = load_split(cfg.data.train_json, "train", require_masks=True)
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     det.model.to(resolve_device(cfg.solver.device))

@@ -88,7 +88,7 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     emb = read_embeddings(embeddings)
     check_embeddings_fit(emb, det)
     if not cfg.data.train_json:
-        cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data.mask_classes))
+        cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data))
     data, _ = load_split(cfg.data.train_json, "train", require_masks=True)
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     categories = det.categories

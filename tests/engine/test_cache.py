@@ -382,7 +382,14 @@ def test_cli_cache_build_then_mask_train_reuses_it(world, tmp_path):
     n = reused.rois
     reused.cache.close()
     info = runner.invoke(app, ["cache", "info", str(path)])
-    assert info.exit_code == 0 and f"rois: {n}" in info.output
+    assert info.exit_code == 0 and f"rois: {n}" in info.output and "sampling: instance" in info.output
+    # mask-train reuses it; --ram-budget-gb 0 streams it from disk
+    export_embeddings(world.det_dir, tmp_path / "emb.h5")
+    train = runner.invoke(app, ["mask-train", "--detector", str(world.det_dir), "--embeddings", str(tmp_path / "emb.h5"),
+                                "--out", str(tmp_path / "run"), "--iterations", "1", "--ram-budget-gb", "0", "--device", "cpu",
+                                *sets, "--set", "solver.batch_size=8", "--set", "solver.workers=0"])
+    assert train.exit_code == 0, train.output
+    assert "(cache reused)" in train.output and "streaming from" in train.output
     path.write_bytes(b"not hdf5")
     bad = runner.invoke(app, ["cache", "info", str(path)])
     assert bad.exit_code == 2 and "not a complete maskx feature cache" in bad.output
