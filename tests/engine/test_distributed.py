@@ -40,6 +40,16 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
+def torchrun_two(driver_code: str, plan: dict, tmp_path) -> None:
+    """Run ``driver_code`` (given ``plan`` as JSON in argv[1]) in 2 torchrun processes; fail with their stderr."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(driver_code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver), json.dumps(plan)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def lines(path):
     return [json.loads(s) for s in path.read_text().splitlines()]
 
@@ -54,12 +64,7 @@ def test_torchrun_two_processes_match_single_process_contract(tmp_path):
         "export": ["export-embeddings", str(det), "--out", str(emb)],
         "mask": ["mask-train", "--detector", str(det), "--embeddings", str(emb), "--out", str(mask), *mask_sets],
     }
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver), json.dumps(plan)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two(DRIVER, plan, tmp_path)
 
     # the single-process reference, in this process
     torch.set_num_threads(1)
@@ -155,15 +160,11 @@ def test_torchrun_streamed_cache_is_sharded_and_a_sharded_run_resumes_bit_identi
     logs = tmp_path / "logs"
     logs.mkdir()
     overrides = [*data_overrides(world), *HEAD, "solver.iterations=5", "solver.checkpoint_every=0", "data.hflip=true",
-                 "data.mask_classes=all", "cache.ram_budget_gb=0", "cache.stream_chunk_rows=8", "cache.shuffle_window=2", f"cache.dir={tmp_path / 'cache'}"]
+                 "data.mask_classes=all", "cache.ram_budget_gb=0", "cache.stream_chunk_rows=8", "cache.shuffle_window=2",
+                 f"cache.dir={tmp_path / 'cache'}"]
     plan = {"overrides": overrides, "det": str(tmp_path / "det"), "emb": str(tmp_path / "emb.h5"),
             "full": str(tmp_path / "full"), "stopped": str(tmp_path / "stopped"), "logs": str(logs)}
-    driver = tmp_path / "driver.py"
-    driver.write_text(SHARD_DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver), json.dumps(plan)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two(SHARD_DRIVER, plan, tmp_path)
 
     r0, r1 = (json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1))
     rows = r0["rows"]
