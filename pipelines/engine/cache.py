@@ -62,9 +62,11 @@ CHUNK = 64
 DTYPES = {"float16": np.float16, "float32": np.float32}
 CACHE_SEED = 0  # RoI sampling of the cache: fixed, so a cache's content is a function of its key
 BUILD_BATCH_IMAGES = 8  # images per detector batch while building
-# per-RoI metadata kept in the HDF5 file besides the label: boxes float32[4], image_id int64,
-# instance int32, flipped uint8, is_gt uint8
-META_BYTES = 16 + 8 + 4 + 1 + 1
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# per-RoI datasets of the HDF5 description: dtype, shape of one entry, value when not given
+META = {"labels": (np.int64, (), None), "boxes": (np.float32, (4,), np.nan), "image_id": (np.int64, (), -1),
+        "instance": (np.int32, (), -1), "flipped": (np.uint8, (), 0), "is_gt": (np.uint8, (), 0)}
+META_BYTES = sum(np.dtype(d).itemsize * int(np.prod(shape)) for k, (d, shape, _) in META.items() if k != "labels")  # 30
 
 
 @dataclass
@@ -205,7 +207,7 @@ def split_records(records: torch.Tensor, channels: int, roi_size: int, dtype: st
     """uint8[n, record_bytes] -> (features [n, C, S, S] of ``dtype``, masks uint8[n, 2S, 2S]), new contiguous tensors."""
     n, s = records.shape[0], roi_size
     fb = record_bytes(channels, roi_size, dtype) - (2 * s) ** 2
-    tdtype = torch.from_numpy(np.zeros(0, DTYPES[dtype])).dtype
+    tdtype = TORCH_DTYPES[dtype]
     feats = records[:, :fb].contiguous().view(tdtype).view(n, channels, s, s)
     return feats, records[:, fb:].contiguous().view(n, 2 * s, 2 * s)
 
@@ -213,10 +215,10 @@ def split_records(records: torch.Tensor, channels: int, roi_size: int, dtype: st
 # --------------------------------------------------------------------------------------------
 # Writing and opening
 class CacheWriter:
-    """Write a cache (row file + HDF5 description) under temporary names; both renamed on success.
+    """Write a cache: the row file under a temporary name, renamed on success, then its HDF5 description.
 
     ``with CacheWriter(path, key, channels, roi_size, dtype) as w: w.append(...); w.attrs.update(...)``.
-    On an exception neither file is left behind; the HDF5 file, renamed last, marks the cache complete.
+    On an exception neither file is left behind; the HDF5 file, written last, marks the cache complete.
     """
 
     def __init__(self, path: Path, key: str, channels: int, roi_size: int, dtype: str, chunk_rows: int = CHUNK):
@@ -225,7 +227,7 @@ class CacheWriter:
         self.channels, self.roi_size, self.dtype, self.chunk_rows = channels, roi_size, dtype, chunk_rows
         self.record_bytes = record_bytes(channels, roi_size, dtype)
         self.attrs: dict = {}
-        self._meta: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "boxes", "image_id", "instance", "flipped", "is_gt")}
+        self._meta: dict[str, list[np.ndarray]] = {k: [] for k in META}
 
     def __enter__(self) -> CacheWriter:
         make_parent(self.path)
@@ -237,10 +239,9 @@ class CacheWriter:
     def rows(self) -> int:
         return self._rows.rows
 
-    def append(self, features: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None = None,
-               image_id: np.ndarray | None = None, instance: torch.Tensor | None = None, flipped: np.ndarray | None = None,
-               is_gt: torch.Tensor | None = None) -> None:
-        """Append RoIs: features [n, C, S, S], masks uint8[n, 2S, 2S], labels [n] (+ optional per-RoI metadata)."""
+    def append(self, features: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, **meta) -> None:
+        """Append RoIs: features [n, C, S, S], masks uint8[n, 2S, 2S], labels [n], and optionally the other
+        per-RoI datasets of :data:`META` (``boxes`` [n, 4], ``image_id``, ``instance``, ``flipped``, ``is_gt`` [n])."""
         n = int(labels.shape[0])
         if n == 0:
             return
@@ -250,18 +251,18 @@ class CacheWriter:
         rec[:, : f.shape[1] * f.itemsize] = f.view(np.uint8)
         rec[:, f.shape[1] * f.itemsize :] = m
         self._rows.append(rec)
-        meta = {"labels": labels, "boxes": boxes, "image_id": image_id, "instance": instance, "flipped": flipped, "is_gt": is_gt}
-        fill = {"labels": None, "boxes": np.full((n, 4), np.nan, np.float32), "image_id": np.full(n, -1, np.int64),
-                "instance": np.full(n, -1, np.int32), "flipped": np.zeros(n, np.uint8), "is_gt": np.zeros(n, np.uint8)}
-        dtypes = {"labels": np.int64, "boxes": np.float32, "image_id": np.int64, "instance": np.int32, "flipped": np.uint8,
-                  "is_gt": np.uint8}
-        for k, v in meta.items():
-            v = fill[k] if v is None else (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-            self._meta[k].append(v.astype(dtypes[k], copy=False))
+        if set(meta) - set(META):
+            raise TypeError(f"unknown per-RoI dataset(s) {sorted(set(meta) - set(META))} (known: {', '.join(META)})")
+        meta["labels"] = labels
+        for k, (dtype, shape, fill) in META.items():
+            v = meta.get(k)
+            if v is None:
+                v = np.full((n, *shape), fill, dtype)
+            v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            self._meta[k].append(v.astype(dtype, copy=False))
 
     def _write_description(self) -> None:
-        cat = {k: np.concatenate(v) if v else np.zeros((0, 4) if k == "boxes" else 0, np.float32 if k == "boxes" else np.int64)
-               for k, v in self._meta.items()}
+        cat = {k: np.concatenate(v) if v else np.zeros((0, *META[k][1]), META[k][0]) for k, v in self._meta.items()}
         with hdf5_file(self.path) as f:  # atomic, and a full disk is one error line (not an HDF5 crash)
             for k, v in cat.items():
                 f.create_dataset(k, data=v)
@@ -378,7 +379,7 @@ class FeatureCache:
         for f in futures:
             f.result()
         s = self.roi_size
-        tdtype = torch.from_numpy(np.zeros(0, DTYPES[self.dtype])).dtype
+        tdtype = TORCH_DTYPES[self.dtype]
         return feats.view(tdtype).view(n, self.channels, s, s), masks.view(n, 2 * s, 2 * s)
 
     def load(self) -> RoIBatch:
@@ -546,9 +547,9 @@ def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: C
             gens = [image_generator(seed, t["image_id"], t.get("flipped", False)) for t in targets]
             batch = extract_rois(model, roi_pool, list(images), list(targets), cfg, gens)
             img = batch.image.numpy()
-            w.append(batch.features, batch.masks, batch.labels, batch.boxes,
-                     np.array([targets[i]["image_id"] for i in img], np.int64), batch.instance,
-                     np.array([bool(targets[i].get("flipped", False)) for i in img], np.uint8), batch.is_gt)
+            w.append(batch.features, batch.masks, batch.labels, boxes=batch.boxes, instance=batch.instance, is_gt=batch.is_gt,
+                     image_id=np.array([targets[i]["image_id"] for i in img], np.int64),
+                     flipped=np.array([bool(targets[i].get("flipped", False)) for i in img], np.uint8))
             task.advance(len(images))
         w.attrs.update({"instances": instances, "images": len(dataset), "hflip": copies == 2, "seed": seed,
                         "classes": np.array(sorted(base.mask_cats), np.int64), **sampling_settings(cfg), **(attrs or {})})
@@ -742,7 +743,7 @@ class StreamingRoIs:
         b, c, s = self.local_batch, self.cache.channels, self.cache.roi_size
         n, rec = len(self.cache), self.cache.record_bytes
         fb = rec - (2 * s) ** 2
-        tdtype = torch.from_numpy(np.zeros(0, DTYPES[self.cache.dtype])).dtype
+        tdtype = TORCH_DTYPES[self.cache.dtype]
         end = (self.iterations - start_iter) * b  # rows to deliver: nothing is read beyond them
         ahead = max(1, math.ceil(self.ahead * self.window * self.chunk / b))  # batches being read ahead (as in __init__)
         batches: dict[int, list] = {}  # iteration -> [features, masks, rows, views, futures]
