@@ -34,6 +34,15 @@ def test_real_data_recipes_build_the_official_mlp_branch(recipe):
     assert tuple(mlp.fc.weight.shape) == (28 * 28, 256 * 28 * 28)
 
 
+@pytest.mark.parametrize("recipe", ["coco_voc_r50", "coco_nonvoc_r50", "coco_voc_r101", "vg3k_r101", "lvis_r50", "coco_voc_tv_r50"])
+def test_real_data_recipes_train_stage_2_as_the_official_code(recipe):
+    """Flipped copies and Detectron's RoI sampler (25% of 512 RoIs foreground, IoU >= 0.5) in every real-data recipe."""
+    cfg = load_config(MaskTrainConfig, recipe)
+    assert cfg.data.hflip is True
+    assert (cfg.cache.sampling, cfg.cache.rois_per_image, cfg.cache.fg_fraction, cfg.cache.min_iou) == ("detectron", 512, 0.25, 0.5)
+    assert cfg.head.transfer_init == "fan_out"
+
+
 def test_two_layer_mlp_branch_is_an_option():
     head = load_config(MaskTrainConfig, "coco_voc_r50", ["head.mlp_layers=2"]).head
     with torch.device("meta"):
