@@ -198,6 +198,19 @@ def estimate_rows(instances: list[tuple[int, int]], cfg: CacheConfig, proposals:
     return sum(n_masked for n_masked, _ in instances) * (1 + cfg.proposals_per_instance)
 
 
+def minimum_rows(instances: list[tuple[int, int]], cfg: CacheConfig) -> int:
+    """Lower bound of a cache's RoIs: what the build writes whatever the detector proposes.
+
+    instance: the same as :func:`estimate_rows` (every masked instance gets all its proposals or
+    its GT box again). detectron: every masked instance's GT box is a foreground candidate (IoU 1),
+    so per image at least the masked instances, up to the foreground cap.
+    """
+    if cfg.sampling == "detectron":
+        cap = fg_per_image(cfg.rois_per_image, cfg.fg_fraction)
+        return sum(min(cap, n_masked) for n_masked, _ in instances)
+    return estimate_rows(instances, cfg, 0)
+
+
 def estimate_bytes(rows: int, channels: int, roi_size: int, dtype: str) -> int:
     """Bytes on disk of ``rows`` RoIs (record + label + metadata)."""
     return rows * disk_row_bytes(channels, roi_size, dtype)
@@ -526,14 +539,22 @@ def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: C
     roi_size = roi_pool.output_size[0]
     per_row = disk_row_bytes(channels, roi_size, cfg.dtype)
     estimate = estimate_rows(counts, cfg, int(model.rpn.post_nms_top_n()))
+    least = minimum_rows(counts, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
-    if estimate * per_row > free:
-        raise MaskxError(f"feature cache needs up to {estimate * per_row / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free "
+    if least * per_row > free:
+        at_least = "up to" if least == estimate else "at least"
+        raise MaskxError(f"feature cache needs {at_least} {least * per_row / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free "
                          f"(lower cache.proposals_per_instance or cache.rois_per_image, set cache.classes=train, "
                          f"data.hflip=false or cache.dtype=float16)", path.parent)
     progress.log(f"building feature cache: {describe_build(instances, estimate, per_row, cfg, copies)} "
                  f"({free / 2**30:.0f} GiB free) -> {path}")
+    if estimate * per_row > free:
+        # detectron sampling: how many proposals reach the IoU threshold is known only while building;
+        # a disk that fills stops the build with one line and leaves no cache behind
+        progress.log(f"the cache may not fit: at least {least * per_row / 2**30:.1f} GiB, at most "
+                     f"{estimate * per_row / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; a full disk stops the build "
+                     f"with one error line and leaves nothing behind")
     s = roi_size
     device = next(model.parameters()).device
     task = progress.task("feature cache", len(dataset))

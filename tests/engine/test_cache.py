@@ -208,6 +208,49 @@ def test_disk_refusal_names_the_folder_and_the_knobs(world, tmp_path, monkeypatc
     assert not any((tmp_path / "cache").iterdir())
 
 
+def test_size_bounds_of_each_sampling():
+    """(masked, all) instances per image: instance sampling's bound is exact in its count; detectron's
+    lies between the GT boxes of set A (always foreground) and the foreground cap."""
+    counts = [(3, 5), (0, 4), (200, 210)]
+    inst = CacheConfig(sampling="instance", proposals_per_instance=2)
+    assert cache_mod.estimate_rows(counts, inst, 100) == cache_mod.minimum_rows(counts, inst) == 203 * 3
+    det = CacheConfig(sampling="detectron", rois_per_image=512, fg_fraction=0.25)
+    assert cache_mod.estimate_rows(counts, det, 100) == min(128, 105) + 128
+    assert cache_mod.minimum_rows(counts, det) == 3 + 128
+
+
+class _Log:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def task(self, description, total):
+        return cache_mod.NULL_PROGRESS.task(description, total)
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def test_detectron_cache_is_refused_below_its_least_size_and_warned_below_its_most(world, tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    cfg = _cfg(tmp_path, sampling="detectron")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(MaskxError, match=r"feature cache needs at least .* GiB but only 0\.0 GiB is free"):
+        _ensure(world, cfg)
+    assert not any((tmp_path / "cache").iterdir())
+    # room for every set-A GT box but not for the foreground cap of every image: built, with a warning
+    counts = cache_mod.instance_counts(cache_dataset(world.data, world.data_cfg))
+    per_row = cache_mod.disk_row_bytes(16, ROI, cfg.dtype)
+    least = cache_mod.minimum_rows(counts, cfg) * per_row
+    most = cache_mod.estimate_rows(counts, cfg, DET.rpn_post_nms_top_n_test) * per_row
+    assert least < most
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, (least + most) // 2))
+    log = _Log()
+    built = _ensure(world, cfg, progress=log)
+    assert built.built and built.rois >= cache_mod.minimum_rows(counts, cfg)
+    assert any(line.startswith("the cache may not fit: at least") for line in log.lines)
+    built.cache.close()
+
+
 def test_streaming_covers_the_same_rois_as_in_memory(world, tmp_path):
     cfg = _cfg(tmp_path, proposals_per_instance=1)
     det = load_detector_run(world.det_dir)
