@@ -91,3 +91,13 @@ def test_every_module_imports_in_a_fresh_interpreter():
     names = sorted(m for m in _modules() if not m.endswith("__main__"))  # __main__ runs the app
     r = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
+
+
+def test_no_function_in_the_library_is_over_85_lines():
+    """Functions of ``pipelines`` stay short enough to read at once (docstring included)."""
+    long = []
+    for path in sorted((ROOT / "pipelines").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 85:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

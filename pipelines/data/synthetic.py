@@ -384,6 +384,68 @@ def _class_shapes(num_classes: int) -> tuple[dict, ...]:
     return tuple(class_shape(i) for i in range(num_classes))
 
 
+def _place(rng: np.random.Generator, blob: np.ndarray, radius: float, size: int, centres: list[tuple[float, float, float]],
+           full: list[np.ndarray], areas: list[int], min_area: int, overlap: float) -> tuple[np.ndarray, int, int, int] | None:
+    """Where a new object of mask ``blob`` (bool[d, d]) goes: (mask bool[S, S], centre y, x, area), or None.
+
+    Up to 25 tries; with probability ``overlap`` (first 20 tries) near an object already placed. A
+    try is kept when the object is mostly inside the image and every earlier object (``full``: their
+    visible masks, ``areas``: their full areas) keeps ``min_area`` and 35% of its pixels.
+    """
+    half = blob.shape[0] // 2
+    for attempt in range(25):
+        if centres and attempt < 20 and rng.uniform() < overlap:
+            cy, cx, cr = centres[int(rng.integers(len(centres)))]
+            ang = rng.uniform(0, 2 * np.pi)
+            dist = rng.uniform(0.3, 1.0) * (cr + radius) * 0.8
+            y, x = cy + dist * np.sin(ang), cx + dist * np.cos(ang)
+        else:
+            y, x = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
+        yi, xi = int(round(y)), int(round(x))
+        m = np.zeros((size, size), bool)
+        y0, y1, x0, x1 = yi - half, yi + half + 1, xi - half, xi + half + 1
+        sy0, sx0 = max(0, -y0), max(0, -x0)
+        sy1, sx1 = blob.shape[0] - max(0, y1 - size), blob.shape[1] - max(0, x1 - size)
+        if sy1 <= sy0 or sx1 <= sx0:
+            continue
+        m[max(0, y0) : min(size, y1), max(0, x0) : min(size, x1)] = blob[sy0:sy1, sx0:sx1]
+        area = int(m.sum())
+        if area < max(min_area, 0.6 * blob.sum()):  # mostly inside the image
+            continue
+        ok = True
+        for f, a0 in zip(full, areas):  # objects already placed lose what m covers
+            vis = int((f & ~m).sum())
+            if vis < min_area or vis < 0.35 * a0:
+                ok = False
+                break
+        if ok:
+            return m, yi, xi, area
+    return None
+
+
+def _paint(rng: np.random.Generator, img: np.ndarray, m: np.ndarray, look: dict, yi: int, xi: int, radius: float,
+           scale: float, photo: bool) -> None:
+    """Paint the object of mask ``m`` (bool[S, S], centre ``yi, xi``) with its class's ``look`` into ``img`` (float32[S, S, 3])."""
+    ys, xs = np.nonzero(m)
+    period = max(3.0, look["period"] * scale * rng.uniform(0.85, 1.15))
+    pattern = _texture(
+        look["texture"], (xs - xi).astype(np.float32), (ys - yi).astype(np.float32), period, rng.uniform(-0.15, 0.15), rng.uniform(0, 1)
+    )
+    color = np.asarray(look["color"], np.float32) * rng.uniform(0.85, 1.08) + rng.normal(0, 8, 3)
+    if photo:  # shading: brightness changes linearly across the object, in a random direction
+        ang, depth = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.25)
+        shade = 1.0 + depth * ((xs - xi) * np.cos(ang) + (ys - yi) * np.sin(ang)).astype(np.float32) / radius
+        paint = color[None, :] * (1.0 - DARKEN * pattern[:, None])
+        cut = rng.uniform(0, 2 * np.pi)  # a part of another colour beyond a straight cut
+        proj = (xs - xi) * np.cos(cut) + (ys - yi) * np.sin(cut)
+        part = proj >= np.quantile(proj, 1.0 - rng.uniform(0.2, 0.4))
+        dull = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.5), rng.uniform(0.15, 0.6)), np.float32) * 255.0
+        paint[part] = dull[None, :] + rng.normal(0, 6, (int(part.sum()), 3)).astype(np.float32)
+        img[ys, xs] = paint * np.clip(shade, 0.5, 1.5)[:, None]
+    else:
+        img[ys, xs] = color[None, :] * (1.0 - DARKEN * pattern[:, None])
+
+
 def render_image(
     rng: np.random.Generator,
     cfg: SynthConfig,
@@ -421,64 +483,16 @@ def render_image(
         cls = int(rng.integers(len(looks))) if probs is None else int(rng.choice(len(looks), p=probs))
         radius = rng.uniform(cfg.min_radius, cfg.max_radius) * scale
         blob = _blob(rng, radius) if priors is None else _shaped_blob(rng, radius, priors[cls])
-        half = blob.shape[0] // 2
-        placed = None
-        for attempt in range(25):
-            if centres and attempt < 20 and rng.uniform() < overlap:
-                cy, cx, cr = centres[int(rng.integers(len(centres)))]
-                ang = rng.uniform(0, 2 * np.pi)
-                dist = rng.uniform(0.3, 1.0) * (cr + radius) * 0.8
-                y, x = cy + dist * np.sin(ang), cx + dist * np.cos(ang)
-            else:
-                y, x = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
-            yi, xi = int(round(y)), int(round(x))
-            m = np.zeros((size, size), bool)
-            y0, y1, x0, x1 = yi - half, yi + half + 1, xi - half, xi + half + 1
-            sy0, sx0 = max(0, -y0), max(0, -x0)
-            sy1, sx1 = blob.shape[0] - max(0, y1 - size), blob.shape[1] - max(0, x1 - size)
-            if sy1 <= sy0 or sx1 <= sx0:
-                continue
-            m[max(0, y0) : min(size, y1), max(0, x0) : min(size, x1)] = blob[sy0:sy1, sx0:sx1]
-            area = int(m.sum())
-            if area < max(min_area, 0.6 * blob.sum()):  # mostly inside the image
-                continue
-            ok = True
-            for f, a0 in zip(full, areas):  # objects already placed lose what m covers
-                vis = int((f & ~m).sum())
-                if vis < min_area or vis < 0.35 * a0:
-                    ok = False
-                    break
-            if ok:
-                placed = (m, yi, xi)
-                break
+        placed = _place(rng, blob, radius, size, centres, full, areas, min_area, overlap)
         if placed is None:
             continue
-        m, yi, xi = placed
+        m, yi, xi, area = placed
         full = [f & ~m for f in full]  # from now on `full` holds visible masks
         full.append(m)
         areas.append(area)
         classes.append(cls)
         centres.append((float(yi), float(xi), float(radius)))
-        # paint
-        look = looks[cls]
-        ys, xs = np.nonzero(m)
-        period = max(3.0, look["period"] * scale * rng.uniform(0.85, 1.15))
-        pattern = _texture(
-            look["texture"], (xs - xi).astype(np.float32), (ys - yi).astype(np.float32), period, rng.uniform(-0.15, 0.15), rng.uniform(0, 1)
-        )
-        color = np.asarray(look["color"], np.float32) * rng.uniform(0.85, 1.08) + rng.normal(0, 8, 3)
-        if photo:  # shading: brightness changes linearly across the object, in a random direction
-            ang, depth = rng.uniform(0, 2 * np.pi), rng.uniform(0.0, 0.25)
-            shade = 1.0 + depth * ((xs - xi) * np.cos(ang) + (ys - yi) * np.sin(ang)).astype(np.float32) / radius
-            paint = color[None, :] * (1.0 - DARKEN * pattern[:, None])
-            cut = rng.uniform(0, 2 * np.pi)  # a part of another colour beyond a straight cut
-            proj = (xs - xi) * np.cos(cut) + (ys - yi) * np.sin(cut)
-            part = proj >= np.quantile(proj, 1.0 - rng.uniform(0.2, 0.4))
-            dull = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.5), rng.uniform(0.15, 0.6)), np.float32) * 255.0
-            paint[part] = dull[None, :] + rng.normal(0, 6, (int(part.sum()), 3)).astype(np.float32)
-            img[ys, xs] = paint * np.clip(shade, 0.5, 1.5)[:, None]
-        else:
-            img[ys, xs] = color[None, :] * (1.0 - DARKEN * pattern[:, None])
+        _paint(rng, img, m, looks[cls], yi, xi, radius, scale, photo)
     if photo:  # uneven light over the whole image
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
         gy, gx = rng.normal(0, 0.35, 2)

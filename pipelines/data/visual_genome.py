@@ -443,6 +443,37 @@ def _write_files(out: Path, split_images: dict, anns: dict, coco_out: dict, cate
     return files
 
 
+def _align_classes(cfg: VGPrepareConfig, freq: Counter, names: dict, coco_cats: list[dict], hand_map: dict,
+                   stats: Counter, warnings: list[str]) -> tuple[dict, list[str], list[str], list[dict], dict]:
+    """The VG classes: the ``cfg.num_classes`` most frequent synsets, COCO's classes aligned to them.
+
+    Returns (matched: COCO id -> (synset, how), unmatched COCO names, extra-class descriptions,
+    categories, class id of each kept synset); adds the counts to ``stats`` and the notes to ``warnings``.
+    """
+    ranked = [s for s, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))][: cfg.num_classes]
+    if len(ranked) < cfg.num_classes:
+        warnings.append(f"only {len(ranked)} distinct synsets in {Path(cfg.objects).name}, fewer than the {cfg.num_classes} classes asked for")
+    matched, unmatched = align_coco_to_synsets(coco_cats, ranked, hand_map, set(freq))
+    extra = [f"{c['name']} ({matched[c['id']][0]}, {freq[matched[c['id']][0]]} objects)" for c in coco_cats
+             if c["id"] in matched and matched[c["id"]][1] == "extra"]
+    if extra:
+        warnings.append(
+            f"{len(extra)} COCO class(es) map by hand to a synset outside the {len(ranked)} most frequent, "
+            f"kept as extra classes with their boxes and masks: {', '.join(extra)}"
+        )
+    if unmatched:
+        warnings.append(
+            f"{len(unmatched)} COCO class(es) have no Visual Genome class among the {len(ranked)} kept, "
+            f"their masks are left out: {', '.join(unmatched)}"
+        )
+    categories, class_of_synset = _categories(coco_cats, ranked, matched, freq, names)
+    stats["classes"] = len(categories)
+    stats["coco_classes_matched"] = len(matched)
+    stats["coco_classes_matched_by_hand"] = sum(1 for _, how in matched.values() if how in ("hand", "extra"))
+    stats["coco_extra_classes"] = len(extra)
+    return matched, unmatched, extra, categories, class_of_synset
+
+
 def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPrepareResult:
     """Build the VG3k training files from raw VG and COCO files (see the module docstring).
 
@@ -473,28 +504,8 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
     val_coco_ids = {img["id"] for img in coco_val["images"]}
 
     objects, freq, names, layout = _read_objects(cfg, images, stats, progress)
-    ranked = [s for s, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))][: cfg.num_classes]
-    if len(ranked) < cfg.num_classes:
-        warnings.append(f"only {len(ranked)} distinct synsets in {Path(cfg.objects).name}, fewer than the {cfg.num_classes} classes asked for")
     coco_cats = sorted(coco_val["categories"], key=lambda c: c["id"])
-    matched, unmatched = align_coco_to_synsets(coco_cats, ranked, hand_map, set(freq))
-    extra = [f"{c['name']} ({matched[c['id']][0]}, {freq[matched[c['id']][0]]} objects)" for c in coco_cats
-             if c["id"] in matched and matched[c["id"]][1] == "extra"]
-    if extra:
-        warnings.append(
-            f"{len(extra)} COCO class(es) map by hand to a synset outside the {len(ranked)} most frequent, "
-            f"kept as extra classes with their boxes and masks: {', '.join(extra)}"
-        )
-    if unmatched:
-        warnings.append(
-            f"{len(unmatched)} COCO class(es) have no Visual Genome class among the {len(ranked)} kept, "
-            f"their masks are left out: {', '.join(unmatched)}"
-        )
-    categories, class_of_synset = _categories(coco_cats, ranked, matched, freq, names)
-    stats["classes"] = len(categories)
-    stats["coco_classes_matched"] = len(matched)
-    stats["coco_classes_matched_by_hand"] = sum(1 for _, how in matched.values() if how in ("hand", "extra"))
-    stats["coco_extra_classes"] = len(extra)
+    matched, unmatched, extra, categories, class_of_synset = _align_classes(cfg, freq, names, coco_cats, hand_map, stats, warnings)
 
     _drop_missing_images(cfg, images, stats, warnings, progress)
     split_of = {iid: ("val" if img["coco_id"] is not None and img["coco_id"] in val_coco_ids else "train") for iid, img in images.items()}
