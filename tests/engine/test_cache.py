@@ -31,6 +31,7 @@ from pipelines.errors import MaskxError
 from pipelines.io import write_yaml
 from pipelines.modeling.detector import build_detector
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
+from pipelines.progress import NullProgress
 from pipelines.stages.export_embeddings import export_embeddings
 from pipelines.stages.mask_train import mask_train
 
@@ -219,14 +220,11 @@ def test_size_bounds_of_each_sampling():
     assert cache_mod.minimum_rows(counts, det) == 3 + 128
 
 
-class _Log:
+class _Log(NullProgress):
     def __init__(self):
         self.lines: list[str] = []
 
-    def task(self, description, total):
-        return cache_mod.NULL_PROGRESS.task(description, total)
-
-    def log(self, message):
+    def log(self, message: str) -> None:
         self.lines.append(message)
 
 
@@ -601,7 +599,6 @@ def test_a_detectron_sampled_cache_holds_foreground_rois_of_the_cached_classes(w
 
 
 def test_concurrent_runs_build_a_cache_once_the_second_waits_and_reuses_it(world, tmp_path, monkeypatch):
-    from pipelines.progress import NullProgress
 
     cfg = _cfg(tmp_path, proposals_per_instance=0)
     started, release, waiting = threading.Event(), threading.Event(), threading.Event()
