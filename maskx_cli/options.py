@@ -92,17 +92,21 @@ WORLD_HELP = {
 }
 
 
-def world_options(flags: dict[str, str] | None = None) -> dict[str, Opt]:
+def world_options(flags: dict[str, str] | None = None, unset: bool = False) -> dict[str, Opt]:
     """One option per field of the synthetic world's config (key ``world.<field>``, default the field's).
 
-    ``flags`` renames some (field -> flag, e.g. ``{"seed": "--world-seed"}``).
+    ``flags`` renames some (field -> flag, e.g. ``{"seed": "--world-seed"}``). With ``unset`` every
+    option defaults to None, so ``values["world"]`` holds only the fields given (a sweep spec's
+    ``world:`` keeps the rest).
     """
     hints = typing.get_type_hints(SynthConfig)
     out = {}
     for f in dataclasses.fields(SynthConfig):
         flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
         help_text = WORLD_HELP.get(f.name, f.name.replace("_", " ").capitalize() + " of the synthetic world.")
-        out[f"world_{f.name}"] = Opt(f"world.{f.name}", Annotated[hints[f.name], typer.Option(flag, help=help_text)], f.default)
+        kind = Optional[hints[f.name]] if unset else hints[f.name]
+        out[f"world_{f.name}"] = Opt(f"world.{f.name}", Annotated[kind, typer.Option(flag, help=help_text)],
+                                     None if unset else f.default)
     return out
 
 

@@ -8,10 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from maskx_cli.console import console, fail, guarded, metrics_table, print_paths, progress_bars
-from maskx_cli.options import SET_SOURCE
+from maskx_cli.options import SET_SOURCE, command_flags, config_options, world_options
+
+WORLD = world_options({"seed": "--world-seed"}, unset=True)
 
 
 @guarded
+@config_options(WORLD)
 def sweep_cmd(
     spec: Annotated[str, typer.Argument(help="Sweep spec: a YAML path or a shipped name (table_3_1 ... table_3_5, figure_3_1, quickstart).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder (rerun with the same folder to resume).")],
@@ -22,12 +25,27 @@ def sweep_cmd(
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only the rows whose name contains this text (repeatable).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key of every mask-side run, "
                                                                           "e.g. --set solver.iterations=100 (repeatable).")] = None,
+    values: dict | None = None,
 ) -> None:
-    """Train stage 1 once, every stage-2 variant of the spec on it, evaluate, write a paper-style table."""
-    from pipelines.config import load_spec, parse_overrides
+    """Train stage 1 once, every stage-2 variant of the spec on it, evaluate, write a paper-style table.
+
+    The world options (--world-seed, --class-freq, --shapes, --appearance, ...) replace those fields
+    of the spec's `world:`; the others keep the spec's values.
+    """
+    import dataclasses
+
+    from pipelines.config import from_dict, load_spec, parse_overrides
+    from pipelines.data.synthetic import SynthConfig
     from pipelines.stages.sweep import display_rows, run_sweep
 
     s = load_spec(spec)
+    world = (values or {}).get("world") or {}
+    if world and (detector or s.detector):
+        flags = command_flags(sweep_cmd)
+        fail(f"{' '.join(flags[f'world.{k}'] for k in world)}: the world is made only when stage 1 is trained; "
+             "with --detector (or the spec's detector:) the detector run's data is used")
+    if world:
+        s.world = from_dict(SynthConfig, {**dataclasses.asdict(s.world), **world})
     if seeds:
         s.seeds = list(seeds)
     if max_val_images is not None:

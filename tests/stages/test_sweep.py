@@ -101,3 +101,34 @@ def test_bad_spec_is_one_clear_error(tmp_path):
     bad.write_text("rowz: []\n")
     r = runner.invoke(app, ["sweep", str(bad), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown sweep key 'rowz'" in r.output and "bad.yaml" in r.output
+
+
+def test_world_flags_replace_only_the_given_fields_of_the_spec_world(tmp_path, monkeypatch):
+    import pipelines.stages.sweep as sweep_module
+
+    seen = {}
+
+    def fake_run_sweep(spec, out, *args, **kwargs):
+        seen["world"] = spec.world
+        raise MaskxError("stopped before stage 1")
+
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_run_sweep)
+    r = runner.invoke(app, ["sweep", "table_3_1", "--out", str(tmp_path / "o"), "--world-seed", "1",
+                            "--class-freq", "coco", "--shapes", "class", "--appearance", "photo"])
+    assert r.exit_code == 2 and "stopped before stage 1" in r.output
+    w = seen["world"]
+    assert (w.seed, w.class_freq, w.shapes, w.appearance) == (1, "coco", "class", "photo")
+    shipped = load_spec("table_3_1").world
+    assert (w.train_images, w.val_images, w.num_classes, w.min_radius) == (
+        shipped.train_images, shipped.val_images, shipped.num_classes, shipped.min_radius)
+
+    seen.clear()
+    r = runner.invoke(app, ["sweep", "table_3_1", "--out", str(tmp_path / "o")])
+    assert seen["world"] == shipped  # no world flag: the spec's world as it is
+
+    monkeypatch.undo()  # the real sweep: the world is checked before anything is trained
+    r = runner.invoke(app, ["sweep", "table_3_1", "--out", str(tmp_path / "o"), "--class-freq", "zipf"])
+    assert r.exit_code == 2 and "class_freq must be one of uniform | coco" in r.output and "zipf" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["sweep", "table_3_1", "--out", str(tmp_path / "o"), "--detector", str(tmp_path),
+                            "--world-seed", "3"])
+    assert r.exit_code == 2 and "--world-seed" in r.output and "with --detector" in r.output
