@@ -29,6 +29,7 @@ def quickstart_cmd(
     from pipelines.config import from_dict, load_spec, parse_overrides
     from pipelines.data.synthetic import SynthConfig
     from pipelines.stages.quickstart import quickstart, summary_rows
+    from pipelines.stages.sweep import timing_text
 
     spec = load_spec("quickstart")
     spec.recipe, spec.world = config, from_dict(SynthConfig, values["world"])
@@ -42,5 +43,5 @@ def quickstart_cmd(
     for direction, s in r.summary["splits"].items():
         ratio = s["transfer_over_agnostic_B"]
         console.print(f"{direction}: transfer+MLP / class-agnostic+MLP on set B = {'n/a' if ratio is None else f'{ratio:.2f}x'}")
-    console.print(f"[green]done[/] in {r.seconds:.0f} s")
+    console.print(f"[green]done[/] in {r.seconds:.0f} s ({timing_text(r.summary['timings'])})")
     print_paths(report=r.report_md, json=r.report_json, picture=r.picture)

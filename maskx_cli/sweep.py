@@ -36,7 +36,7 @@ def sweep_cmd(
 
     from pipelines.config import from_dict, load_spec, parse_overrides
     from pipelines.data.synthetic import SynthConfig
-    from pipelines.stages.sweep import display_rows, run_sweep
+    from pipelines.stages.sweep import display_rows, run_sweep, timing_text
 
     s = load_spec(spec)
     world = (values or {}).get("world") or {}
@@ -58,5 +58,6 @@ def sweep_cmd(
         r = run_sweep(s, out, detector, parse_overrides(set_ or [], SET_SOURCE), str(glove) if glove else None, progress)
     _, columns, shown = display_rows(s, r.rows)
     console.print(metrics_table(s.title or "sweep (mask AP)", shown, columns))
-    console.print(f"[green]done[/] {r.ran} run(s) trained/evaluated, {r.skipped} already finished, {r.seconds:.0f} s")
+    console.print(f"[green]done[/] {r.ran} run(s) trained/evaluated, {r.skipped} already finished, {r.seconds:.0f} s "
+                  f"({timing_text(r.timings)})")
     print_paths(table=r.table_md, summary=r.summary_json, **({"figure": r.figure} if r.figure else {}))

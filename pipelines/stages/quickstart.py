@@ -26,7 +26,7 @@ from pipelines.evaluation.inference import load_validation, predict_dataset, set
 from pipelines.evaluation.report import markdown_table
 from pipelines.io import atomic_path, write_json, write_text
 from pipelines.progress import NULL_PROGRESS, Progress
-from pipelines.stages.sweep import direction_name, mean, run_sweep
+from pipelines.stages.sweep import direction_name, mean, run_sweep, timing_text
 from pipelines.visualize import draw_predictions, grid
 
 TRANSFER, AGNOSTIC = "transfer+MLP", "class-agnostic+MLP"  # the rows the ratio and the picture compare
@@ -52,8 +52,10 @@ def quickstart(spec: SweepSpec, out: str | Path, progress: Progress = NULL_PROGR
     det = load_detector_run(r.detector)
     picture = out / "predictions.png"
     eval_cfg = load_config(EvalConfig, spec.recipe, stage_overrides(EvalConfig, parse_overrides(spec.overrides) + parse_overrides(overrides)))
+    t1 = time.perf_counter()
     _picture(spec, r, det, eval_cfg, picture)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["timings"] = {**r.timings, "report and picture": round(time.perf_counter() - t1, 1)}
     summary["config"] = to_dict(spec)
     summary["detector_config"] = det.config
     report_json, report_md = out / "report.json", out / "report.md"
@@ -119,8 +121,9 @@ def render_report(summary: dict, spec: SweepSpec) -> str:
     box_rows = {f"{direction_name(d)} {s_}": summary["splits"][d]["heads"][box_head]["mean"]["bbox"][s_]
                 for d in summary["splits"] for s_ in ("B", "A")}
     lines += [markdown_table(box_rows), "", "![predictions](predictions.png)", "",
-              f"Total time: {summary['seconds']:.0f} s.", ""]
+              f"Total time: {summary['seconds']:.0f} s ({timing_text(summary.get('timings', {}))}).", ""]
     return "\n".join(lines)
+
 
 
 def _picture(spec: SweepSpec, r, det, eval_cfg: EvalConfig, path: Path, count: int = 6, batch_images: int = 4) -> None:

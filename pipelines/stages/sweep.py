@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -82,6 +82,7 @@ class SweepResult:
     records: list[dict]  # every job's result JSON, in plan order (row, direction, seed)
     detector: Path  # the stage-1 checkpoint
     data: dict  # train_json, train_images, val_json, val_images
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of this call per part (:data:`TIMED`)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class _Context:
     dataset: CocoDataset
     eval_cfg: EvalConfig
     progress: Progress
+    timings: dict[str, float] = field(default_factory=dict)
 
     def sets_of(self, direction: str) -> dict[str, list[int]]:
         """``{"B": the other classes, "A": the direction's}`` (a direction names set A)."""
@@ -127,12 +129,46 @@ def mean(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _train_or_reuse(run: Path, checkpoint: str, cfg: Any, train: Callable[[bool], Any]) -> None:
-    """Train into ``run`` (resuming a ``last.pth``) unless it holds a finished run of the same config."""
+# The parts of a sweep's wall time (``SweepResult.timings``, ``summary.json`` "timings"): what this
+# call did, so a part reused from an earlier call counts 0. "stage 2 setup" is each mask-side run's
+# time outside its training steps: building the feature cache (the first run) or opening it, and
+# making GrabCut training masks for rows that train on them.
+TIMED = ("world", "stage 1", "embeddings, validation data", "stage 2 setup (feature cache)", "stage 2 training",
+         "evaluation")
+
+
+def timing_text(timings: dict[str, float]) -> str:
+    """``"stage 1 600 s, stage 2 training 100 s, ..."``: the parts that took a second or more, in order."""
+    parts = [f"{part} {sec:.0f} s" for part, sec in timings.items() if sec >= 1]
+    return ", ".join(parts) if parts else "every part reused"
+
+
+def _train_or_reuse(run: Path, checkpoint: str, cfg: Any, train: Callable[[bool], Any]) -> Any:
+    """Train into ``run`` (resuming a ``last.pth``) unless it holds a finished run of the same config;
+    returns what ``train`` returned (None if reused)."""
     if (run / checkpoint).is_file():
         check_same_settings(run, cfg)
-    else:
-        train((run / LAST).is_file())
+        return None
+    return train((run / LAST).is_file())
+
+
+class _Clock:
+    """Adds the seconds of each ``with clock(part):`` block to ``timings[part]``."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+        for part in TIMED:
+            timings.setdefault(part, 0.0)
+
+    def __call__(self, part: str) -> "_Clock":
+        self.part, self.t = part, time.perf_counter()
+        return self
+
+    def __enter__(self) -> "_Clock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.part] += time.perf_counter() - self.t
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = None, stage2: Sequence[str | Override] = (),
@@ -160,13 +196,16 @@ def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = No
 
 def _prepare(spec: SweepSpec, out: Path, detector: str | Path | None, every: list[Override], progress: Progress) -> _Context:
     """Stage 1 (the world and its detector, or a given detector run), embeddings, validation data, eval config."""
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
     if detector or spec.detector:
         det = load_detector_run(detector or spec.detector)
         data = {k: v for k, v in (det.config.get("data") or {}).items() if k in DATA_KEYS and v}
         if not data.get("train_json") or not data.get("val_json"):
             raise MaskxError("the detector run's config names no train/val data", det.run_dir)
     else:
-        world = generate(spec.world, out / "world", progress)
+        with clock("world"):
+            world = generate(spec.world, out / "world", progress)
         data = {"train_json": str(world.train_json), "train_images": str(world.train_dir),
                 "val_json": str(world.val_json), "val_images": str(world.val_dir)}
         det_dir = out / "detector"
@@ -174,14 +213,16 @@ def _prepare(spec: SweepSpec, out: Path, detector: str | Path | None, every: lis
         if spec.detector_iterations:
             layers.append({"solver": {"iterations": spec.detector_iterations}})
         cfg = load_config(DetectTrainConfig, spec.recipe, layers)
-        _train_or_reuse(det_dir, DETECTOR_CKPT, cfg, lambda resume: detect_train(cfg, det_dir, progress, resume, spec.recipe))
+        with clock("stage 1"):
+            _train_or_reuse(det_dir, DETECTOR_CKPT, cfg, lambda resume: detect_train(cfg, det_dir, progress, resume, spec.recipe))
         det = load_detector_run(det_dir)
-    embeddings = out / "embeddings.h5"
-    if not embeddings.is_file() or read_embeddings(embeddings).detector_sha256 != det.sha256:
-        export_embeddings(det.checkpoint, embeddings)
-    gt, dataset = load_validation(det, data["val_json"], data.get("val_images"), spec.max_val_images)
+    with clock("embeddings, validation data"):
+        embeddings = out / "embeddings.h5"
+        if not embeddings.is_file() or read_embeddings(embeddings).detector_sha256 != det.sha256:
+            export_embeddings(det.checkpoint, embeddings)
+        gt, dataset = load_validation(det, data["val_json"], data.get("val_images"), spec.max_val_images)
     eval_cfg = load_config(EvalConfig, spec.recipe, stage_overrides(EvalConfig, every))
-    return _Context(spec, out, every, det, data, embeddings, gt, dataset, eval_cfg, progress)
+    return _Context(spec, out, every, det, data, embeddings, gt, dataset, eval_cfg, progress, timings)
 
 
 def _grabcut_path(out: Path, direction: str) -> Path:
@@ -252,25 +293,35 @@ def _run(ctx: _Context, todo: list[_Job], task) -> None:
     """Train every job's run (or reuse it), then score: stage-wise heads in one pass, e2e runs each on its
     own detector, GrabCut at test time in one pass over the stage-1 detections."""
     stagewise: dict[Path, list[_Job]] = {}
+    clock = _Clock(ctx.timings)
     for job in todo:
         if job.note:
             _record(ctx, job, {}, job.row.train, 0.0, task, job.note)
         elif job.row.train == "stagewise":
             if job.row.masks == "grabcut":
-                _grabcut_file(ctx, job.direction)
-            _train_or_reuse(job.run, MASK_CKPT, job.config, lambda resume, j=job: mask_train(
+                with clock("stage 2 setup (feature cache)"):
+                    _grabcut_file(ctx, job.direction)
+            t1 = time.perf_counter()
+            r = _train_or_reuse(job.run, MASK_CKPT, job.config, lambda resume, j=job: mask_train(
                 j.config, ctx.det.run_dir, ctx.embeddings, j.run, ctx.progress, resume))
+            if r is not None:
+                train_seconds = r.stats.seconds
+                ctx.timings["stage 2 training"] += train_seconds
+                ctx.timings["stage 2 setup (feature cache)"] += time.perf_counter() - t1 - train_seconds
             stagewise.setdefault(job.run, []).append(job)
         elif job.row.train == "e2e":
-            _train_or_reuse(job.run, MASK_CKPT, job.config,
-                            lambda resume, j=job: train_e2e(j.config, j.run, ctx.progress, resume))
+            with clock("stage 2 training"):
+                _train_or_reuse(job.run, MASK_CKPT, job.config,
+                                lambda resume, j=job: train_e2e(j.config, j.run, ctx.progress, resume))
             t1 = time.perf_counter()
             e2e_det = load_detector_run(job.run)
-            metrics = _score_heads(ctx, e2e_det, {job.run: [job]})
+            with clock("evaluation"):
+                metrics = _score_heads(ctx, e2e_det, {job.run: [job]})
             _record(ctx, job, metrics[str(job.result)], "e2e", time.perf_counter() - t1, task)
     if stagewise:
         t1 = time.perf_counter()
-        metrics = _score_heads(ctx, ctx.det, stagewise)
+        with clock("evaluation"):
+            metrics = _score_heads(ctx, ctx.det, stagewise)
         per = (time.perf_counter() - t1) / sum(len(js) for js in stagewise.values())
         for js in stagewise.values():
             for j in js:
@@ -278,10 +329,11 @@ def _run(ctx: _Context, todo: list[_Job], task) -> None:
     gc_jobs = [j for j in todo if j.row.train == "grabcut-test"]
     if gc_jobs:
         t1 = time.perf_counter()
-        set_inference_limits(ctx.det.model, ctx.gt, ctx.eval_cfg)
-        results = {"grabcut": grabcut_predictions(ctx.det, ctx.dataset, resolve_device("auto"), progress=ctx.progress)}
-        metrics = score_jobs(ctx.gt, results, {str(j.result): ("grabcut", ctx.sets_of(j.direction)) for j in gc_jobs}, ctx.eval_cfg,
-                        [im["id"] for im in ctx.dataset.images])
+        with clock("evaluation"):
+            set_inference_limits(ctx.det.model, ctx.gt, ctx.eval_cfg)
+            results = {"grabcut": grabcut_predictions(ctx.det, ctx.dataset, resolve_device("auto"), progress=ctx.progress)}
+            metrics = score_jobs(ctx.gt, results, {str(j.result): ("grabcut", ctx.sets_of(j.direction)) for j in gc_jobs},
+                                 ctx.eval_cfg, [im["id"] for im in ctx.dataset.images])
         per = (time.perf_counter() - t1) / len(gc_jobs)
         for j in gc_jobs:
             _record(ctx, j, metrics[str(j.result)], "grabcut-test", per, task)
@@ -327,11 +379,12 @@ def _write_outputs(ctx: _Context, paths: list[Path], records: list[dict], ran: i
         figure_path = out / "figure.png"
         plot_relative_change(points, figure_path, spec.title)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["timings"] = {part: round(sec, 1) for part, sec in ctx.timings.items()}
     table_md, summary_json = out / "table.md", out / "summary.json"
     write_text(table_md, render_table(spec, rows, records, len(ctx.dataset)))
     write_json(summary_json, summary)
     return SweepResult(out, table_md, summary_json, figure_path, ran, skipped, summary["seconds"], rows, records,
-                       ctx.det.checkpoint, ctx.data)
+                       ctx.det.checkpoint, ctx.data, summary["timings"])
 
 
 def table_rows(spec: SweepSpec, results: list[dict], metric: str = "AP") -> dict[str, dict[str, float | None]]:

@@ -36,6 +36,10 @@ def test_quickstart_tiny(tmp_path):
     assert len(boxes) == 1
     md = (out / "report.md").read_text()
     assert "| transfer+MLP |" in md and "voc→nonvoc B" in md
+    t = report["timings"]  # the stage split of this call, also on the report's last line and on screen
+    assert t["world"] > 0 and t["stage 1"] > 0 and t["stage 2 training"] > 0 and t["evaluation"] > 0
+    assert sum(t.values()) <= report["seconds"] + 0.5
+    assert "stage 1 " in md.splitlines()[-1] and "stage 1 " in r.output.split("done")[-1]
     with Image.open(out / "predictions.png") as im:
         assert im.width > 96 * 3 and im.height > 2 * 96 * 3  # two rows (agnostic, transfer) at 3x scale
     assert "transfer+MLP" in r.output

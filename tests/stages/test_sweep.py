@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from maskx_cli.main import app
 from pipelines.config import SPEC_DIR, load_spec
 from pipelines.errors import MaskxError
-from pipelines.stages.sweep import run_sweep
+from pipelines.stages.sweep import TIMED, run_sweep, timing_text
 
 runner = CliRunner()
 TINY_STAGE2 = ["solver.iterations=2", "solver.warmup_iters=1", "solver.batch_size=16", "head.mask_dim=8", "head.mlp_hidden=16"]
@@ -54,10 +54,17 @@ def test_sweep_writes_table_and_resumes(tiny_pipeline, tmp_path):
     assert table.count("\n| ") == 5  # header + 4 rows
     assert "| transfer w/ GloVe | n/a | n/a |" in table and "needs a GloVe file" in table
 
+    timings = json.loads((out / "summary.json").read_text())["timings"]
+    assert list(timings) == list(TIMED)  # every part, in order; the detector was given, no world made
+    assert timings["world"] == 0 and timings["stage 1"] == 0
+    assert timings["stage 2 training"] > 0 and timings["stage 2 setup (feature cache)"] > 0 and timings["evaluation"] > 0
+    assert "(stage 2 setup (feature cache) " in r.output  # the split is printed (parts of 1 s or more)
+
     ckpt = out / "runs" / "transfer-mlp__voc__s0" / "mask_final.pth"
     stamp = ckpt.stat().st_mtime_ns
     again = run_sweep(load_spec(_spec(tmp_path)), out, tiny_pipeline["detector"])
     assert again.ran == 0 and again.skipped == 4
+    assert again.timings["stage 2 training"] == 0 and again.timings["stage 2 setup (feature cache)"] == 0
     (out / "results" / "transfer-mlp__voc__s0.json").unlink()
     third = run_sweep(load_spec(_spec(tmp_path)), out, tiny_pipeline["detector"])
     assert third.ran == 1 and ckpt.stat().st_mtime_ns == stamp  # re-evaluated, not retrained
@@ -132,3 +139,8 @@ def test_world_flags_replace_only_the_given_fields_of_the_spec_world(tmp_path, m
     r = runner.invoke(app, ["sweep", "table_3_1", "--out", str(tmp_path / "o"), "--detector", str(tmp_path),
                             "--world-seed", "3"])
     assert r.exit_code == 2 and "--world-seed" in r.output and "with --detector" in r.output
+
+
+def test_timing_text_lists_the_parts_that_took_time():
+    assert timing_text({"world": 0.2, "stage 1": 612.4, "stage 2 training": 98.6}) == "stage 1 612 s, stage 2 training 99 s"
+    assert timing_text({"world": 0.0}) == "every part reused"
