@@ -30,7 +30,7 @@ import yaml
 
 from pipelines.data.synthetic import SynthConfig
 from pipelines.errors import MaskxError
-from pipelines.io import read_yaml
+from pipelines.io import load_yaml, read_yaml
 
 C = TypeVar("C")
 
@@ -110,7 +110,7 @@ class SolverConfig:
     seed: int = 0
     workers: int = 2
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto | off | bf16 | fp16 (auto: bf16 on GPU, off on CPU)
+    amp: str = "auto"  # auto | off | bf16 | bf16-native | fp16 (auto: bf16 on GPU, off on CPU; bf16-native: bf16 on GPU and on CPUs with bf16 instructions)
     checkpoint_every: int = 5000
     log_every: int = 20
 
@@ -341,7 +341,7 @@ def parse_override(item: str | Override, source: str = "override") -> Override:
     if not eq or not key or not all(key.split(".")):
         raise MaskxError("is not of the form key=value (e.g. solver.lr=0.01)", f"{source} {item}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise MaskxError(f"value is not valid YAML ({str(exc).splitlines()[0]})", f"{source} {item}") from None
     return Override(key, value, str(item), source)
@@ -397,7 +397,7 @@ def _coerce(value: Any, tp: Any, key: str, noun: str) -> Any:
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            value = load_yaml(value) if value.startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise _KeyError(key, f"{noun} '{key}' must be a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]" if dataclasses.is_dataclass(item_tp) else key, noun) for i, v in enumerate(value)]
@@ -410,8 +410,8 @@ def _coerce(value: Any, tp: Any, key: str, noun: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
         raise _KeyError(key, f"{noun} '{key}' must be true or false, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

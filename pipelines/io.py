@@ -238,12 +238,28 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise MaskxError("not valid JSON: not UTF-8 text", path) from exc
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true / false. (YAML 1.1 also reads on, off,
+    yes, no, y, n as booleans, so ``amp: off`` or ``--set solver.amp=off`` would give False.)"""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (a recipe, a spec, an override's value) with YAML 1.2's booleans only."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise MaskxError(f"{what} not found", path)
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise MaskxError(f"not valid YAML: {str(exc).splitlines()[0]}", path) from exc
 
