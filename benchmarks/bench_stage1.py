@@ -1,13 +1,14 @@
-"""Stage-1 (detector training) step time of the synthetic recipe against cheaper variants, in one run.
+"""Stage-1 (detector training) step time of the synthetic recipe against its earlier settings, in one run.
 
     uv run python benchmarks/bench_stage1.py --out bench_stage1.json
 
 Each variant is the ``synthetic`` recipe's detector with some keys changed (``--variant
-name:key=value,key=value``; default: the candidates below),
+name:key=value,key=value``; default: the recipe until 2026-12-02, steps between it and today's recipe, and today's),
 trained with SGD on the same batches of a small synthetic world (batch 8, 128 px). The steps of
 all variants are interleaved round by round, so load from other jobs on a shared machine hits
 each alike; the report gives the median seconds per step and each variant's speed relative to
-the recipe. ``amp=bf16`` runs the step under CPU bf16 autocast (``solver.amp``).
+the first. ``amp=bf16`` runs the step under CPU bf16 autocast (``solver.amp``); ``bf16-native``
+(today's recipe) does so only on CPUs with bf16 instructions (``cpu_has_bf16`` in the report).
 """
 
 from __future__ import annotations
@@ -22,19 +23,18 @@ from _common import interleaved, machine, print_table, write_report  # noqa: E40
 from pipelines.config import DetectTrainConfig, load_config  # noqa: E402
 from pipelines.data.coco import CocoDataset, collate, load_coco  # noqa: E402
 from pipelines.data.synthetic import SynthConfig, generate  # noqa: E402
-from pipelines.engine.device import autocast  # noqa: E402
+from pipelines.engine.device import autocast, cpu_has_bf16  # noqa: E402
 from pipelines.engine.solver import build_optimizer  # noqa: E402
 from pipelines.modeling.detector import build_detector  # noqa: E402
 
+BEFORE_RPN = "detector.rpn_pre_nms_top_n_train=600,detector.rpn_post_nms_top_n_train=300,detector.rpn_batch_size_per_image=128"
+BEFORE = BEFORE_RPN + ",detector.box_batch_size_per_image=64"  # the recipe's RPN / box-head settings until 2026-12-02
 VARIANTS = [
-    "recipe:",
-    "bf16:solver.amp=bf16",
-    "rpn_light:detector.rpn_pre_nms_top_n_train=300,detector.rpn_post_nms_top_n_train=150,detector.rpn_batch_size_per_image=64",
-    "box32:detector.box_batch_size_per_image=32",
-    "light:detector.rpn_pre_nms_top_n_train=300,detector.rpn_post_nms_top_n_train=150,detector.rpn_batch_size_per_image=64,"
-    "detector.box_batch_size_per_image=32",
-    "light_bf16:detector.rpn_pre_nms_top_n_train=300,detector.rpn_post_nms_top_n_train=150,detector.rpn_batch_size_per_image=64,"
-    "detector.box_batch_size_per_image=32,solver.amp=bf16",
+    f"before:{BEFORE},solver.amp=off",  # the recipe until 2026-12-02 (1,500 iterations of this)
+    f"before_bf16:{BEFORE},solver.amp=bf16",
+    f"box32_only:{BEFORE_RPN},solver.amp=off",  # today's 32 box-head samples, the old RPN settings
+    "light_fp32:solver.amp=off",  # today's RPN / box-head settings in full precision
+    "recipe:",  # today's recipe: those settings and bf16-native (bf16 on CPUs with bf16 instructions)
 ]
 
 
@@ -78,9 +78,9 @@ def main() -> None:
     base = seconds[names[0]]
     rows = [[n, seconds[n], 1 / seconds[n], base / seconds[n], configs[n] or "(the recipe)"] for n in names]
     print_table("stage-1 training step, batch 8 at 128 px (median of interleaved rounds)",
-                ["variant", "s/step", "it/s", "speed vs recipe", "changes"], rows)
-    write_report(args.out, {"machine": machine(), "rounds": args.rounds,
-                            "variants": {n: {"seconds_per_step": seconds[n], "speed_vs_recipe": base / seconds[n],
+                ["variant", "s/step", "it/s", f"speed vs {names[0]}", "changes"], rows)
+    write_report(args.out, {"machine": machine(), "cpu_has_bf16": cpu_has_bf16(), "rounds": args.rounds, "baseline": names[0],
+                            "variants": {n: {"seconds_per_step": seconds[n], "speed_vs_baseline": base / seconds[n],
                                              "changes": configs[n]} for n in names}})
 
 

@@ -22,7 +22,8 @@ def test_shipped_recipe_sections():
     mask = load_config(MaskTrainConfig, "synthetic", ["data.mask_classes=random:40:0"], section="mask_train")
     assert mask.data.mask_classes == "random:40:0" and mask.head.input == "cls"  # the recipe's documented choice
     # the settings that let transfer beat the class-agnostic head (docs/results.md, "What made transfer win")
-    assert det.solver.iterations == 1500
+    assert det.solver.iterations == 1000 and det.solver.amp == "bf16-native"  # the quick start in 10 minutes (docs/benchmarks.md)
+    assert (det.detector.rpn_batch_size_per_image, det.detector.box_batch_size_per_image) == (64, 32)
     assert (mask.head.num_convs, mask.head.input_dropout, mask.head.normalize_output) == (1, 0.7, False)
     assert load_config(EvalConfig, "synthetic", section="eval").split == "nonvoc"
 
@@ -177,7 +178,7 @@ def test_overrides_apply_in_order_typed_mappings_and_strings():
     assert (cfg.solver.iterations, cfg.solver.seed) == (9, 4)
     assert cfg.head.num_convs == 1  # the recipe's mask_train section below them
     e2e = load_config(TrainE2EConfig, "synthetic")  # no train_e2e section: detector and solver of detect_train, head of mask_train
-    assert e2e.detector.backbone == "resnet18" and e2e.solver.iterations == 1500 and e2e.head.input == "cls"
+    assert e2e.detector.backbone == "resnet18" and e2e.solver.iterations == 1000 and e2e.head.input == "cls"
 
 
 def test_stage_overrides_route_each_section_to_its_stages():
@@ -192,3 +193,16 @@ def test_stage_overrides_route_each_section_to_its_stages():
     with pytest.raises(MaskxError, match="'haed' is not a section of any stage config") as err:
         check_stage_overrides(parse_overrides(["haed.head=oracle"], "--set"))
     assert err.value.path == "--set haed.head=oracle"
+
+
+def test_off_on_yes_no_are_strings_only_true_false_are_booleans(tmp_path):
+    """YAML 1.2's booleans: `--set solver.amp=off` is the setting 'off', not False (YAML 1.1's reading)."""
+    cfg = load_config(DetectTrainConfig, "synthetic", ["solver.amp=off"], section="detect_train")
+    assert cfg.solver.amp == "off"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("detect_train:\n  solver:\n    amp: off\n  data:\n    hflip: true\n")
+    cfg = load_config(DetectTrainConfig, str(recipe), section="detect_train")
+    assert cfg.solver.amp == "off" and cfg.data.hflip is True
+    # a bool key still takes yes / no / on / off
+    assert load_config(DetectTrainConfig, "synthetic", ["data.hflip=yes"], section="detect_train").data.hflip is True
+    assert load_config(DetectTrainConfig, "synthetic", ["data.hflip=off"], section="detect_train").data.hflip is False

@@ -8,7 +8,7 @@ import torch
 
 from pipelines.errors import MaskxError
 
-AMP = ("auto", "off", "bf16", "fp16")
+AMP = ("auto", "off", "bf16", "bf16-native", "fp16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -24,9 +24,10 @@ def resolve_device(name: str) -> torch.device:
 def autocast(device: torch.device, amp: str):
     """Mixed-precision context of a training step.
 
-    GPU: bf16 (``auto``, ``bf16``) or fp16 autocast. CPU: bf16 autocast only when ``amp`` is
-    ``bf16`` (worth it on CPUs with bf16 matrix units, e.g. AMX or AVX-512 BF16; slower on others);
-    ``auto`` and ``fp16`` are full precision there. ``off`` is full precision everywhere.
+    GPU: bf16 (``auto``, ``bf16``, ``bf16-native``) or fp16 autocast. CPU: bf16 autocast when
+    ``amp`` is ``bf16`` (worth it on CPUs with bf16 instructions, AVX-512 BF16 or AMX; slower on
+    others), or ``bf16-native`` and the CPU has them (:func:`cpu_has_bf16`); ``auto`` and ``fp16``
+    are full precision there. ``off`` is full precision everywhere.
     """
     if amp not in AMP:
         raise MaskxError(f"unknown amp setting '{amp}' (expected {' | '.join(AMP)})")
@@ -34,6 +35,11 @@ def autocast(device: torch.device, amp: str):
         return contextlib.nullcontext()
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
-    if amp == "bf16":
+    if amp == "bf16" or (amp == "bf16-native" and cpu_has_bf16()):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions that torch's CPU kernels use (AVX-512 BF16 or AMX)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
