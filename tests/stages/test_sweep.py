@@ -57,7 +57,8 @@ def test_sweep_writes_table_and_resumes(tiny_pipeline, tmp_path):
     timings = json.loads((out / "summary.json").read_text())["timings"]
     assert list(timings) == list(TIMED)  # every part, in order; the detector was given, no world made
     assert timings["world"] == 0 and timings["stage 1"] == 0
-    assert timings["stage 2 training"] > 0 and timings["stage 2 setup (feature cache)"] > 0 and timings["evaluation"] > 0
+    assert timings["stage 2 setup (feature cache)"] > 0 and timings["evaluation"] > 0  # building the cache, scoring
+    assert timings["stage 2 training"] >= 0  # 2 steps a run: may round to 0.0 s
     assert "(stage 2 setup (feature cache) " in r.output  # the split is printed (parts of 1 s or more)
 
     ckpt = out / "runs" / "transfer-mlp__voc__s0" / "mask_final.pth"
