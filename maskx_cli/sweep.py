@@ -34,8 +34,7 @@ def sweep_cmd(
     """
     import dataclasses
 
-    from pipelines.config import from_dict, load_spec, parse_overrides
-    from pipelines.data.synthetic import SynthConfig
+    from pipelines.config import load_spec, parse_overrides
     from pipelines.stages.sweep import display_rows, run_sweep, timing_text
 
     s = load_spec(spec)
@@ -45,7 +44,7 @@ def sweep_cmd(
         fail(f"{' '.join(flags[f'world.{k}'] for k in world)}: the world is made only when stage 1 is trained; "
              "with --detector (or the spec's detector:) the detector run's data is used")
     if world:
-        s.world = from_dict(SynthConfig, {**dataclasses.asdict(s.world), **world})
+        s.world = dataclasses.replace(s.world, **world)
     if seeds:
         s.seeds = list(seeds)
     if max_val_images is not None:

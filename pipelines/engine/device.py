@@ -42,4 +42,5 @@ def autocast(device: torch.device, amp: str):
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 instructions that torch's CPU kernels use (AVX-512 BF16 or AMX)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers: absent -> no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

@@ -125,7 +125,6 @@ def render_report(summary: dict, spec: SweepSpec) -> str:
     return "\n".join(lines)
 
 
-
 def _picture(spec: SweepSpec, r, det, eval_cfg: EvalConfig, path: Path, count: int = 6, batch_images: int = 4) -> None:
     """Figure 3.2 style: top row class-agnostic+MLP, bottom row transfer+MLP, first seed, first split.
 

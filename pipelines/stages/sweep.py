@@ -37,11 +37,12 @@ on set A, means over seeds.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pipelines.config import (DetectTrainConfig, EvalConfig, MaskTrainConfig, Override, SweepRow, SweepSpec, TrainE2EConfig,
                               check_stage_overrides, load_config, parse_overrides, stage_overrides)
@@ -110,7 +111,7 @@ class _Context:
     dataset: CocoDataset
     eval_cfg: EvalConfig
     progress: Progress
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float]  # seconds per part of :data:`TIMED`, added to while the sweep runs
 
     def sets_of(self, direction: str) -> dict[str, list[int]]:
         """``{"B": the other classes, "A": the direction's}`` (a direction names set A)."""
@@ -152,23 +153,14 @@ def _train_or_reuse(run: Path, checkpoint: str, cfg: Any, train: Callable[[bool]
     return train((run / LAST).is_file())
 
 
-class _Clock:
-    """Adds the seconds of each ``with clock(part):`` block to ``timings[part]``."""
-
-    def __init__(self, timings: dict[str, float]):
-        self.timings = timings
-        for part in TIMED:
-            timings.setdefault(part, 0.0)
-
-    def __call__(self, part: str) -> "_Clock":
-        self.part, self.t = part, time.perf_counter()
-        return self
-
-    def __enter__(self) -> "_Clock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.timings[self.part] += time.perf_counter() - self.t
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], part: str) -> Iterator[None]:
+    """Add the seconds of the ``with`` block to ``timings[part]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[part] += time.perf_counter() - t
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = None, stage2: Sequence[str | Override] = (),
@@ -196,15 +188,14 @@ def run_sweep(spec: SweepSpec, out: str | Path, detector: str | Path | None = No
 
 def _prepare(spec: SweepSpec, out: Path, detector: str | Path | None, every: list[Override], progress: Progress) -> _Context:
     """Stage 1 (the world and its detector, or a given detector run), embeddings, validation data, eval config."""
-    timings: dict[str, float] = {}
-    clock = _Clock(timings)
+    timings = dict.fromkeys(TIMED, 0.0)
     if detector or spec.detector:
         det = load_detector_run(detector or spec.detector)
         data = {k: v for k, v in (det.config.get("data") or {}).items() if k in DATA_KEYS and v}
         if not data.get("train_json") or not data.get("val_json"):
             raise MaskxError("the detector run's config names no train/val data", det.run_dir)
     else:
-        with clock("world"):
+        with _timed(timings, "world"):
             world = generate(spec.world, out / "world", progress)
         data = {"train_json": str(world.train_json), "train_images": str(world.train_dir),
                 "val_json": str(world.val_json), "val_images": str(world.val_dir)}
@@ -213,10 +204,10 @@ def _prepare(spec: SweepSpec, out: Path, detector: str | Path | None, every: lis
         if spec.detector_iterations:
             layers.append({"solver": {"iterations": spec.detector_iterations}})
         cfg = load_config(DetectTrainConfig, spec.recipe, layers)
-        with clock("stage 1"):
+        with _timed(timings, "stage 1"):
             _train_or_reuse(det_dir, DETECTOR_CKPT, cfg, lambda resume: detect_train(cfg, det_dir, progress, resume, spec.recipe))
         det = load_detector_run(det_dir)
-    with clock("embeddings, validation data"):
+    with _timed(timings, "embeddings, validation data"):
         embeddings = out / "embeddings.h5"
         if not embeddings.is_file() or read_embeddings(embeddings).detector_sha256 != det.sha256:
             export_embeddings(det.checkpoint, embeddings)
@@ -293,34 +284,34 @@ def _run(ctx: _Context, todo: list[_Job], task) -> None:
     """Train every job's run (or reuse it), then score: stage-wise heads in one pass, e2e runs each on its
     own detector, GrabCut at test time in one pass over the stage-1 detections."""
     stagewise: dict[Path, list[_Job]] = {}
-    clock = _Clock(ctx.timings)
+    timings = ctx.timings
     for job in todo:
         if job.note:
             _record(ctx, job, {}, job.row.train, 0.0, task, job.note)
         elif job.row.train == "stagewise":
             if job.row.masks == "grabcut":
-                with clock("stage 2 setup (feature cache)"):
+                with _timed(timings, "stage 2 setup (feature cache)"):
                     _grabcut_file(ctx, job.direction)
             t1 = time.perf_counter()
             r = _train_or_reuse(job.run, MASK_CKPT, job.config, lambda resume, j=job: mask_train(
                 j.config, ctx.det.run_dir, ctx.embeddings, j.run, ctx.progress, resume))
             if r is not None:
                 train_seconds = r.stats.seconds
-                ctx.timings["stage 2 training"] += train_seconds
-                ctx.timings["stage 2 setup (feature cache)"] += time.perf_counter() - t1 - train_seconds
+                timings["stage 2 training"] += train_seconds
+                timings["stage 2 setup (feature cache)"] += time.perf_counter() - t1 - train_seconds
             stagewise.setdefault(job.run, []).append(job)
         elif job.row.train == "e2e":
-            with clock("stage 2 training"):
+            with _timed(timings, "stage 2 training"):
                 _train_or_reuse(job.run, MASK_CKPT, job.config,
                                 lambda resume, j=job: train_e2e(j.config, j.run, ctx.progress, resume))
             t1 = time.perf_counter()
             e2e_det = load_detector_run(job.run)
-            with clock("evaluation"):
+            with _timed(timings, "evaluation"):
                 metrics = _score_heads(ctx, e2e_det, {job.run: [job]})
             _record(ctx, job, metrics[str(job.result)], "e2e", time.perf_counter() - t1, task)
     if stagewise:
         t1 = time.perf_counter()
-        with clock("evaluation"):
+        with _timed(timings, "evaluation"):
             metrics = _score_heads(ctx, ctx.det, stagewise)
         per = (time.perf_counter() - t1) / sum(len(js) for js in stagewise.values())
         for js in stagewise.values():
@@ -329,7 +320,7 @@ def _run(ctx: _Context, todo: list[_Job], task) -> None:
     gc_jobs = [j for j in todo if j.row.train == "grabcut-test"]
     if gc_jobs:
         t1 = time.perf_counter()
-        with clock("evaluation"):
+        with _timed(timings, "evaluation"):
             set_inference_limits(ctx.det.model, ctx.gt, ctx.eval_cfg)
             results = {"grabcut": grabcut_predictions(ctx.det, ctx.dataset, resolve_device("auto"), progress=ctx.progress)}
             metrics = score_jobs(ctx.gt, results, {str(j.result): ("grabcut", ctx.sets_of(j.direction)) for j in gc_jobs},
