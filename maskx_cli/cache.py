@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from maskx_cli.console import console, guarded, print_paths, progress_bars
-from maskx_cli.options import CACHE, DEVICE, SetOpt, config_options
+from maskx_cli.console import console, guarded, print_paths, progress_bars, warn
+from maskx_cli.options import CACHE, DATA, DEVICE, MASK_SIDE, SetOpt, config_options
 
 
 def _size(n: int) -> str:
@@ -16,7 +16,7 @@ def _size(n: int) -> str:
 
 
 @guarded
-@config_options(DEVICE, CACHE)
+@config_options(DATA, {k: MASK_SIDE[k] for k in ("head", "mask_classes")}, DEVICE, CACHE)
 def build_cmd(
     detector: Annotated[Path, typer.Option("--detector", "-d", help="Detector run folder (stage 1).")],
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML recipe (default: the detector run's).")] = None,
@@ -32,6 +32,7 @@ def build_cmd(
         r = cache_build(cfg, detector, progress)
     info = r.cache.info()
     r.cache.close()
+    warn(*r.warnings)
     console.print(f"[green]feature cache {'built' if r.built else 'already there, reused'}[/] {info['rois']} RoIs "
                   f"of {info['instances']} instances, {info['classes']} classes; features {info['dtype']} "
                   f"{'x'.join(map(str, info['feature_shape']))}; {_size(info['file_bytes'])} on disk, "

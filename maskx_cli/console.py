@@ -182,7 +182,10 @@ def _fmt(v: Any) -> str:
 
 
 def print_paths(**paths: Any) -> None:
+    """One ``name: path`` line per path given (None: left out)."""
     for k, v in paths.items():
+        if v is None:
+            continue
         console.print(f"[dim]{k}:[/] {v}", highlight=False, soft_wrap=True)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars, warn
@@ -88,13 +89,24 @@ def prepare_vg_cmd(
     print_paths(**result.files)
 
 
+PER_CLASS_ROWS = 50  # classes listed one per row by 'data check' without --per-class
+
+
 @guarded
 def check_cmd(
     annotations: Annotated[Path, typer.Argument(help="COCO or LVIS v1 instances file.")],
     images: Annotated[Optional[Path], typer.Option(help="Image root: open every listed image, as training will.")] = None,
-    masks: Annotated[bool, typer.Option("--masks", help="Require a segmentation on every annotation.")] = False,
+    masks: Annotated[bool, typer.Option("--masks", help="Require a mask on every annotation (no box-only ones).")] = False,
+    split: Annotated[str, typer.Option("--split", help="Show which classes this set-A choice puts in A and B "
+                                       "(annotated | voc | random:N:SEED | ids:...).")] = "annotated",
+    per_class: Annotated[Optional[bool], typer.Option("--per-class/--no-per-class", help=(
+        f"One row per class (default: when the file has at most {PER_CLASS_ROWS} classes)."))] = None,
 ) -> None:
-    """Validate a COCO / LVIS annotation file (and its images) the way training will read it."""
+    """Validate a COCO / LVIS annotation file (and its images) the way training will read it.
+
+    Per class: instances, with a mask, box-only (segmentation absent, null or []), and the set (A or B) the
+    --split choice of set A gives it.
+    """
     from pipelines.data.coco import load_coco, unreadable_images
     from pipelines.data.lvis import is_lvis
     from pipelines.errors import MaskxError
@@ -102,22 +114,24 @@ def check_cmd(
     data, report = load_coco(annotations, require_masks=masks)
     for w in report.warnings(annotations):
         warn(w)
-    table = Table(title=f"{annotations.name} ({'LVIS' if is_lvis(data) else 'COCO'} format)", title_justify="left")
+    table = Table(title=f"{escape(annotations.name)} ({'LVIS' if is_lvis(data) else 'COCO'} format)", title_justify="left")
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
     table.add_row("images", f"{len(data['images']):,}")
     table.add_row("images without annotations", f"{report.images_without_annotations:,}")
     table.add_row("categories", f"{len(data['categories']):,}")
     table.add_row("annotations kept", f"{len(data['annotations']):,}")
+    table.add_row("box-only annotations (no mask)", f"{report.box_only:,}")
     table.add_row("crowd regions (eval only)", f"{report.crowd_annotations:,}")
     table.add_row("degenerate boxes skipped", f"{report.degenerate_boxes:,}")
-    if images is None:
-        console.print(table)
-        return
-    with progress_bars() as progress:
-        bad = unreadable_images(data, images, progress)
-    table.add_row("missing or unreadable image files", f"{len(bad):,}")
+    if images is not None:
+        with progress_bars() as progress:
+            bad = unreadable_images(data, images, progress)
+        table.add_row("missing or unreadable image files", f"{len(bad):,}")
     console.print(table)
+    _print_classes(data, split, per_class if per_class is not None else len(data["categories"]) <= PER_CLASS_ROWS)
+    if images is None:
+        return
     for name, reason in bad[:10]:
         warn(f"{images / name}: {reason}")
     if len(bad) > 10:
@@ -125,3 +139,37 @@ def check_cmd(
     if bad:
         raise MaskxError(f"{len(bad)} of the {len(data['images'])} image file(s) listed in {annotations.name} are missing or "
                          f"cannot be read, first: {bad[0][0]} ({bad[0][1]})", images)
+
+
+def _print_classes(data: dict, split: str, per_class: bool) -> None:
+    """Mask coverage per class and the sets A / B that ``split`` gives (its refusal, if any, as a warning)."""
+    from pipelines.data.annotations import describe_classes, mask_coverage
+    from pipelines.data.splits import resolve_split
+    from pipelines.errors import MaskxError
+
+    coverage = mask_coverage(data)
+    cats = data["categories"]
+    try:
+        set_a = set(resolve_split(split, cats, data))
+    except MaskxError as exc:
+        warn(f"--split {split}: {exc.message}")
+        set_a = None
+    if per_class:
+        table = Table(title=f"per class (set A = '{escape(split)}')", title_justify="left")
+        for col in ("id", "class", "instances", "with a mask", "box-only", "set"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for c in coverage:
+            in_set = "" if set_a is None else ("A" if c.category_id in set_a else "B")
+            table.add_row(str(c.category_id), escape(c.name), f"{c.instances:,}", f"{c.with_mask:,}", f"{c.box_only:,}", in_set)
+        console.print(table)
+    masked = [c for c in coverage if c.with_mask]
+    partly = [c for c in masked if c.box_only]
+    console.print(f"{len(masked)} of {len(cats)} classes have masks ({len(partly)} of them also box-only instances); "
+                  f"{len(cats) - len(masked)} are box-only or absent", highlight=False)
+    if set_a is not None:
+        console.print(f"[dim]'{escape(split)}' puts in set A ({len(set_a)}):[/] {escape(describe_classes(set_a, cats, 20))}",
+                      highlight=False, soft_wrap=True)
+        without = [c.category_id for c in coverage if c.category_id in set_a and not c.with_mask]
+        if without:
+            warn(f"--split {split}: {len(without)} set-A class(es) have no mask in this file (stage 2 refuses them): "
+                 f"{describe_classes(without, cats, 8)}")

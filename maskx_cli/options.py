@@ -50,11 +50,24 @@ CACHE = {
     "ram_budget_gb": Opt("cache.ram_budget_gb", Annotated[Optional[float], typer.Option(
         help="Read the feature cache into memory up to this size, stream it from disk above (cache.ram_budget_gb).")]),
 }
+DATA = {
+    "train_data": Opt("data.train_json", Annotated[Optional[Path], typer.Option("--train-data", help=(
+        "Training annotations, COCO format (data.train_json): classes with masks and box-only classes may share it. "
+        "Later stages take it from the detector run."))]),
+    "train_images": Opt("data.train_images", Annotated[Optional[Path], typer.Option("--train-images", help=(
+        "Image folder of --train-data (data.train_images)."))]),
+    "val_data": Opt("data.val_json", Annotated[Optional[Path], typer.Option("--val-data", help=(
+        "Validation annotations, COCO format (data.val_json)."))]),
+    "val_images": Opt("data.val_images", Annotated[Optional[Path], typer.Option("--val-images", help=(
+        "Image folder of --val-data (data.val_images)."))]),
+}
 MASK_SIDE = {
     "head": Opt("head.head", Annotated[Optional[str], typer.Option(help="transfer | agnostic | oracle")]),
     "input_": Opt("head.input", Annotated[Optional[str], typer.Option("--input", help="Input of T: randn | glove | cls | box | cls+box")]),
     "mlp": Opt("head.mlp", Annotated[Optional[bool], typer.Option("--mlp/--no-mlp", help="Fuse the class-agnostic MLP mask branch.")]),
-    "mask_classes": Opt("data.mask_classes", Annotated[Optional[str], typer.Option(help="Set A: voc | nonvoc | random:N:SEED | ids:...")]),
+    "mask_classes": Opt("data.mask_classes", Annotated[Optional[str], typer.Option(help=(
+        "Set A: annotated (the classes with masks in the training file) | voc | nonvoc (COCO's categories) | "
+        "random:N:SEED | ids:1,2,3"))]),
     "transfer_layers": Opt("head.transfer_layers", Annotated[Optional[int], typer.Option(help="Layers of T: 1, 2 or 3.")]),
     "transfer_activation": Opt("head.transfer_activation", Annotated[Optional[str], typer.Option(help="none | relu | leaky_relu")]),
     "glove": Opt("head.glove", Annotated[Optional[Path], typer.Option(help="GloVe text file, for --input glove.")]),
@@ -67,7 +80,8 @@ END_TO_END = {
 }
 EVAL = {
     "split": Opt("split", Annotated[Optional[str], typer.Option(
-        help="Set B, the classes reported as unseen: nonvoc | voc | random:N:SEED | ... (default: the recipe's eval.split).")]),
+        help="Set B, the classes reported as unseen: nonvoc | voc | random:N:SEED | ids:... (default: the classes the "
+             "run had no masks for; with --results: nonvoc).")]),
     "max_images": Opt("max_images", Annotated[Optional[int], typer.Option(help="Evaluate on the first N images only (0 = all).")]),
 }
 EVAL_BACKEND = {
@@ -89,6 +103,9 @@ WORLD_HELP = {
     "class_freq_power": "Exponent on COCO's instance counts (1: COCO's own tail, 0: uniform).",
     "shapes": f"Object shapes: {' | '.join(SHAPES)} (class: a shape prior per class).",
     "appearance": f"Look of the images: {' | '.join(APPEARANCES)} (photo: scene background, two-colour objects, uneven light).",
+    "names": "Class names: coco (COCO's names and ids) | own (ids 1..K, own names, no COCO ids: a labelling tool's export).",
+    "box_only_classes": "Classes whose training annotations have boxes only (segmentation absent, null, [] in turn).",
+    "unmasked_fraction": "Share of the other training annotations without a mask (segmentation []).",
 }
 
 

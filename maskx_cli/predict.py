@@ -24,6 +24,9 @@ def predict_cmd(
     scale: Annotated[int, typer.Option(help="Enlarge pictures by this integer factor (small images).")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     batch_images: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help=(
+        "A COCO file listing these images: results take its image ids (matched by file name), so "
+        "'maskx eval --gt FILE --results predictions.json' scores them; images it does not list are skipped."))] = None,
 ) -> None:
     """Detect and segment every class on new images with a detector and a mask run."""
     from pipelines.stages.predict import predict
@@ -36,7 +39,8 @@ def predict_cmd(
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     with progress_bars() as progress:
         r = predict(mask, list(images), out, detector=detector, score_thresh=score_thresh, classes=names, only=only,
-                    visualize=visualize, scale=scale, device=device, batch_images=batch_images, progress=progress)
+                    visualize=visualize, scale=scale, device=device, batch_images=batch_images, progress=progress,
+                    gt=gt)
     for path, reason in r.skipped[:10]:
         warn(f"{path}: skipped: {reason}")
     if len(r.skipped) > 10:

@@ -7,12 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from rich.markup import escape
+
 from maskx_cli.console import console, err_console, fail, guarded, metrics_table, print_paths, progress_bars, warn, warn_missing_glove
-from maskx_cli.options import CACHE, EVAL, EVAL_BACKEND, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
+from maskx_cli.options import CACHE, DATA, EVAL, EVAL_BACKEND, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
 
 
 @guarded
-@config_options(SOLVER)
+@config_options(DATA, SOLVER)
 def detect_train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     config: ConfigOpt = None,
@@ -34,6 +36,7 @@ def detect_train_cmd(
 
 
 @guarded
+@config_options(DATA)
 def detect_import_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create.")],
     source: Annotated[Optional[str], typer.Option("--from", help="torchvision:fasterrcnn_resnet50_fpn (default) | "
@@ -44,13 +47,14 @@ def detect_import_cmd(
                                                  "(data.train_json).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    values: dict | None = None,
 ) -> None:
     """Stage 1 without training: import a torchvision COCO detector as a detector run."""
     from pipelines.config import DetectImportConfig, load_config
     from pipelines.stages.detect_import import detect_import
 
     given = {"source": source, "weights": str(weights) if weights else None, "data": {"train_json": str(data)} if data else None}
-    cfg = load_config(DetectImportConfig, config, [*(set_ or []), {k: v for k, v in given.items() if v is not None}],
+    cfg = load_config(DetectImportConfig, config, [*(set_ or []), values, {k: v for k, v in given.items() if v is not None}],
                       source=SET_SOURCE)
     with progress_bars() as progress:
         r = detect_import(cfg, out, progress=progress, recipe=config)
@@ -70,20 +74,30 @@ def export_embeddings_cmd(
     from pipelines.stages.export_embeddings import export_embeddings
 
     r = export_embeddings(run, out, mask_classes)
-    console.print(f"[green]embeddings[/] {r.num_classes} classes (set A: {r.set_a}), w_cls {r.dim_cls}-d, w_box {r.dim_box}-d")
+    console.print(f"[green]embeddings[/] {r.num_classes} classes, w_cls {r.dim_cls}-d, w_box {r.dim_box}-d")
+    print_set_a(r.spec, r.set_a, r.categories)
     print_paths(embeddings=r.path)
 
 
-def load_mask_train_config(config: str | None, detector: Path, set_: list[str] | None, values: dict):
-    """The stage-2 config: the recipe (default: the detector run's), then --set, then the options given."""
-    from pipelines.config import MaskTrainConfig, load_config
-    from pipelines.engine.run_dir import run_recipe
+def print_set_a(spec: str, set_a: list[int], categories: list[dict]) -> None:
+    """The set-A line every stage that chooses set A prints: the spec, the count and the class names."""
+    from pipelines.data.annotations import describe_classes
 
-    return load_config(MaskTrainConfig, config or run_recipe(detector), [*(set_ or []), values], source=SET_SOURCE)
+    console.print(f"[dim]set A ('{escape(spec)}', {len(set_a)} of {len(categories)} classes):[/] "
+                  f"{escape(describe_classes(set_a, categories, 20))}", highlight=False, soft_wrap=True)
+
+
+def load_mask_train_config(config: str | None, detector: Path, set_: list[str] | None, values: dict):
+    """The stage-2 config: the recipe (default: the detector run's), the detector run's data files,
+    then --set, then the options given (:func:`pipelines.engine.run_dir.load_stage_config`)."""
+    from pipelines.config import MaskTrainConfig
+    from pipelines.engine.run_dir import load_stage_config
+
+    return load_stage_config(MaskTrainConfig, config, detector, [*(set_ or []), values], source=SET_SOURCE)
 
 
 @guarded
-@config_options(MASK_SIDE, SOLVER, CACHE)
+@config_options(DATA, MASK_SIDE, SOLVER, CACHE)
 def mask_train_cmd(
     detector: Annotated[Path, typer.Option("--detector", "-d", help="Detector run folder (stage 1).")],
     embeddings: Annotated[Path, typer.Option("--embeddings", "-e", help="Embeddings file from export-embeddings.")],
@@ -101,9 +115,11 @@ def mask_train_cmd(
     with progress_bars() as progress:
         r = mask_train(cfg, detector, embeddings, out, progress=progress, resume=resume)
     warn_missing_glove(r.missing_glove)
+    warn(*r.data_warnings)
     cache_note = "" if r.cache_path is None else (" (cache built)" if r.cache_built else " (cache reused)")
     console.print(f"[green]mask head trained[/] {r.head}, set A = {len(r.set_a)} classes, {r.train_rois} training RoIs{cache_note}, "
                   f"{r.stats.iterations} iterations in {r.stats.seconds:.0f} s, final loss {r.stats.mean_loss_last_window:.3f}")
+    print_set_a(cfg.data.mask_classes, r.set_a, r.categories)
     print_paths(checkpoint=r.checkpoint, config=out / "config.yaml", cache=r.cache_path)
 
 
@@ -155,14 +171,19 @@ def eval_cmd(
     det_run = detector if detector is not None else detector_of_mask_run(runs[0])
     cfg = load_eval_config(config, det_run if det_run.is_dir() else det_run.parent, set_, values)
     names = _unique_names(runs)
-    json_out = json_out or runs[0] / f"metrics_{cfg.split.replace(':', '_')}{'_gt_boxes' if cfg.gt_boxes else ''}.json"
+    stem = f"metrics_{cfg.split.replace(':', '_')}" if cfg.split else "metrics"
+    json_out = json_out or runs[0] / f"{stem}{'_gt_boxes' if cfg.gt_boxes else ''}.json"
     with progress_bars() as progress:
         r = evaluate_heads(dict(zip(names, runs)), cfg, data, images, detector, progress, json_out)
+    warn(*r.warnings)
     _print_protocol(r.protocol)
+    b_is = escape(cfg.split) if cfg.split else "the classes without training masks"
     for iou in ("segm",) if cfg.gt_boxes else ("segm", "bbox"):
         rows = {f"{name} · {s}": r.metrics[name][iou][s] for name in names for s in r.sets}
-        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {cfg.split}"
+        console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {b_is}"
                                     f"{'; ground-truth boxes' if cfg.gt_boxes else ''})", rows, r.metric_names))
+    for note in r.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     print_paths(metrics=json_out)
 
 
@@ -186,7 +207,7 @@ def _eval_results(gt: Path, results: Path, cfg, json_out: Optional[Path]) -> Non
     _print_protocol(r.scores.protocol)
     for iou, by_set in r.scores.metrics.items():
         console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP of {results.name} ({r.detections} detections "
-                                    f"on {r.images} images; B = {cfg.split})", by_set, r.scores.metric_names))
+                                    f"on {r.images} images; B = {escape(cfg.split or 'nonvoc')})", by_set, r.scores.metric_names))
     print_paths(metrics=json_out)
 
 

@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars, warn, warn_missing_glove
-from maskx_cli.options import END_TO_END, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
+from maskx_cli.options import DATA, END_TO_END, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
 
 
 @guarded
-@config_options(MASK_SIDE, END_TO_END, SOLVER)
+@config_options(DATA, MASK_SIDE, END_TO_END, SOLVER)
 def train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create (holds model_final.pth and mask_final.pth).")],
     config: ConfigOpt = None,
@@ -21,6 +21,7 @@ def train_cmd(
     values: dict | None = None,
 ) -> None:
     """Train detector and mask side end to end: boxes of every class, masks of set A."""
+    from maskx_cli.stages import print_set_a
     from pipelines.config import TrainE2EConfig, load_config
     from pipelines.stages.train_e2e import train_e2e
 
@@ -31,4 +32,5 @@ def train_cmd(
     warn(*r.data_warnings)
     console.print(f"[green]trained end to end[/] {r.head}, set A = {len(r.set_a)} classes, {r.train_images} images, "
                   f"{r.stats.iterations} iterations in {r.stats.seconds:.0f} s, final loss {r.stats.mean_loss_last_window:.3f}")
+    print_set_a(cfg.data.mask_classes, r.set_a, r.categories)
     print_paths(detector=r.detector_checkpoint, mask=r.mask_checkpoint, config=out / "config.yaml")

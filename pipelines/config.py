@@ -46,8 +46,9 @@ class DataConfig:
     train_images: str = ""
     val_json: str = ""
     val_images: str = ""
-    # Set A, the classes whose masks are used for training: voc | nonvoc | all | random:N:SEED | ids:1,2,3
-    mask_classes: str = "voc"
+    # Set A, the classes whose masks are used for training: annotated (the classes with masks in the
+    # training file: your own data) | voc | nonvoc (COCO's categories only) | all | random:N:SEED | ids:1,2,3
+    mask_classes: str = "annotated"
     # Keep at most this many training / validation images (0 = all); handy for smoke runs.
     max_train_images: int = 0
     max_val_images: int = 0
@@ -55,6 +56,10 @@ class DataConfig:
     # is and once mirrored (pipelines/data/transforms.py). Read by detect-train and train; for stage 2 the
     # flipped copies are extra rows of the cache (docs/cache.md).
     hflip: bool = True
+
+
+# The data keys that name files and folders (what later stages inherit from a detector run, key by key).
+DATA_PATH_KEYS = ("train_json", "train_images", "val_json", "val_images")
 
 
 @dataclass
@@ -206,7 +211,9 @@ class MaskTrainConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = "nonvoc"  # which classes are reported as set B: voc | nonvoc | all | random:N:SEED
+    # which classes are reported as set B: empty = the classes the evaluated run had no masks for
+    # (with a results file and no run: nonvoc on COCO's categories) | voc | nonvoc | random:N:SEED | ids:1,2,3
+    split: str = ""
     score_thresh: float = 0.05
     max_images: int = 0
     backend: str = "faster"  # faster (faster-coco-eval) | reference (pycocotools' COCOeval / lvis' LVISEval): same numbers
@@ -434,7 +441,8 @@ def _from_dict(cls: type[C], data: dict, prefix: str = "", noun: str = "config k
     names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise _KeyError(prefix + unknown[0], f"unknown {noun} '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        hint = UNKNOWN_KEY_HINTS.get((cls.__name__, prefix + unknown[0]), "")
+        raise _KeyError(prefix + unknown[0], f"unknown {noun} '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))}){hint}")
     return cls(**{k: _coerce(v, hints[k], prefix + k, noun) for k, v in data.items()})
 
 
@@ -532,6 +540,10 @@ def _origin(origin: dict[str, str | None], key: str) -> str | None:
 
 
 NOUNS = {"SweepSpec": "sweep key"}
+# Where a key that is not this config's lives instead: (config class, key) -> the hint appended to the error.
+_FROM_DETECTOR = ("; the detector's settings (image size detector.min_size / max_size, thresholds, ...) come from the "
+                  "detector run: set them on detect-train or detect-import")
+UNKNOWN_KEY_HINTS = {("MaskTrainConfig", "detector"): _FROM_DETECTOR, ("EvalConfig", "detector"): _FROM_DETECTOR}
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str | Override | Mapping] = (),

@@ -25,7 +25,7 @@ def test_shipped_recipe_sections():
     assert det.solver.iterations == 1000 and det.solver.amp == "bf16-native"  # the quick start in 10 minutes (docs/benchmarks.md)
     assert (det.detector.rpn_batch_size_per_image, det.detector.box_batch_size_per_image) == (64, 32)
     assert (mask.head.num_convs, mask.head.input_dropout, mask.head.normalize_output) == (1, 0.7, False)
-    assert load_config(EvalConfig, "synthetic", section="eval").split == "nonvoc"
+    assert load_config(EvalConfig, "synthetic", section="eval").split == ""  # the run's own set B
 
 
 @pytest.mark.parametrize("name", ["coco_voc_r50", "coco_nonvoc_r50", "coco_voc_r101", "vg3k_r101", "lvis_r50"])
@@ -53,7 +53,11 @@ def test_end_to_end_recipes_quote_table_3_5(name):
     assert (cfg.detector.backbone, cfg.data.mask_classes, cfg.data.hflip) == (backbone, set_a, True)
     assert (cfg.head.head, cfg.head.mlp, cfg.head.input, cfg.head.stop_gradient, cfg.head.mlp_layers) == ("transfer", True, "cls+box", True, 1)
     assert (cfg.solver.batch_size, cfg.solver.lr, cfg.solver.iterations) == (16, 0.02, 90000)
-    assert load_config(EvalConfig, name, section="eval").split == set_b
+    assert load_config(EvalConfig, name, section="eval").split == ""  # B = what the run had no masks for ...
+    from pipelines.data.splits import COCO_CATEGORIES, complement, resolve_split
+
+    coco = [{"id": i, "name": n} for i, n in COCO_CATEGORIES]
+    assert complement(resolve_split(set_a, coco), coco) == resolve_split(set_b, coco)  # ... the paper's B
     header = resolve_config_path(name).read_text().split("\ndata:")[0]
     assert "Table 3.5" in header and f"{target} mask AP" in header and f"maskx train --config {name}" in header
 
@@ -206,3 +210,8 @@ def test_off_on_yes_no_are_strings_only_true_false_are_booleans(tmp_path):
     # a bool key still takes yes / no / on / off
     assert load_config(DetectTrainConfig, "synthetic", ["data.hflip=yes"], section="detect_train").data.hflip is True
     assert load_config(DetectTrainConfig, "synthetic", ["data.hflip=off"], section="detect_train").data.hflip is False
+
+
+def test_a_detector_setting_on_stage_two_says_where_it_belongs():
+    with pytest.raises(MaskxError, match=r"unknown config key 'detector' .*come from the detector run: set them on detect-train"):
+        load_config(MaskTrainConfig, None, ["detector.min_size=96"], source="--set")

@@ -13,6 +13,10 @@ What loading does with each quirk of real files:
 - boxes of zero or negative width or height, or lying wholly outside their image: skipped and
   counted in :class:`LoadReport` (the CLI prints a counted warning);
 - images without annotations: kept (they are negatives) and counted;
+- box-only annotations -- ``segmentation`` absent, ``null`` or empty (``[]``, as CVAT, Label Studio
+  and many converters write it), or holding no polygon of 3 points: kept as boxes; they are never a
+  mask target (:func:`has_usable_mask` is the one rule, and :func:`mask_coverage` counts them per
+  class);
 - LVIS v1 files (``coco_url`` instead of ``file_name``, ``frequency`` per category) are
   recognised and normalised by :func:`pipelines.data.lvis.normalize_lvis`, so every stage reads
   them like COCO files.
@@ -28,6 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
+from pipelines.data.annotations import has_usable_mask
 from pipelines.data.lvis import is_lvis, normalize_lvis
 from pipelines.errors import MaskxError
 from pipelines.io import read_json
@@ -41,6 +46,7 @@ class LoadReport:
     degenerate_boxes: int = 0  # annotations dropped: width or height <= 0, or box outside the image
     images_without_annotations: int = 0  # images kept with no (remaining) annotation
     crowd_annotations: int = 0  # iscrowd=1 regions: kept for evaluation, never training targets
+    box_only: int = 0  # annotations without a usable mask (segmentation absent, null, [] or no 3-point polygon)
     first_degenerate: list = field(default_factory=list)  # up to 5 ids of dropped annotations
 
     def warnings(self, path: str | Path | None = None) -> list[str]:
@@ -61,7 +67,8 @@ def load_coco(path: str | Path, require_masks: bool = False) -> tuple[dict, Load
 
     Returns the dataset dict (annotations with degenerate boxes removed) and a report of what was
     skipped. Raises MaskxError naming the file and record for structural problems: missing keys,
-    duplicate ids, annotations whose image or category is not listed.
+    duplicate ids, annotations whose image or category is not listed. Box-only annotations are
+    valid; ``require_masks`` refuses a file with any (``maskx data check --masks``).
     """
     path = Path(path)
     data = read_json(path, "annotation file")
@@ -100,6 +107,8 @@ def _is_number(v) -> bool:
 
 
 def _check_segmentation(seg, aid, img: dict, path: Path) -> None:
+    if seg is None:
+        return  # box-only (null), as some converters write it
     if isinstance(seg, list):
         for poly in seg:
             # Checking the first number only keeps loading COCO train (860k annotations) fast.
@@ -174,8 +183,8 @@ def validate_coco(data: dict, path: str | Path, require_masks: bool = False) -> 
             raise MaskxError(f"annotation {aid} has a malformed bbox {bbox!r} (expected [x, y, w, h])", path)
         if "segmentation" in ann:
             _check_segmentation(ann["segmentation"], aid, img, path)
-        elif require_masks:
-            raise MaskxError(f"annotation {aid} has no 'segmentation'", path)
+        if require_masks and not has_usable_mask(ann):
+            raise MaskxError(f"annotation {aid} has no mask (segmentation {_seg_kind(ann)})", path)
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(bbox[2] * bbox[3]))
         x, y, w, h = bbox
@@ -186,11 +195,25 @@ def validate_coco(data: dict, path: str | Path, require_masks: bool = False) -> 
             continue
         if ann["iscrowd"]:
             report.crowd_annotations += 1
+        elif not has_usable_mask(ann):
+            report.box_only += 1
         kept.append(ann)
     data["annotations"] = kept
     with_anns = {a["image_id"] for a in kept}
     report.images_without_annotations = len(set(images) - with_anns)
     return data, report
+
+
+def _seg_kind(ann: dict) -> str:
+    """How a box-only annotation's segmentation is written, for messages."""
+    if "segmentation" not in ann:
+        return "absent"
+    seg = ann["segmentation"]
+    if seg is None:
+        return "null"
+    if seg == []:
+        return "[]"
+    return "without a polygon of 3 points" if isinstance(seg, list) else "with empty RLE counts"
 
 
 def check_same_categories(a: list[dict], b: list[dict], a_name: str, b_name: str | Path) -> None:
@@ -216,9 +239,12 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
     """Binary mask ``uint8[H, W]`` of one annotation (polygon, RLE or compressed RLE).
 
     Polygons with fewer than 3 points are dropped (pycocotools would read a 4-number polygon as a
-    box); an annotation with no valid polygon gives an empty mask.
+    box); a box-only annotation (see :func:`has_usable_mask`) gives an empty mask: callers serve it
+    as a target only where ``has_usable_mask`` holds.
     """
-    seg = ann["segmentation"]
+    seg = ann.get("segmentation")
+    if not has_usable_mask(ann):
+        return np.zeros((height, width), np.uint8)
     if isinstance(seg, list):
         polys = [p for p in seg if len(p) >= 6]
         if not polys:
@@ -303,8 +329,9 @@ class CocoDataset(torch.utils.data.Dataset):
     ``dataset[i]`` is ``(image float32[3, H, W], target)`` with ``target`` holding
     ``boxes`` float32[N, 4] (x1, y1, x2, y2), ``labels`` int64[N] (contiguous 1..K in category
     order), ``image_id`` int, and with ``with_masks`` also ``masks`` uint8[N, H, W] and
-    ``has_mask`` bool[N] (True for the classes in ``mask_category_ids``; others are box-only).
-    Crowd annotations are left out of targets.
+    ``has_mask`` bool[N]: True where the class is one of ``mask_category_ids`` and the annotation
+    has a mask (:func:`has_usable_mask`) whose rasterised form is not empty; elsewhere the mask is
+    all zero and must never be a target. Crowd annotations are left out of targets.
     """
 
     def __init__(
@@ -337,8 +364,9 @@ class CocoDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def has_mask(self, ann: dict) -> bool:
-        """Whether annotation ``ann``'s mask is served: its class is a mask class and it has a segmentation."""
-        return ann["category_id"] in self.mask_cats and "segmentation" in ann
+        """Whether annotation ``ann``'s mask is served: its class is a mask class and it has a mask
+        (:func:`has_usable_mask`; :meth:`__getitem__` also drops a mask that rasterises to nothing)."""
+        return ann["category_id"] in self.mask_cats and has_usable_mask(ann)
 
     def image_path(self, index: int) -> Path:
         return self.image_root / self.images[index]["file_name"]
@@ -372,6 +400,7 @@ class CocoDataset(torch.utils.data.Dataset):
             for i, a in enumerate(anns):
                 if has_mask[i]:
                     masks[i] = annotation_mask(a, h, w)
+                    has_mask[i] = bool(masks[i].any())  # e.g. a polygon wholly outside the image: no target
             target["masks"] = torch.from_numpy(masks)
             target["has_mask"] = torch.tensor(has_mask, dtype=torch.bool)
         return image, target

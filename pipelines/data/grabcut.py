@@ -103,7 +103,7 @@ def grabcut_annotations(in_json: str | Path, images: str | Path, classes: str, o
     ``area`` updated and ``"grabcut": true``; crowd regions and other classes are left as they are.
     """
     data, _ = load_coco(in_json)
-    chosen = set(resolve_split(classes, data["categories"]))
+    chosen = set(resolve_split(classes, data["categories"], data))
     images_by_id = {im["id"]: im for im in data["images"]}
     todo: dict[int, list[dict]] = {}
     for ann in data["annotations"]:

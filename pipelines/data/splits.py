@@ -3,14 +3,20 @@
 Class splits (paper §3.1): set A = the classes whose masks are used for training, set B = the
 others (boxes only). :func:`resolve_split` is the only place a split spec becomes category ids:
 
+- ``annotated``: the classes with at least one mask in the training file (box-only classes are
+  set B): the natural set A of one's own data set, where some classes were labelled with polygons
+  and others with boxes only;
 - ``voc``: the 20 PASCAL VOC classes, by their COCO category ids (:data:`VOC_COCO_IDS`);
-  ``nonvoc``: every other class (COCO or not);
+  ``nonvoc``: every other class (COCO or not). Refused on categories that are not COCO's (a
+  category without ``coco_id`` whose id is a COCO id but whose name is not COCO's at that id), so
+  that a data set numbered 1..K is never split by coincidence of numbering;
 - ``all``; ``random:N:SEED`` (N classes drawn reproducibly from SEED); ``ids:1,2,3``;
 - for LVIS: ``frequency:LETTERS`` (the classes whose ``frequency`` is among r / c / f, e.g.
   ``frequency:fc``), ``coco`` / ``noncoco`` (the classes with / without a COCO id).
 
 A category's COCO id is its ``coco_id`` field when it has one (Visual Genome and LVIS classes and
-the synthetic world carry it; ``null`` for classes that are not in COCO), else its ``id``.
+the synthetic world carry it; ``null`` for classes that are not in COCO), else its ``id`` -- only
+when its name is COCO's name for that id (:func:`check_coco_categories`).
 
 The set-A rule (:func:`takes_mask_loss`): a RoI gets a mask loss only if its ground-truth class is a
 mask class -- set A, or every class for the oracle head (:func:`mask_classes`) -- and its instance
@@ -20,9 +26,12 @@ has a mask. Every training route applies it: end to end (``MaskXRoIHeads``), fro
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
+from pipelines.data.annotations import annotated_classes, describe_classes, mask_coverage, unmasked_instances
 from pipelines.errors import MaskxError
 
 # COCO 2017 category ids and names, in order (instances_*.json).
@@ -47,7 +56,8 @@ COCO_CATEGORIES: list[tuple[int, str]] = [
 # The 20 PASCAL VOC classes among COCO's 80, by COCO category id (Pinheiro et al. 2015; paper §3.1).
 VOC_COCO_IDS: frozenset[int] = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 62, 63, 64, 67, 72})
 
-SPLIT_HELP = "voc | nonvoc | all | random:N:SEED | ids:1,2,3 | coco | noncoco | frequency:f|fc|cr (LVIS)"
+SPLIT_HELP = "annotated | voc | nonvoc | all | random:N:SEED | ids:1,2,3 | coco | noncoco | frequency:f|fc|cr (LVIS)"
+COCO_NAME = dict(COCO_CATEGORIES)
 FREQUENCIES = ("r", "c", "f")  # LVIS: rare (1-10 training images), common (11-100), frequent (>100)
 
 
@@ -58,16 +68,42 @@ def coco_id_of(category: dict) -> int | None:
     return category["id"]
 
 
-def resolve_split(spec: str, categories: list[dict]) -> list[int]:
+def _same_name(a: str, b: str) -> bool:
+    return a.strip().lower().replace("_", " ") == b.strip().lower().replace("_", " ")
+
+
+def check_coco_categories(spec: str, categories: list[dict]) -> None:
+    """Raise unless ``categories`` can be read by COCO id: every category without a ``coco_id`` field
+    whose id is one of COCO's has COCO's name for it (``person`` at 1, ``dog`` at 18, ...)."""
+    for c in categories:
+        if "coco_id" in c or c["id"] not in COCO_NAME or _same_name(c["name"], COCO_NAME[c["id"]]):
+            continue
+        raise MaskxError(f"split '{spec}' picks classes by COCO category id, but these categories are not COCO's "
+                         f"(id {c['id']} is '{c['name']}', COCO's id {c['id']} is '{COCO_NAME[c['id']]}'): "
+                         f"use 'annotated' (the classes with masks in the training file) or ids:... for your own classes")
+
+
+def resolve_split(spec: str, categories: list[dict], data: dict | None = None) -> list[int]:
     """Category ids of the classes that ``spec`` selects, in the order of ``categories``.
 
-    Raises MaskxError for an unknown spec or a spec that selects no class.
+    ``data``: the training annotations (a COCO dict), needed by ``annotated`` only. Raises MaskxError
+    for an unknown spec, a spec that selects no class, and ``voc`` / ``nonvoc`` on categories that
+    are not COCO's.
     """
     spec = (spec or "").strip()
     ids = [c["id"] for c in categories]
     if spec == "all":
         chosen = ids
+    elif spec == "annotated":
+        if data is None:
+            raise MaskxError("split 'annotated' (the classes with masks) needs the training annotations")
+        with_masks = set(annotated_classes(data))
+        chosen = [i for i in ids if i in with_masks]
+        if not chosen:
+            raise MaskxError("split 'annotated': no annotation of the training file has a mask (segmentation absent, "
+                             "null or empty everywhere)")
     elif spec in ("voc", "nonvoc"):
+        check_coco_categories(spec, categories)
         in_voc = [c["id"] for c in categories if coco_id_of(c) in VOC_COCO_IDS]
         if not in_voc:
             raise MaskxError(f"split '{spec}': none of the {len(ids)} categories is a PASCAL VOC class by COCO id")
@@ -120,6 +156,45 @@ def complement(selected: list[int], categories: list[dict]) -> list[int]:
 
 # --------------------------------------------------------------------------------------------
 # The set-A rule
+@dataclass
+class TrainingSets:
+    """Set A of a training run, the classes whose masks train it, and what the data lacks.
+
+    ``set_a``: category ids of set A; ``train_classes``: :func:`mask_classes` of the head;
+    ``unmasked``: ids of set-A annotations without a mask (they take no mask loss);
+    ``warnings``: one counted line each, naming the file.
+    """
+
+    set_a: list[int]
+    train_classes: list[int]
+    unmasked: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def training_sets(spec: str, head: str, categories: list[dict], data: dict, path=None) -> TrainingSets:
+    """Set A of ``spec`` on the training file ``data`` (named ``path``), for a mask side of ``head``.
+
+    Raises MaskxError (key ``data.mask_classes``) when a set-A class has instances but no mask at
+    all in the file (a box-only class: chosen by mistake, e.g. by coincidence of numbering); set-A
+    annotations without a mask are counted into a warning, never trained on.
+    """
+    set_a = resolve_split(spec, categories, data)
+    in_a = set(set_a)
+    empty = [c.category_id for c in mask_coverage(data) if c.category_id in in_a and c.instances and not c.with_mask]
+    if empty:
+        raise MaskxError(f"set A ('{spec}') holds {len(empty)} box-only class(es), with no mask in the training file: "
+                         f"{describe_classes(empty, categories, 5)}; set A must be classes with masks "
+                         f"('annotated' picks them)", path, key="data.mask_classes")
+    unmasked = unmasked_instances(data, set_a)
+    warnings = []
+    if unmasked:
+        first = ", ".join(str(i) for i in unmasked[:5]) + (", ..." if len(unmasked) > 5 else "")
+        where = f"{path}: " if path else ""
+        warnings.append(f"{where}{len(unmasked)} set-A annotation(s) have no mask (segmentation absent, null or empty): "
+                        f"they train boxes only, no mask loss (annotation id {first})")
+    return TrainingSets(set_a, mask_classes(head, set_a, categories), unmasked, warnings)
+
+
 def mask_classes(head: str, set_a: list[int], categories: list[dict]) -> list[int]:
     """The classes whose masks train the mask side: set A, or every class for the ``oracle`` head."""
     return [c["id"] for c in categories] if head == "oracle" else list(set_a)

@@ -27,6 +27,8 @@ Output of :func:`generate` in ``out_dir``::
     val/000000000001.png
 
 The world is a function of :class:`SynthConfig` alone: the same config gives byte-identical JSON.
+With ``names="own"``, ``box_only_classes`` and ``unmasked_fraction`` it is one's own mixed data set
+instead (:mod:`pipelines.data.mixed`): own class names, and masks on some training classes only.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipelines.data.mixed import drop_masks, own_categories
 from pipelines.data.splits import COCO_CATEGORIES, VOC_COCO_IDS
 from pipelines.errors import MaskxError
 from pipelines.io import make_parent, os_error_reason
@@ -123,12 +126,20 @@ class SynthConfig:
     # (unannotated regions of any colour behind them, a part of another colour on every object,
     # shading, uneven light)
     appearance: str = "flat"
+    # one's own data (pipelines/data/mixed.py): "coco" (the first 80 classes are COCO's, with coco_id) or
+    # "own" (ids 1..K, names that are not COCO's, no coco_id, as a labelling tool writes them)
+    names: str = "coco"
+    # classes whose training annotations have boxes only (segmentation absent, null, [] in turn)
+    box_only_classes: int = 0
+    # share of the other classes' training annotations without a mask ([])
+    unmasked_fraction: float = 0.0
 
 
 # A world.json written before an option existed was made with these values (the defaults of that
 # time); a key missing from a manifest is read as this value, not as today's default.
 LEGACY_CONFIG = {"min_radius": 9.0, "max_radius": 24.0, "class_freq": "uniform", "class_freq_power": 1.0,
-                 "shapes": "random", "appearance": "flat"}
+                 "shapes": "random", "appearance": "flat", "names": "coco", "box_only_classes": 0, "unmasked_fraction": 0.0}
+NAMES = ("coco", "own")
 
 
 @dataclass
@@ -165,6 +176,13 @@ def _check_config(cfg: SynthConfig) -> None:
                          f"only, got num_classes {cfg.num_classes}")
     if not 0.0 <= cfg.class_freq_power <= 2.0:
         raise MaskxError(f"synthetic world: class_freq_power must be between 0 and 2, got {cfg.class_freq_power}")
+    if cfg.names not in NAMES:
+        raise MaskxError(f"synthetic world: names must be one of {' | '.join(NAMES)}, got '{cfg.names}'")
+    if not 0 <= cfg.box_only_classes < cfg.num_classes:
+        raise MaskxError(f"synthetic world: box_only_classes must be between 0 and num_classes - 1 ({cfg.num_classes - 1}), "
+                         f"got {cfg.box_only_classes}")
+    if not 0.0 <= cfg.unmasked_fraction < 1.0:
+        raise MaskxError(f"synthetic world: unmasked_fraction must be in [0, 1), got {cfg.unmasked_fraction}")
     if cfg.train_images < 1 or cfg.val_images < 1:
         raise MaskxError(
             f"synthetic world: needs at least 1 training and 1 validation image, got {cfg.train_images} and {cfg.val_images}"
@@ -605,6 +623,8 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: Progress = NULL_PR
     if found is not None:
         return found
     cats = synth_categories(cfg.num_classes, shapes=cfg.shapes == "class")
+    if cfg.names == "own":
+        cats = own_categories(cats)
     make_parent(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -614,6 +634,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: Progress = NULL_PR
     try:
         train = _make_split(cfg, "train", cfg.train_images, cats, tmp, task)
         val = _make_split(cfg, "val", cfg.val_images, cats, tmp, task)
+        dropped = drop_masks(train, cfg.box_only_classes, cfg.unmasked_fraction, cfg.seed)
         for name, data in (("instances_train.json", train), ("instances_val.json", val)):
             (tmp / name).write_text(json.dumps(data, separators=(",", ":")))
         manifest = {
@@ -626,6 +647,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: Progress = NULL_PR
                 "train_instances": len(train["annotations"]),
                 "val_instances": len(val["annotations"]),
             },
+            **({"masks_dropped": dropped} if cfg.box_only_classes or cfg.unmasked_fraction else {}),
         }
         (tmp / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():

@@ -33,7 +33,7 @@ import math
 import queue
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -44,6 +44,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
 from pipelines.config import CacheConfig, DataConfig
+from pipelines.data.annotations import has_usable_mask
 from pipelines.data.coco import CocoDataset, collate
 from pipelines.data.splits import label_table, takes_mask_loss
 from pipelines.data.transforms import FlippedCopies
@@ -474,7 +475,7 @@ def masked_instances(dataset: CocoDataset, mask_labels: torch.Tensor | None = No
     if not every:
         return []
     labels = torch.tensor([dataset.label_of[a["category_id"]] for _, _, a in every], dtype=torch.int64)
-    has_mask = torch.tensor(["segmentation" in a for _, _, a in every], dtype=torch.bool)
+    has_mask = torch.tensor([has_usable_mask(a) for _, _, a in every], dtype=torch.bool)
     kept = takes_mask_loss(labels, mask_labels, has_mask).tolist()
     return [(i, j) for (i, j, _), k in zip(every, kept) if k]
 
@@ -897,9 +898,10 @@ class DetectorRoIs:
             image, t = self.dataset[img]
             sel = torch.tensor([self.instances[chosen[p]][1] for p in poss], dtype=torch.long)
             images.append(image)
+            has_mask = t["has_mask"][sel]  # False only for a mask that rasterises to nothing: no RoI, no target
             targets.append({"boxes": t["boxes"][sel], "labels": t["labels"][sel], "masks": t["masks"][sel],
-                            "has_mask": torch.ones(len(sel), dtype=torch.bool)})
-            positions.extend(poss)
+                            "has_mask": has_mask})
+            positions.extend(p for p, kept in zip(poss, has_mask.tolist()) if kept)
         out = extract_rois(self.model, self.roi_pool, images, targets, self.cfg, self.generator)
         pos = torch.tensor(positions, dtype=torch.long)[out.index]
         order = torch.argsort(pos, stable=True)
@@ -936,6 +938,7 @@ class CacheResult:
     key: str
     built: bool
     cache: FeatureCache
+    warnings: list[str] = field(default_factory=list)  # what the training file lacks (set-A annotations without masks)
 
     @property
     def rois(self) -> int:

@@ -26,6 +26,7 @@ import json
 import platform
 import shutil
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,7 +35,7 @@ import torch
 from torchvision.models.detection import FasterRCNN
 
 from pipelines import __version__
-from pipelines.config import DataConfig, DetectorConfig, HeadConfig, from_dict, resolve_config_path, to_dict
+from pipelines.config import DATA_PATH_KEYS, DataConfig, DetectorConfig, HeadConfig, from_dict, load_config, resolve_config_path, to_dict
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import load_checkpoint, load_state, save_checkpoint
 from pipelines.errors import MaskxError
@@ -209,6 +210,34 @@ def run_recipe(run: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def _data_paths(config: dict) -> dict[str, str]:
+    data = config.get("data") if isinstance(config, dict) else None
+    return {k: str(data[k]) for k in DATA_PATH_KEYS if data.get(k)} if isinstance(data, dict) else {}
+
+
+def load_stage_config(cls: type, recipe: str | Path | None, detector_run: str | Path, overrides: list, source: str = "override"):
+    """The config ``cls`` of a stage that runs on a detector run (``mask-train``, ``cache build``).
+
+    Read from ``recipe`` (default: the run's ``recipe.yaml``); then the data files and image folders
+    the detector run was trained or imported with (its ``config.yaml``), key by key, so a recipe's
+    own data paths never replace the data the detector was made with (with no recipe at all, its
+    ``data.mask_classes`` too); then ``overrides`` (the user's ``--set`` and options), which win.
+    """
+    run = Path(detector_run)
+    run = run.parent if run.is_file() else run
+    config_file = run / "config.yaml"
+    try:
+        run_config = read_yaml(config_file) if config_file.is_file() else {}
+    except MaskxError:
+        run_config = {}  # the checkpoint is checked when the stage loads it
+    recipe = recipe or run_recipe(run)
+    layer = _data_paths(run_config)
+    run_data = run_config.get("data") if isinstance(run_config, dict) else None
+    if recipe is None and isinstance(run_data, dict) and run_data.get("mask_classes"):
+        layer["mask_classes"] = str(run_data["mask_classes"])  # no recipe at all: the run's set A too
+    return load_config(cls, recipe, [{"data": layer}, *overrides] if layer else list(overrides), source=source)
+
+
 @dataclass
 class DetectorRun:
     """A finished detector (``detect-train`` or end-to-end run), its model in eval mode, frozen."""
@@ -220,12 +249,15 @@ class DetectorRun:
     categories: list[dict]
     model: FasterRCNN
 
+    def data_paths(self) -> dict[str, str]:
+        """The annotation files and image folders this detector was trained (or imported) with, the
+        non-empty ones of ``data.train_json``, ``train_images``, ``val_json``, ``val_images``."""
+        return _data_paths(self.config)
+
     def data_config(self, mine: DataConfig) -> DataConfig:
-        """The run's data section (train/val files) with the stage-2 run's own choices of ``mine``: set A
-        (``mask_classes``) and flipped copies in the cache (``hflip``)."""
-        data = from_dict(DataConfig, self.config.get("data") or {})
-        data.mask_classes, data.hflip = mine.mask_classes, mine.hflip
-        return data
+        """``mine`` with each data file and image folder it leaves empty taken from the run, key by key
+        (:meth:`data_paths`); everything else (set A, flips, image limits) is ``mine``."""
+        return dataclasses.replace(mine, **{k: v for k, v in self.data_paths().items() if not getattr(mine, k)})
 
 
 def check_embeddings_fit(emb: Embeddings, det: DetectorRun) -> None:

@@ -41,6 +41,7 @@ from typing import Any, Callable
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipelines.data.annotations import has_usable_mask
 from pipelines.errors import MaskxError
 from pipelines.progress import NULL_PROGRESS, Progress
 
@@ -132,8 +133,8 @@ def prepare_gt(gt: Mapping, need_masks: bool, path: str | Path | None = None) ->
             raise MaskxError(f"ground-truth annotation {aid} points at image {b['image_id']}, which is not in the image list", path)
         if b["category_id"] not in cat_ids:
             raise MaskxError(f"ground-truth annotation {aid} has category {b['category_id']}, which is not in the category list", path)
-        if need_masks and "segmentation" not in a:
-            raise MaskxError(f"ground-truth annotation {aid} has no 'segmentation' (mask AP needs every instance's mask)", path)
+        if need_masks and a.get("iscrowd", 0) and not has_usable_mask(a):
+            raise MaskxError(f"ground-truth crowd region {aid} has no mask (mask AP needs a crowd region's mask)", path)
         b["id"] = i + 1
         b.setdefault("iscrowd", 0)
         if "area" not in b:

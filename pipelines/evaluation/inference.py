@@ -23,9 +23,9 @@ from pipelines.progress import NULL_PROGRESS, Progress
 
 def load_validation(det: DetectorRun, val_json: str | Path | None, val_images: str | Path | None,
                     max_images: int = 0) -> tuple[dict, CocoDataset]:
-    """The validation ground truth (masks required) and its images (the first ``max_images``; 0 = all),
-    checked against the detector's classes."""
-    gt, _ = load_split(str(val_json) if val_json else "", "val", require_masks=True)
+    """The validation ground truth and its images (the first ``max_images``; 0 = all), checked against
+    the detector's classes. Box-only instances are valid: mask AP leaves their classes out, box AP keeps them."""
+    gt, _ = load_split(str(val_json) if val_json else "", "val")
     check_same_categories(det.categories, gt["categories"], "the detector's classes", val_json)
     dataset = CocoDataset(gt, val_images or "", with_masks=False, max_images=max_images)
     if len(dataset) == 0:

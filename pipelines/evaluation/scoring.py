@@ -21,9 +21,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.data.annotations import describe_classes, has_usable_mask
 from pipelines.data.lvis import is_lvis
 from pipelines.config import EvalConfig, to_dict
-from pipelines.data.splits import complement, resolve_split
+from pipelines.data.splits import check_coco_categories, complement, resolve_split
 from pipelines.errors import MaskxError
 from pipelines.evaluation.coco_eval import (COCO_MAX_DETS, DEFAULT_BACKEND, IOU_TYPES, METRICS, Metrics, backend_name,
                                             coco_scores, prepare_gt)
@@ -77,9 +78,29 @@ def protocol_of(gt: Mapping) -> Protocol:
     return LVIS if is_lvis(dict(gt)) else COCO
 
 
-def class_sets(split: str, categories: list[dict]) -> dict[str, list[int]]:
-    """``{"B": split's classes, "A": the others, "all": every class}``; ``A`` left out when empty."""
-    set_b = resolve_split(split, categories)
+RUN_SPLIT = ""  # eval.split's default: set B = the classes the evaluated run had no masks for
+PAPER_SPLIT = "nonvoc"  # what B is without a run (a results file) on COCO's categories: the paper's voc -> nonvoc
+
+
+def class_sets(split: str, categories: list[dict], run_set_a: list[int] | None = None) -> dict[str, list[int]]:
+    """``{"B": split's classes, "A": the others, "all": every class}``; ``A`` left out when empty.
+
+    ``split`` empty (:data:`RUN_SPLIT`): B = the classes not in ``run_set_a`` (the set A a run was
+    trained with); without a run, the paper's ``nonvoc`` on COCO's categories, and an error naming
+    the choice elsewhere (one's own classes have no default split to score).
+    """
+    split = (split or "").strip()
+    if split == RUN_SPLIT and run_set_a is not None:
+        set_b = complement(run_set_a, categories)
+    elif split == RUN_SPLIT:
+        try:
+            check_coco_categories(PAPER_SPLIT, categories)
+        except MaskxError:
+            raise MaskxError("these categories are not COCO's and there is no run to take set B from: name set B, the "
+                             "classes without training masks, with split (e.g. ids:3,5)", key="split") from None
+        set_b = resolve_split(PAPER_SPLIT, categories)
+    else:
+        set_b = resolve_split(split, categories)
     sets = {"B": set_b, "A": complement(set_b, categories), "all": [c["id"] for c in categories]}
     if not sets["A"]:
         sets.pop("A")
@@ -135,15 +156,41 @@ def score(gt: dict, results: list[dict], sets: Mapping[str, Iterable[int]], iou_
             raise MaskxError(f"image {unknown[0]} is not in the ground truth's image list", gt_path)
     else:
         img_subset = images
-    undefined = dict.fromkeys(protocol.metrics)
-    nonempty = {k: v for k, v in subsets.items() if v}
-    metrics: dict[str, dict[str, Metrics]] = {t: {} for t in types}
-    if nonempty:
-        engine = lvis_scores if protocol is LVIS else coco_scores
-        scored = engine(gt_ds, results, nonempty, types, backend, img_subset, progress)
-    for t in types:
-        metrics[t] = {name: (dict(scored[t][name]) if name in nonempty else dict(undefined)) for name in subsets}
+    unmasked = classes_without_masks(gt_ds) if "segm" in types else set()
+    if unmasked & set().union(*subsets.values()):
+        notes.append(mask_ap_note(unmasked & set().union(*subsets.values()), gt_ds["categories"]))
+    metrics = _run_engine(protocol, gt_ds, results, subsets, types, backend, img_subset, progress, unmasked)
     return Scores(protocol.name, metrics, list(protocol.metrics), protocol.max_dets, notes)
+
+
+def classes_without_masks(gt: Mapping) -> set[int]:
+    """Categories with a non-crowd ground-truth instance that has no mask (box-only): mask AP cannot score
+    them (an unmatched detection of such an instance would count as a false positive), so it leaves them out."""
+    return {int(a["category_id"]) for a in gt["annotations"] if not a.get("iscrowd", 0) and not has_usable_mask(a)}
+
+
+def mask_ap_note(classes: set[int], categories: list[dict]) -> str:
+    return (f"mask AP leaves out {len(classes)} class(es) whose ground truth has instances without a mask (box AP "
+            f"covers them): {describe_classes(classes, categories, 8)}")
+
+
+def _run_engine(protocol: Protocol, gt_ds: dict, results: list[dict], subsets: dict[str, set[int]], types, backend: str,
+                img_subset: set[int], progress: Progress, unmasked: set[int]) -> dict[str, dict[str, Metrics]]:
+    """``{iou_type: {set: metrics}}``: the protocol's engine over the non-empty sets; mask AP over the
+    sets less ``unmasked`` (classes with box-only ground truth), on a ground truth without them."""
+    engine = lvis_scores if protocol is LVIS else coco_scores
+    undefined = dict.fromkeys(protocol.metrics)
+    runs = [(tuple(t for t in types if t != "segm" or not unmasked), gt_ds, subsets)]
+    if "segm" in types and unmasked:
+        masked_gt = {**gt_ds, "annotations": [a for a in gt_ds["annotations"] if a["category_id"] not in unmasked]}
+        runs.append((("segm",), masked_gt, {k: v - unmasked for k, v in subsets.items()}))
+    metrics: dict[str, dict[str, Metrics]] = {}
+    for run_types, gt_run, sets in runs:
+        nonempty = {k: v for k, v in sets.items() if v}
+        scored = engine(gt_run, results, nonempty, run_types, backend, img_subset, progress) if nonempty and run_types else {}
+        for t in run_types:
+            metrics[t] = {name: (dict(scored[t][name]) if name in nonempty else dict(undefined)) for name in sets}
+    return {t: metrics[t] for t in types}
 
 
 def evaluate_sets(gt: dict, results: list[dict], sets: Mapping[str, list[int]], iou_types: Iterable[str] = IOU_TYPES,
@@ -179,6 +226,8 @@ class EvalResult:
     detections: dict[str, list[dict]] = field(default_factory=dict)  # head name -> COCO results
     protocol: str = "coco"  # "coco" or "lvis": whose rules scored the detections
     metric_names: list[str] = field(default_factory=lambda: list(METRICS))
+    warnings: list[str] = field(default_factory=list)  # e.g. a split that scores trained classes as set B
+    notes: list[str] = field(default_factory=list)  # what was not scored (classes with box-only ground truth)
 
 
 def score_jobs(gt: dict, predictions: dict[str, list[dict]], jobs: dict[str, tuple[str, dict[str, list[int]]]], cfg: EvalConfig,
@@ -194,11 +243,13 @@ def write_metrics(path: str | Path, cfg: EvalConfig, gt: dict, result: EvalResul
     metrics, images, time, config, inputs."""
     protocol = protocol_of(gt)
     write_json(path, {
-        "split": cfg.split,
+        "split": cfg.split or "run",  # "run": B = the classes the run had no masks for
         "protocol": protocol.name,
         "max_dets": protocol.max_dets,
         "sets": {k: v for k, v in result.sets.items() if k != "all"},
         "heads": {name: {**info, **result.metrics[name]} for name, info in heads.items()},
+        "notes": result.notes,
+        "warnings": result.warnings,
         "images": result.images,
         "seconds": round(result.seconds, 1),
         "config": to_dict(cfg),

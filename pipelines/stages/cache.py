@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.config import MaskTrainConfig
 from pipelines.data.coco import check_same_categories, load_split
-from pipelines.data.splits import mask_classes, resolve_split
+from pipelines.data.splits import training_sets
 from pipelines.engine.cache import CacheResult, check_cache_config, ensure_cache
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import load_detector_run
@@ -23,14 +23,14 @@ from pipelines.progress import NULL_PROGRESS, Progress
 def cache_build(cfg: MaskTrainConfig, detector: str | Path, progress: Progress = NULL_PROGRESS) -> CacheResult:
     """The cache a later ``mask-train`` with this config and detector reuses (opened; close it when done).
 
-    ``cfg.data`` without a training file takes the detector run's data, as ``mask-train`` does.
+    Each data file ``cfg.data`` leaves empty is the detector run's, as in ``mask-train``.
     """
     check_cache_config(cfg.cache)
     det = load_detector_run(detector)
-    if not cfg.data.train_json:
-        cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data))
-    data, _ = load_split(cfg.data.train_json, "train", require_masks=True)
+    cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data))
+    data, _ = load_split(cfg.data.train_json, "train")
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     det.model.to(resolve_device(cfg.solver.device))
-    classes = mask_classes(cfg.head.head, resolve_split(cfg.data.mask_classes, det.categories), det.categories)
-    return ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, classes)
+    sets = training_sets(cfg.data.mask_classes, cfg.head.head, det.categories, data, cfg.data.train_json)
+    result = ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, sets.train_classes)
+    return dataclasses.replace(result, warnings=sets.warnings)

@@ -15,6 +15,7 @@ from pipelines.data.coco import load_coco
 from pipelines.engine.run_dir import file_record
 from pipelines.errors import MaskxError
 from pipelines.evaluation import Scores, class_sets, score
+from pipelines.evaluation.scoring import PAPER_SPLIT
 from pipelines.io import read_json, write_json
 from pipelines.progress import NULL_PROGRESS, Progress
 
@@ -32,7 +33,7 @@ class ResultsEvalResult:
 def default_metrics_path(results: str | Path, split: str) -> Path:
     """``dets.json`` -> ``dets_metrics_<split>.json`` beside it."""
     results = Path(results)
-    return results.with_name(f"{results.stem}_metrics_{split.replace(':', '_')}.json")
+    return results.with_name(f"{results.stem}_metrics_{(split or PAPER_SPLIT).replace(':', '_')}.json")
 
 
 def evaluate_results_file(gt_path: str | Path, results_path: str | Path, cfg: EvalConfig, json_out: str | Path | None = None,

@@ -17,7 +17,7 @@ import torch
 
 from pipelines.config import MaskTrainConfig, to_dict
 from pipelines.data.coco import CocoDataset, check_same_categories, load_split
-from pipelines.data.splits import label_table, mask_classes, resolve_split
+from pipelines.data.splits import label_table, training_sets
 from pipelines.data.transforms import FlippedCopies
 from pipelines.engine import distributed as dist
 from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source, check_cache_config, ensure_cache
@@ -44,6 +44,8 @@ class MaskTrainResult:
     cache_built: bool
     stats: TrainStats
     missing_glove: list[str]
+    categories: list[dict]
+    data_warnings: list[str]  # what the training file lacks (set-A annotations without masks), one line each
 
 
 def check_mask_train_config(cfg: MaskTrainConfig) -> None:
@@ -62,7 +64,7 @@ def _training_images(data: dict, cfg: MaskTrainConfig, train_classes: list[int])
                           max_images=cfg.data.max_train_images)
     dataset.images = [im for im in dataset.images if any(dataset.has_mask(a) for a in dataset.anns_by_image.get(im["id"], []))]
     if not dataset.images:
-        raise MaskxError(f"no training image has a mask of the set-A classes ({cfg.data.mask_classes})", cfg.data.train_json)
+        raise MaskxError(f"no training image has a mask of the set-A classes ('{cfg.data.mask_classes}')", cfg.data.train_json)
     return dataset
 
 
@@ -70,7 +72,8 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
                progress: Progress = NULL_PROGRESS, resume: bool = False, mask_side: MaskSide | None = None) -> MaskTrainResult:
     """Train the mask side of ``cfg.head.head`` on set-A masks (all masks for the oracle).
 
-    ``cfg.data`` without a training file takes the detector run's data (set A kept). ``mask_side``
+    Each data file and image folder ``cfg.data`` leaves empty is the detector run's (set A and flips
+    are the stage-2 run's own). ``mask_side``
     (optional) is trained instead of a fresh one built from ``cfg.head`` -- it must fit ``cfg.head``
     (e.g. a side with frozen parts, for a probe); it is built on the caller's seed.
     """
@@ -87,13 +90,12 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     det = load_detector_run(detector)
     emb = read_embeddings(embeddings)
     check_embeddings_fit(emb, det)
-    if not cfg.data.train_json:
-        cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data))
-    data, _ = load_split(cfg.data.train_json, "train", require_masks=True)
+    cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data))
+    data, _ = load_split(cfg.data.train_json, "train")
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     categories = det.categories
-    set_a = resolve_split(cfg.data.mask_classes, categories)
-    train_classes = mask_classes(cfg.head.head, set_a, categories)
+    sets = training_sets(cfg.data.mask_classes, cfg.head.head, categories, data, cfg.data.train_json)
+    set_a, train_classes = sets.set_a, sets.train_classes
     device = dist.setup(cfg.solver.device, cfg.solver.batch_size)
     if not dist.is_main():
         progress = NULL_PROGRESS  # one set of progress bars, from rank 0
@@ -108,7 +110,8 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     dataset = _training_images(data, cfg, train_classes)
     dist.main_first(lambda: prepare_run_dir(out, "mask-train", to_dict(cfg),
                                             {"detector": det.checkpoint, "embeddings": embeddings, "train_json": cfg.data.train_json},
-                                            extra={"set_a": set_a, "train_classes": len(train_classes)}), others=False)
+                                            extra={"set_a": set_a, "train_classes": len(train_classes),
+                                                   "set_a_unmasked_annotations": len(sets.unmasked)}), others=False)
     source, prepared = _roi_source(cfg, det, data, dataset, train_classes, progress)
 
     wrapped = dist.wrap(mask_side, device)
@@ -140,7 +143,8 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
                         world_size=dist.world_size(), effective_lr=cfg.solver.effective_lr())
 
     dist.main_first(finish, others=False)  # rank 0 writes; the others wait for it
-    return MaskTrainResult(out, final, cfg.head.head, set_a, source.rois, cache_path, bool(prepared and prepared.built), stats, missing)
+    return MaskTrainResult(out, final, cfg.head.head, set_a, source.rois, cache_path, bool(prepared and prepared.built), stats, missing,
+                           categories, sets.warnings)
 
 
 def _roi_source(cfg: MaskTrainConfig, det: DetectorRun, data: dict, dataset: CocoDataset, train_classes: list[int],

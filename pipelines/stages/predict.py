@@ -6,7 +6,8 @@ theirs through the weight transfer function), so memory per image does not grow 
 
 Outputs in ``out``:
 
-- ``predictions.json``: COCO results (one dict per detection: ``image_id``, ``file_name``,
+- ``predictions.json``: COCO results (one dict per detection: ``image_id`` (1..N in reading order, or
+  with ``gt`` the ground truth's id of the image of that file name), ``file_name``,
   ``category_id``, ``category_name``, ``score``, ``bbox`` [x, y, w, h], ``segmentation`` as
   compressed RLE), written atomically; ``pycocotools``' ``loadRes`` reads it as is.
 - ``images.json``: the images read (``id``, ``file_name``, ``width``, ``height``) and those skipped
@@ -14,7 +15,10 @@ Outputs in ``out``:
 - with ``visualize``: ``<image stem>.png`` per image, the input's size times ``scale``, set-A
   classes green, set-B classes red, ``name score`` labels (the paper's figures).
 
-Images that cannot be read are reported and skipped; the others are written.
+Images that cannot be read are reported and skipped; the others are written. With ``gt`` (a COCO
+file of the same classes) an image is matched to its record by file name and takes its id, so
+``maskx eval --gt FILE --results predictions.json`` scores the results as they are; an image the
+file does not list is skipped and reported.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.data.coco import read_image
+from pipelines.data.coco import check_same_categories, load_coco, read_image
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import detector_of_mask_run, load_detector_run, load_mask_run, make_output_dir
 from pipelines.errors import MaskxError
@@ -103,6 +107,48 @@ def class_filter(categories: list[dict], set_a: list[int], classes: list[str] | 
     return keep
 
 
+class GroundTruthImages:
+    """The image records of a COCO file, found by file name: ``find(path)`` is the record whose
+    ``file_name`` is the path's tail (``val/0001.png`` matches ``.../images/val/0001.png``), else the
+    only record of that base name, else None."""
+
+    def __init__(self, data: dict):
+        self.by_name = {str(Path(im["file_name"])): im for im in data["images"]}
+        by_base: dict[str, list[dict]] = {}
+        for im in data["images"]:
+            by_base.setdefault(Path(im["file_name"]).name, []).append(im)
+        self.by_base = {k: v[0] for k, v in by_base.items() if len(v) == 1}
+
+    def find(self, path: Path) -> dict | None:
+        parts = Path(path).parts
+        for k in range(len(parts)):
+            hit = self.by_name.get(str(Path(*parts[k:])))
+            if hit is not None:
+                return hit
+        return self.by_base.get(Path(path).name)
+
+
+def _readable_images(files: list[Path], known: GroundTruthImages | None, gt, skipped: list, task):
+    """``(image id, path, image float32[3, H, W])`` of each file that reads (and, with ``known``, is a
+    ground-truth image of its recorded size); the others go to ``skipped`` as ``(path, reason)``."""
+    count = 0
+    for path in files:
+        try:
+            image = read_image(path)
+        except MaskxError as exc:
+            skipped.append((str(path), exc.message))
+            task.advance(1)
+            continue
+        record = known.find(path) if known is not None else {"id": count + 1}
+        if record is None or (known is not None and (record["height"], record["width"]) != tuple(image.shape[1:])):
+            why = "not in the ground truth" if record is None else "its size differs from its ground-truth record"
+            skipped.append((str(path), f"{why} ({gt})"))
+            task.advance(1)
+            continue
+        count += 1
+        yield record["id"], path, image
+
+
 def _picture_name(path: Path, used: set[str]) -> str:
     name, n = f"{path.stem}.png", 1
     while name in used:
@@ -123,13 +169,14 @@ def _save_picture(path: Path, image: torch.Tensor, d: dict, names: list[str], in
 def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, detector: str | Path | None = None,
             score_thresh: float = 0.5, classes: list[str] | None = None, only: str | None = None,
             visualize: bool = False, scale: int = 1, device: str = "auto", batch_images: int = 4,
-            mask_threshold: float = 0.5, progress: Progress = NULL_PROGRESS) -> PredictResult:
+            mask_threshold: float = 0.5, progress: Progress = NULL_PROGRESS, gt: str | Path | None = None) -> PredictResult:
     """Detect and segment every image of ``inputs`` (files or folders) with a detector + mask run.
 
     ``detector`` defaults to the one named in the mask run's manifest; a mask run trained on another
     detector is refused. ``score_thresh`` drops weaker detections before masks are computed;
-    ``classes`` / ``only`` filter classes (see :func:`class_filter`). See the module docstring for
-    the files written to ``out``.
+    ``classes`` / ``only`` filter classes (see :func:`class_filter`). ``gt``: a COCO file whose image
+    ids the results take (matched by file name, :class:`GroundTruthImages`). See the module
+    docstring for the files written to ``out``.
     """
     t0 = time.perf_counter()
     if not 0.0 <= score_thresh <= 1.0:
@@ -140,6 +187,11 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
     det = load_detector_run(detector or detector_of_mask_run(mask_run))
     head, ckpt = load_mask_run(mask_run, det)
     categories = det.categories
+    known = None
+    if gt is not None:
+        gt_data, _ = load_coco(gt)
+        check_same_categories(categories, gt_data["categories"], "the detector's classes", gt)
+        known = GroundTruthImages(gt_data)
     set_a = list(ckpt["set_a"])
     keep = class_filter(categories, set_a, classes, only)
     out = make_output_dir(out)
@@ -176,14 +228,7 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
         task.advance(len(batch))
 
     batch: list[tuple[int, Path, torch.Tensor]] = []
-    for path in files:
-        try:
-            image = read_image(path)
-        except MaskxError as exc:
-            skipped.append((str(path), exc.message))
-            task.advance(1)
-            continue
-        image_id = len(image_records) + 1
+    for image_id, path, image in _readable_images(files, known, gt, skipped, task):
         image_records.append({"id": image_id, "file_name": str(path), "height": int(image.shape[1]), "width": int(image.shape[2])})
         batch.append((image_id, path, image))
         if len(batch) == batch_images:

@@ -23,7 +23,7 @@ import torch
 
 from pipelines.config import DetectorConfig, MaskTrainConfig, TrainE2EConfig, from_dict, to_dict
 from pipelines.data.coco import CocoDataset, check_same_categories, load_split
-from pipelines.data.splits import label_table, mask_classes, resolve_split
+from pipelines.data.splits import label_table, training_sets
 from pipelines.data.transforms import training_images
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import load_checkpoint
@@ -53,7 +53,8 @@ class TrainE2EResult:
     train_images: int
     stats: TrainStats
     missing_glove: list[str]
-    data_warnings: list[str]  # what loading the annotations skipped, one line each (with the first annotation ids)
+    data_warnings: list[str]  # what loading the annotations skipped or lacks, one line each (with the first annotation ids)
+    categories: list[dict]
 
 
 def _check(cfg: TrainE2EConfig) -> None:
@@ -90,10 +91,10 @@ def train_e2e(cfg: TrainE2EConfig, out: str | Path, progress: Progress = NULL_PR
 
 
 def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool) -> TrainE2EResult:
-    data, report = load_split(cfg.data.train_json, "train", require_masks=True)
+    data, report = load_split(cfg.data.train_json, "train")
     categories = data["categories"]
-    set_a = resolve_split(cfg.data.mask_classes, categories)
-    train_classes = mask_classes(cfg.head.head, set_a, categories)
+    sets = training_sets(cfg.data.mask_classes, cfg.head.head, categories, data, cfg.data.train_json)
+    set_a, train_classes = sets.set_a, sets.train_classes
     init_state, init_path = _initial_detector(cfg, categories)
 
     device = dist.setup(cfg.solver.device, cfg.solver.batch_size)
@@ -116,7 +117,8 @@ def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool)
 
     inputs = {"train_json": cfg.data.train_json, **({"init_detector": init_path} if init_path is not None else {})}
     if dist.is_main():
-        prepare_run_dir(out, "train-e2e", to_dict(cfg), inputs, extra={"set_a": set_a, "train_classes": len(train_classes)})
+        prepare_run_dir(out, "train-e2e", to_dict(cfg), inputs, extra={"set_a": set_a, "train_classes": len(train_classes),
+                                                                        "set_a_unmasked_annotations": len(sets.unmasked)})
     dist.barrier()
     stats = train_on_images(model, training_images(dataset, cfg.data.hflip), cfg.solver, out, "train-e2e", {"config": to_dict(cfg), "categories": categories},
                             device, progress, resume, f"train e2e [{cfg.head.head}{'+mlp' if cfg.head.mlp else ''}]",
@@ -139,4 +141,4 @@ def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool)
                         seconds=round(stats.seconds, 1), world_size=dist.world_size(), missing_glove=missing)
     dist.barrier()
     return TrainE2EResult(out, det_path, mask_path, cfg.head.head, set_a, len(dataset), stats, missing,
-                          report.warnings(cfg.data.train_json))
+                          report.warnings(cfg.data.train_json) + sets.warnings, categories)

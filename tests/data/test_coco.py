@@ -273,3 +273,90 @@ def test_unreadable_images_reports_truncated_and_missized_images(tmp_path):
     assert bad["gray.jpg"] == "image file not found"
     assert bad["empty.jpg"] == f"image is {W + 1}x{H} but its record (id 4) says {W}x{H}"
     assert bad["rgb.jpg"].startswith("image cannot be read (OSError:")
+
+
+# --------------------------------------------------------------------------------------------
+# Box-only annotations: one rule for "has a mask"
+@pytest.mark.parametrize("seg, usable", [
+    (None, False), ([], False), ([[1, 2, 3, 4]], False), ({"size": [H, W], "counts": ""}, False),
+    ([[1, 1, 5, 1, 5, 5]], True), ([[], [1, 1, 5, 1, 5, 5]], True), ({"size": [H, W], "counts": "abc"}, True),
+])
+def test_has_usable_mask(seg, usable):
+    from pipelines.data.annotations import has_usable_mask
+
+    assert has_usable_mask({"segmentation": seg}) is usable
+    assert has_usable_mask({}) is False
+
+
+def test_box_only_annotations_load_and_are_never_mask_targets(tmp_path):
+    """segmentation absent, null and [] load as box-only: counted, has_mask False, their mask row all zero."""
+    def mutate(d):
+        d["annotations"][0].pop("segmentation")
+        d["annotations"][1]["segmentation"] = None
+        d["annotations"][3]["segmentation"] = []  # [2] is a crowd region
+
+    path = write_coco(tmp_path, mutate)
+    data, report = load_coco(path)
+    assert report.box_only == 3
+    from pipelines.data.annotations import mask_coverage
+
+    cov = {c.category_id: (c.instances, c.with_mask) for c in mask_coverage(data)}
+    assert sum(i for i, _ in cov.values()) - sum(m for _, m in cov.values()) == 3
+    ds = CocoDataset(data, tmp_path / "images", with_masks=True)
+    seen = 0
+    for i in range(len(ds)):
+        _, t = ds[i]
+        anns = ds.anns_by_image.get(ds.images[i]["id"], [])
+        for a, hm, m in zip(anns, t["has_mask"].tolist(), t["masks"]):
+            if a["id"] in (10, 11, 13):
+                assert hm is False and int(m.sum()) == 0
+                seen += 1
+            else:
+                assert hm is True and int(m.sum()) > 0
+    assert seen == 3
+    with pytest.raises(MaskxError, match=r"annotation 10 has no mask \(segmentation absent\)"):
+        load_coco(path, require_masks=True)
+
+
+def test_a_polygon_outside_its_image_is_no_target(tmp_path):
+    def mutate(d):
+        d["annotations"][0]["segmentation"] = [[100, 100, 110, 100, 110, 110]]  # beyond the 30x20 image
+
+    data, _ = load_coco(write_coco(tmp_path, mutate))
+    ds = CocoDataset(data, tmp_path / "images", with_masks=True)
+    _, t = ds[0]
+    assert t["has_mask"].tolist()[0] is False
+
+
+def test_voc_on_categories_that_are_not_cocos_is_refused():
+    own = [{"id": 1, "name": "bolt"}, {"id": 2, "name": "nut"}, {"id": 3, "name": "washer"}]
+    with pytest.raises(MaskxError, match=r"not COCO's \(id 1 is 'bolt', COCO's id 1 is 'person'\)"):
+        resolve_split("voc", own)
+    with pytest.raises(MaskxError, match="not COCO's"):
+        resolve_split("nonvoc", own)
+    # COCO's names (any case, _ for space) and explicit coco_id fields are trusted
+    assert resolve_split("voc", [{"id": 1, "name": "Person"}, {"id": 10, "name": "traffic_light"}]) == [1]
+    assert resolve_split("voc", [{"id": 1, "name": "bolt", "coco_id": 18}, {"id": 2, "name": "nut", "coco_id": None}]) == [1]
+    # ids beyond COCO's are not COCO classes: no objection
+    assert resolve_split("nonvoc", [{"id": 1, "name": "person"}, {"id": 500, "name": "bolt"}]) == [500]
+
+
+def test_annotated_split_is_the_classes_with_masks():
+    data = {"categories": [{"id": 4, "name": "a"}, {"id": 7, "name": "b"}, {"id": 9, "name": "c"}],
+            "annotations": [{"id": 1, "category_id": 4, "segmentation": [[1, 1, 5, 1, 5, 5]]},
+                            {"id": 2, "category_id": 7, "segmentation": []},
+                            {"id": 3, "category_id": 9, "segmentation": None},
+                            {"id": 4, "category_id": 9, "segmentation": [[1, 1, 5, 1, 5, 5]], "iscrowd": 1}]}
+    assert resolve_split("annotated", data["categories"], data) == [4]  # a crowd region is no training mask
+    with pytest.raises(MaskxError, match="needs the training annotations"):
+        resolve_split("annotated", data["categories"])
+    from pipelines.data.splits import training_sets
+
+    with pytest.raises(MaskxError, match=r"holds 1 box-only class\(es\).*: b \(7\)"):
+        training_sets("ids:4,7", "transfer", data["categories"], data, "t.json")
+    data["annotations"].append({"id": 5, "category_id": 4, "segmentation": []})
+    sets = training_sets("annotated", "transfer", data["categories"], data, "t.json")
+    assert (sets.set_a, sets.unmasked) == ([4], [5])
+    assert sets.warnings == ["t.json: 1 set-A annotation(s) have no mask (segmentation absent, null or empty): they train "
+                             "boxes only, no mask loss (annotation id 5)"]
+    assert training_sets("annotated", "oracle", data["categories"], data).train_classes == [4, 7, 9]

@@ -272,7 +272,30 @@ def test_missing_fields():
     with pytest.raises(MaskxError, match="result 2 has no 'segmentation'"):
         evaluate(gt, res, "segm")
     assert evaluate(gt, res, "bbox")["AP"] == pytest.approx(1.0, abs=TOL)
+
+
+@pytest.mark.parametrize("form", ["absent", "null", "empty"])
+def test_box_only_ground_truth_leaves_its_class_out_of_mask_ap(form):
+    """Class 1 has a box-only instance in the ground truth: mask AP cannot score class 1 (left out, with a
+    note), box AP does; class 3 is scored as usual."""
+    from pipelines.evaluation.scoring import score
+
+    gt = all_sizes_gt()
     res = perfect_results(gt)
-    del gt["annotations"][1]["segmentation"]
-    with pytest.raises(MaskxError, match="annotation 2 has no 'segmentation'"):
-        evaluate(gt, res, "segm")
+    res[1]["score"] = 0.5  # the detection of the box-only instance
+    res[1]["segmentation"] = dict(gt["annotations"][0]["segmentation"])  # a mask elsewhere: a false positive if it were scored
+    if form == "absent":
+        del gt["annotations"][1]["segmentation"]
+    else:
+        gt["annotations"][1]["segmentation"] = None if form == "null" else []
+    s = score(gt, res, {"B": [1], "A": [3], "all": [1, 3]}, ("segm", "bbox"))
+    assert s.metrics["segm"]["B"] == dict.fromkeys(METRICS)  # undefined: no class left to score
+    assert s.metrics["segm"]["A"]["AP"] == pytest.approx(1.0, abs=TOL)
+    assert s.metrics["segm"]["all"]["AP"] == pytest.approx(1.0, abs=TOL)  # class 3 alone
+    assert s.metrics["bbox"]["B"]["AP"] == pytest.approx(1.0, abs=TOL)  # boxes of class 1 all found
+    assert s.notes == ["mask AP leaves out 1 class(es) whose ground truth has instances without a mask (box AP covers "
+                       "them): class0 (1)"]
+    # a crowd region without a mask is refused: it has nothing to be ignored by
+    gt["annotations"][1].update(iscrowd=1, segmentation=[])
+    with pytest.raises(MaskxError, match="crowd region 2 has no mask"):
+        score(gt, res, {"B": [1]}, ("segm",))

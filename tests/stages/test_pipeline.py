@@ -62,7 +62,7 @@ def test_embeddings_round_trip(tiny_pipeline):
 
 def test_export_with_other_split(tiny_pipeline, tmp_path):
     r = export_embeddings(tiny_pipeline["detector"], tmp_path / "e.h5", "random:40:1")
-    assert r.set_a == 40 and sum(read_embeddings(tmp_path / "e.h5").set_a) == 40
+    assert len(r.set_a) == 40 and sum(read_embeddings(tmp_path / "e.h5").set_a) == 40
 
 
 def test_mask_runs_and_eval(tiny_pipeline, tmp_path):
@@ -215,14 +215,17 @@ def test_cli_eval_reads_the_recipes_eval_section(tiny_pipeline, tmp_path):
     saved = json.loads(out.read_text())
     assert (saved["split"], saved["images"], saved["config"]["backend"]) == ("voc", 2, "pycocotools")
     assert len(saved["sets"]["B"]) == 20
+    assert "warning: split 'voc' puts 20 class(es) that agnostic trained masks on into set B" in " ".join(r.output.split())
+    assert len(saved["warnings"]) == 1
     r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--config", str(recipe), "--split", "nonvoc",
                             "--set", "max_images=3", "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert (json.loads(out.read_text())["split"], json.loads(out.read_text())["images"]) == ("nonvoc", 3)
-    # by default the detector's recipe (synthetic: eval.split nonvoc), and its default file name
+    # by default the detector's recipe (synthetic: no eval.split): B = the classes the run had no masks for
     r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--max-images", "1"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tiny_pipeline["runs"]["agnostic"] / "metrics_nonvoc.json").read_text())["config"]["split"] == "nonvoc"
+    saved = json.loads((tiny_pipeline["runs"]["agnostic"] / "metrics.json").read_text())
+    assert saved["split"] == "run" and saved["config"]["split"] == "" and len(saved["sets"]["B"]) == 60
     recipe.write_text(yaml.safe_dump({"eval": {"splt": "voc"}}))
     r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--config", str(recipe)])
     assert r.exit_code == 2 and f"{recipe}: unknown config key 'eval.splt'" in r.output
