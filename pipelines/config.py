@@ -88,6 +88,13 @@ class DetectorConfig:
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
+    # init of the box predictor (the class weights w_cls, w_box: T's input): torchvision (FastRCNNPredictor's
+    # own, uniform within 1/sqrt(box_representation), maskx's before) | detectron (cls_score N(0, 0.01),
+    # bbox_pred N(0, 0.001), zero biases: the original code's; the real-data recipes')
+    predictor_init: str = "torchvision"
+    # beta of the box head's smooth-L1 loss: torchvision's 1/9 (maskx's before) | 1.0 (Detectron's
+    # SmoothL1Loss for the box head, the original code's; the real-data recipes')
+    box_loss_beta: float = 1 / 9
 
 
 @dataclass

@@ -1,0 +1,130 @@
+"""Settings whose original-code value is the real-data recipes' default, maskx's earlier one a setting away."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+from pipelines.config import DetectorConfig, DetectTrainConfig, HeadConfig, TrainE2EConfig, load_config
+from pipelines.modeling.detector import BoxRoIHeads, box_losses, build_box_predictor, build_detector
+from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn
+from tests.stages.test_variants import _toy_batch
+
+DETECT_RECIPES = ["coco_voc_r50", "coco_nonvoc_r50", "coco_voc_r101", "vg3k_r101", "lvis_r50"]
+E2E_RECIPES = ["coco_voc_r50_e2e", "coco_nonvoc_r50_e2e", "coco_voc_r101_e2e", "coco_nonvoc_r101_e2e"]
+REAL_RECIPES = DETECT_RECIPES + E2E_RECIPES + ["coco_voc_tv_r50"]
+
+
+def _detector_config(recipe: str) -> DetectorConfig:
+    if recipe in DETECT_RECIPES:
+        return load_config(DetectTrainConfig, recipe, section="detect_train").detector
+    return load_config(TrainE2EConfig, recipe).detector
+
+
+# ------------------------------------------------------------------ 1. the box predictor and its loss
+@pytest.mark.parametrize("recipe", DETECT_RECIPES + E2E_RECIPES)
+def test_real_data_recipes_init_the_box_predictor_as_detectron(recipe):
+    cfg = _detector_config(recipe)
+    assert (cfg.predictor_init, cfg.box_loss_beta) == ("detectron", 1.0)
+    torch.manual_seed(0)
+    pred = build_box_predictor(cfg, 80)
+    assert pred.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert pred.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.1)
+    assert pred.cls_score.weight.mean().abs().item() < 0.001 and pred.bbox_pred.weight.mean().abs().item() < 0.0001
+    assert torch.count_nonzero(pred.cls_score.bias) == 0 and torch.count_nonzero(pred.bbox_pred.bias) == 0
+
+
+def test_a_whole_recipe_detector_has_detectron_predictor_and_box_loss():
+    torch.manual_seed(0)
+    model = build_detector(_detector_config("coco_voc_r50"), 80, pretrained=False)
+    pred = model.roi_heads.box_predictor
+    assert isinstance(model.roi_heads, BoxRoIHeads) and model.roi_heads.box_loss_beta == 1.0
+    assert pred.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert pred.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.1)
+    assert torch.count_nonzero(pred.cls_score.bias) == 0 and torch.count_nonzero(pred.bbox_pred.bias) == 0
+
+
+def test_torchvision_init_and_beta_are_one_setting_away_and_the_synthetic_recipes():
+    syn = load_config(DetectTrainConfig, "synthetic", section="detect_train").detector
+    assert (syn.predictor_init, syn.box_loss_beta) == ("torchvision", 1 / 9)
+    cfg = load_config(DetectTrainConfig, "coco_voc_r50", ["detector.predictor_init=torchvision"], section="detect_train").detector
+    torch.manual_seed(0)
+    pred = build_box_predictor(cfg, 80)
+    bound = 1 / math.sqrt(1024)  # nn.Linear's default: uniform within 1/sqrt(fan_in)
+    assert pred.cls_score.weight.abs().max().item() <= bound and pred.bbox_pred.bias.abs().max().item() <= bound
+    assert pred.cls_score.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # ~0.018
+    assert torch.count_nonzero(pred.cls_score.bias) > 0
+
+
+def test_imported_detector_keeps_torchvision_predictor_with_detectron_box_loss():
+    cfg = load_config(TrainE2EConfig, "coco_voc_tv_r50").detector
+    assert (cfg.predictor_init, cfg.box_loss_beta) == ("torchvision", 1.0)
+
+
+def _loss_case():
+    # 3 RoIs, K + 1 = 3 classes; RoI 0 foreground of class 2, RoI 1 of class 1, RoI 2 background
+    logits = torch.tensor([[0.1, 0.2, 2.0], [0.0, 1.0, -1.0], [3.0, 0.0, 0.0]])
+    deltas = torch.zeros(3, 12)
+    deltas[0, 8:12] = torch.tensor([0.05, -0.5, 2.0, 0.0])  # class 2's deltas of RoI 0
+    deltas[1, 4:8] = torch.tensor([0.3, 0.0, -1.5, 0.1])  # class 1's deltas of RoI 1
+    deltas[2] = 7.0  # background: no box loss
+    labels = [torch.tensor([2, 1]), torch.tensor([0])]
+    targets = [torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0]]), torch.tensor([[9.0, 9.0, 9.0, 9.0]])]
+    return logits, deltas, labels, targets
+
+
+def test_box_loss_uses_the_configured_beta_by_hand():
+    logits, deltas, labels, targets = _loss_case()
+    # differences of the two foreground RoIs: 0.05, -0.5, 2.0, 0.0 and 0.3, -0.5, -1.5, 0.1
+    diffs = [0.05, 0.5, 2.0, 0.0, 0.3, 0.5, 1.5, 0.1]
+    beta1 = sum(0.5 * d * d if d < 1 else d - 0.5 for d in diffs) / 3  # summed, divided by the 3 RoIs
+    beta9 = sum(0.5 * d * d * 9 if d < 1 / 9 else d - 0.5 / 9 for d in diffs) / 3
+    assert box_losses(logits, deltas, labels, targets, 1.0)["loss_box_reg"].item() == pytest.approx(beta1, rel=1e-6)
+    assert box_losses(logits, deltas, labels, targets, 1 / 9)["loss_box_reg"].item() == pytest.approx(beta9, rel=1e-6)
+    # 0.00125 + 0.125 + 1.5 + 0 + 0.045 + 0.125 + 1.0 + 0.005 (quadratic below 1, linear above)
+    assert beta1 == pytest.approx(2.80125 / 3, rel=1e-9)
+    ce = F.cross_entropy(logits, torch.tensor([2, 1, 0])).item()
+    assert box_losses(logits, deltas, labels, targets, 1.0)["loss_classifier"].item() == pytest.approx(ce)
+    # at torchvision's beta it is torchvision's own loss
+    tv_cls, tv_box = fastrcnn_loss(logits, deltas, labels, targets)
+    ours = box_losses(logits, deltas, labels, targets, 1 / 9)
+    assert torch.equal(ours["loss_classifier"], tv_cls) and torch.equal(ours["loss_box_reg"], tv_box)
+
+
+def _toy_detector_config(beta: float) -> DetectorConfig:
+    return DetectorConfig(backbone="resnet18", fpn_channels=16, box_representation=32, min_size=64, max_size=64,
+                          rpn_post_nms_top_n_train=50, box_batch_size_per_image=16, box_loss_beta=beta,
+                          predictor_init="detectron")
+
+
+def _smooth_l1_betas(monkeypatch) -> list[float]:
+    """Record the beta of every smooth-L1 loss computed (the RPN's 1/9 and the box head's)."""
+    seen: list[float] = []
+    real = F.smooth_l1_loss
+
+    def recording(*args, beta=1.0, **kwargs):
+        seen.append(beta)
+        return real(*args, beta=beta, **kwargs)
+
+    monkeypatch.setattr(F, "smooth_l1_loss", recording)
+    return seen
+
+
+@pytest.mark.parametrize("end_to_end", [False, True])
+def test_detect_train_and_end_to_end_train_with_the_configured_beta(monkeypatch, end_to_end):
+    torch.manual_seed(0)
+    model = build_detector(_toy_detector_config(1.0), 5)
+    if end_to_end:
+        h = HeadConfig(head="transfer", mlp=False, mask_dim=8, num_convs=1, roi_size=7)
+        model = build_maskx_rcnn(model, build_mask_side(h, 5, 16, None, embed_dim=5 * 32), 7, "cls+box")
+        assert type(model.roi_heads).__name__ == "MaskXRoIHeads"
+    assert model.roi_heads.box_loss_beta == 1.0
+    seen = _smooth_l1_betas(monkeypatch)
+    images, targets = _toy_batch()
+    losses = model.train()(images, targets)
+    assert sorted(seen) == [1 / 9, 1.0]  # the RPN's (torchvision's, as Detectron's FPN RPN) and the box head's
+    assert float(losses["loss_box_reg"]) > 0 and ("loss_mask" in losses) == end_to_end
