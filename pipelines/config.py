@@ -114,6 +114,11 @@ class SolverConfig:
     lr_steps: list[float] = field(default_factory=lambda: [60000 / 90000, 80000 / 90000])
     lr_gamma: float = 0.1
     clip_grad_norm: float = 0.0
+    # the biases of conv and FC layers train at bias_lr_factor x the LR and bias_weight_decay_factor x the
+    # weight decay: 1.0 and 1.0 (maskx's before: like the weights) | 2.0 and 0.0 (the original code's,
+    # Detectron's lib/modeling/optimizer.py; the real-data recipes')
+    bias_lr_factor: float = 1.0
+    bias_weight_decay_factor: float = 1.0
     seed: int = 0
     workers: int = 2
     device: str = "auto"  # auto | cpu | cuda

@@ -9,7 +9,10 @@ import torch
 from torch.nn import functional as F
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
-from pipelines.config import DetectorConfig, DetectTrainConfig, HeadConfig, TrainE2EConfig, load_config
+from torch import nn
+
+from pipelines.config import DetectorConfig, DetectTrainConfig, HeadConfig, MaskTrainConfig, TrainE2EConfig, load_config
+from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.modeling.detector import BoxRoIHeads, box_losses, build_box_predictor, build_detector
 from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn
 from tests.stages.test_variants import _toy_batch
@@ -127,4 +130,70 @@ def test_detect_train_and_end_to_end_train_with_the_configured_beta(monkeypatch,
     images, targets = _toy_batch()
     losses = model.train()(images, targets)
     assert sorted(seen) == [1 / 9, 1.0]  # the RPN's (torchvision's, as Detectron's FPN RPN) and the box head's
-    assert float(losses["loss_box_reg"]) > 0 and ("loss_mask" in losses) == end_to_end
+    assert float(losses["loss_box_reg"].detach()) > 0 and ("loss_mask" in losses) == end_to_end
+
+
+# ------------------------------------------------------------------ 2. biases: 2x the LR, no weight decay
+def _solvers(recipe: str):
+    if recipe in E2E_RECIPES:
+        return [load_config(TrainE2EConfig, recipe).solver]
+    mask = load_config(MaskTrainConfig, recipe).solver
+    return [mask] if recipe == "coco_voc_tv_r50" else [load_config(DetectTrainConfig, recipe, section="detect_train").solver, mask]
+
+
+def _toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize("recipe", REAL_RECIPES)
+def test_real_data_recipes_give_biases_twice_the_lr_and_no_weight_decay(recipe):
+    for solver in _solvers(recipe):
+        assert (solver.bias_lr_factor, solver.bias_weight_decay_factor) == (2.0, 0.0)
+        model = _toy_model()
+        weights, biases = build_optimizer(model, solver).param_groups
+        lr = solver.effective_lr()
+        assert (weights["lr"], weights["weight_decay"]) == (lr, 1e-4)
+        assert (biases["lr"], biases["weight_decay"]) == (2 * lr, 0.0)
+        conv, bn, _, fc = model
+        assert {id(p) for p in biases["params"]} == {id(conv.bias), id(fc.bias)}
+        assert {id(p) for p in weights["params"]} == {id(conv.weight), id(fc.weight), id(bn.weight), id(bn.bias)}
+
+
+def test_bias_step_by_hand_and_through_the_schedule():
+    solver = load_config(DetectTrainConfig, "coco_voc_r50", ["solver.warmup_iters=0", "solver.momentum=0"],
+                         section="detect_train").solver
+    model = _toy_model()
+    conv, _, _, fc = model
+    w0, b0 = fc.weight.detach().clone(), fc.bias.detach().clone()
+    opt = build_optimizer(model, solver)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    fc.bias.grad = torch.full_like(fc.bias, 0.5)
+    opt.step()
+    # SGD: p <- p - lr * (g + wd * p); biases at 2 x 0.02 without decay, weights at 0.02 with 1e-4
+    assert torch.allclose(fc.bias.detach(), b0 - 2 * 0.02 * 0.5)
+    assert torch.allclose(fc.weight.detach(), w0 * (1 - 0.02 * 1e-4))
+    recipe = load_config(DetectTrainConfig, "coco_voc_r50", section="detect_train").solver
+    opt = build_optimizer(model, recipe)
+    sched = build_scheduler(opt, recipe)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02 / 3, 0.04 / 3])  # warm-up from 1/3
+    opt.step()
+    for _ in range(70000):  # past the first step (x0.1 at 60k)
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.002, 0.004])
+
+
+def test_synthetic_recipe_keeps_one_group_and_a_detector_puts_its_biases_apart():
+    for solver in (load_config(DetectTrainConfig, "synthetic", section="detect_train").solver,
+                   load_config(MaskTrainConfig, "synthetic").solver):
+        assert (solver.bias_lr_factor, solver.bias_weight_decay_factor) == (1.0, 1.0)
+        assert len(build_optimizer(_toy_model(), solver).param_groups) == 1
+    cfg = load_config(DetectTrainConfig, "coco_voc_r50", section="detect_train")
+    model = build_detector(_toy_detector_config(1.0), 5)
+    weights, biases = build_optimizer(model, cfg.solver).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(".bias") for p in biases["params"])
+    assert {"roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.bbox_pred.bias", "rpn.head.cls_logits.bias"} <= {
+        names[id(p)] for p in biases["params"]}
+    assert all(not names[id(p)].endswith(".bias") for p in weights["params"])  # frozen BN: no trainable norm params
