@@ -140,6 +140,9 @@ class HeadConfig:
     mlp: bool = True  # fuse the class-agnostic MLP branch (§2.4)
     input: str = "cls+box"  # input of T: randn | glove | cls | box | cls+box
     glove: str = ""  # GloVe text file, for input=glove
+    # input=randn: gaussian (5D-wide N(0, 1) rows, maskx's before) | unit (300-d rows of norm 1, the form of the
+    # original code's fixed 80 x 300 matrix; the real-data recipes')
+    randn: str = "gaussian"
     transfer_layers: int = 2  # 1, 2 or 3 fully connected layers
     transfer_activation: str = "leaky_relu"  # none | relu | leaky_relu
     transfer_hidden: int = 256

@@ -23,7 +23,7 @@ from pipelines.config import HeadConfig
 from pipelines.data.splits import takes_mask_loss
 from pipelines.errors import MaskxError
 from pipelines.modeling.detector import FPN_LEVELS, BoxRoIHeads, box_losses, detection_weights
-from pipelines.modeling.embeddings import INPUTS, detector_embedding
+from pipelines.modeling.embeddings import INPUTS, RANDN_FORMS, detector_embedding
 from pipelines.modeling.mask_heads import FCNS, MLP_LAYERS, PREDICTORS, MaskPredictor, MaskSide, build_fcn, uses_transfer
 from pipelines.modeling.transfer import ACTIVATIONS, INITS
 
@@ -39,6 +39,8 @@ def check_head(h: HeadConfig) -> None:
         raise MaskxError(f"unknown head.head '{h.head}' (expected {' | '.join(PREDICTORS)})", key="head.head")
     if h.input not in INPUTS:
         raise MaskxError(f"unknown head.input '{h.input}' (expected {' | '.join(INPUTS)})", key="head.input")
+    if h.randn not in RANDN_FORMS:
+        raise MaskxError(f"unknown head.randn '{h.randn}' (expected {' | '.join(RANDN_FORMS)})", key="head.randn")
     if uses_transfer(h.head) and h.input == "glove" and not h.glove:
         raise MaskxError("input glove needs a GloVe text file: set head.glove", key="head.glove")
     if h.transfer_layers not in (1, 2, 3):

@@ -13,6 +13,7 @@ from torch import nn
 
 from pipelines.config import DetectorConfig, DetectTrainConfig, HeadConfig, MaskTrainConfig, TrainE2EConfig, load_config
 from pipelines.engine.solver import build_optimizer, build_scheduler
+from pipelines.modeling.embeddings import class_embedding_table
 from pipelines.modeling.detector import BoxRoIHeads, box_losses, build_box_predictor, build_detector
 from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn
 from tests.stages.test_variants import _toy_batch
@@ -197,3 +198,30 @@ def test_synthetic_recipe_keeps_one_group_and_a_detector_puts_its_biases_apart()
     assert {"roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.bbox_pred.bias", "rpn.head.cls_logits.bias"} <= {
         names[id(p)] for p in biases["params"]}
     assert all(not names[id(p)].endswith(".bias") for p in weights["params"])  # frozen BN: no trainable norm params
+
+
+# ------------------------------------------------------------------ 3. Table 3.1's randn
+def _randn_table(cfg, seed=3):
+    names = [f"c{i}" for i in range(80)]
+    return class_embedding_table(cfg.head, torch.zeros(80, 1024), torch.zeros(80, 4096), names, seed)[0]
+
+
+@pytest.mark.parametrize("recipe", ["coco_voc_r50", "vg3k_r101", "lvis_r50", "coco_voc_tv_r50"])
+def test_real_data_recipes_draw_randn_as_300_d_unit_rows(recipe):
+    cfg = load_config(MaskTrainConfig, recipe, ["head.input=randn"])
+    table = _randn_table(cfg)
+    assert cfg.head.randn == "unit" and table.shape == (80, 300)
+    assert torch.allclose(table.norm(dim=1), torch.ones(80), atol=1e-6)
+    assert torch.equal(table, _randn_table(cfg)) and not torch.equal(table, _randn_table(cfg, seed=4))
+    # near-orthogonal random directions, as the original file's (cosine sd 0.061 there)
+    cos = table @ table.T
+    assert cos[~torch.eye(80, dtype=torch.bool)].std().item() == pytest.approx(1 / math.sqrt(300), rel=0.15)
+    side = build_mask_side(cfg.head, 80, 256, table)
+    assert side.predictor.transfer.mlp[0].in_features == 300
+
+
+@pytest.mark.parametrize("recipe, overrides", [("synthetic", []), ("coco_voc_r50", ["head.randn=gaussian"])])
+def test_gaussian_randn_is_one_setting_away_and_the_synthetic_recipes(recipe, overrides):
+    table = _randn_table(load_config(MaskTrainConfig, recipe, ["head.input=randn", *overrides]))
+    assert table.shape == (80, 5 * 1024)  # as wide as cls+box
+    assert table.std().item() == pytest.approx(1.0, rel=0.01) and table.norm(dim=1).mean().item() == pytest.approx(math.sqrt(5120), rel=0.01)
