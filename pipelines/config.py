@@ -152,6 +152,10 @@ class HeadConfig:
     input_dropout: float = 0.0  # dropout on T's input while training
     normalize_output: bool = False  # w_seg = s * T(w_det) / |T(w_det)|, one learned scale s for every class
     stop_gradient: bool = True  # w_seg = T(stop_grad(w_det)) (§2.2); matters only end-to-end
+    # mask targets of end-to-end training: soft (RoIAlign of the instance's mask in the RoI, values in [0, 1];
+    # maskx's before) | binary (the same thresholded at 0.5: the original code's 0/1 targets; the real-data
+    # recipes'). The stage-2 cache's targets are binary either way.
+    e2e_mask_targets: str = "soft"
     mask_dim: int = 256  # channels of the FCN mask head
     num_convs: int = 4  # 3x3 convs of the FCN mask head (8 = a heavier head)
     fcn: str = "convs"  # mask head body: convs (num_convs 3x3 convs) | hourglass (encoder-decoder with skips)

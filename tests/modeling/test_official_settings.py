@@ -15,7 +15,8 @@ from pipelines.config import DetectorConfig, DetectTrainConfig, HeadConfig, Mask
 from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.modeling.embeddings import class_embedding_table
 from pipelines.modeling.detector import BoxRoIHeads, box_losses, build_box_predictor, build_detector
-from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn
+from pipelines.modeling import maskx_rcnn
+from pipelines.modeling.maskx_rcnn import MASK_TARGETS, build_mask_side, build_maskx_rcnn
 from tests.stages.test_variants import _toy_batch
 
 DETECT_RECIPES = ["coco_voc_r50", "coco_nonvoc_r50", "coco_voc_r101", "vg3k_r101", "lvis_r50"]
@@ -225,3 +226,42 @@ def test_gaussian_randn_is_one_setting_away_and_the_synthetic_recipes(recipe, ov
     table = _randn_table(load_config(MaskTrainConfig, recipe, ["head.input=randn", *overrides]))
     assert table.shape == (80, 5 * 1024)  # as wide as cls+box
     assert table.std().item() == pytest.approx(1.0, rel=0.01) and table.norm(dim=1).mean().item() == pytest.approx(math.sqrt(5120), rel=0.01)
+
+
+# ------------------------------------------------------------------ 4. end-to-end mask targets
+@pytest.mark.parametrize("recipe", REAL_RECIPES)
+def test_real_data_recipes_train_end_to_end_on_binary_targets(recipe):
+    assert load_config(TrainE2EConfig, recipe).head.e2e_mask_targets == "binary"
+
+
+def test_synthetic_recipe_keeps_soft_targets_and_the_thresholds():
+    assert load_config(TrainE2EConfig, "synthetic").head.e2e_mask_targets == "soft"
+    t = torch.tensor([[[0.0, 0.25, 0.4999], [0.5, 0.75, 1.0]]])
+    assert torch.equal(MASK_TARGETS["binary"](t), torch.tensor([[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]]))
+    assert torch.equal(MASK_TARGETS["soft"](t), t)
+
+
+@pytest.mark.parametrize("kind", ["binary", "soft"])
+def test_end_to_end_mask_loss_sees_the_configured_targets(monkeypatch, kind):
+    torch.manual_seed(0)
+    h = HeadConfig(head="transfer", mlp=False, mask_dim=8, num_convs=1, roi_size=7)
+    model = build_maskx_rcnn(build_detector(_toy_detector_config(1.0), 5), build_mask_side(h, 5, 16, None, embed_dim=5 * 32),
+                             7, "cls+box", mask_targets=kind).train()
+    seen = []
+    real = maskx_rcnn.mask_loss
+
+    def recording(logits, targets):
+        seen.append(targets.detach().clone())
+        return real(logits, targets)
+
+    monkeypatch.setattr(maskx_rcnn, "mask_loss", recording)
+    images, targets = _toy_batch()
+    loss = model(images, targets)["loss_mask"]
+    (t,) = seen
+    assert t.shape[1:] == (14, 14) and len(t) > 0
+    fractional = ((t > 0) & (t < 1)).sum().item()
+    if kind == "binary":
+        assert fractional == 0 and set(t.unique().tolist()) == {0.0, 1.0}
+    else:
+        assert fractional > 0  # RoIAlign of the mask's edges
+    assert float(loss.detach()) > 0
