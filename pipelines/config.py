@@ -181,6 +181,10 @@ class CacheConfig:
     rois_per_image: int = 512  # detectron sampling: TRAIN.BATCH_SIZE_PER_IM of the official stage-wise configs
     fg_fraction: float = 0.25  # detectron sampling: TRAIN.FG_FRACTION
     min_iou: float = 0.5  # a proposal is a positive (foreground) RoI of an instance at this IoU
+    # RPN proposals per image the RoIs are drawn from (the frozen detector's RPN, after NMS): 0 = the
+    # detector's own rpn_post_nms_top_n_test (maskx's before) | 2000 (as many as the original stage-wise
+    # configs' proposal files: TEST.RPN_POST_NMS_TOP_N of rpn_R-50-FPN_1x.yaml; the real-data recipes')
+    rpn_proposals: int = 0
     dtype: str = "float16"  # float16 | float32
     # Caches up to this size are read into memory once; larger ones stream from disk (docs/cache.md).
     ram_budget_gb: float = 4.0

@@ -12,11 +12,13 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torch import nn
 
 from pipelines.config import DetectorConfig, DetectTrainConfig, HeadConfig, MaskTrainConfig, TrainE2EConfig, load_config
+from pipelines.config import CacheConfig
+from pipelines.engine.cache import extract_rois, rpn_keeping, sampling_settings
 from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.modeling.embeddings import class_embedding_table
 from pipelines.modeling.detector import BoxRoIHeads, box_losses, build_box_predictor, build_detector
 from pipelines.modeling import maskx_rcnn
-from pipelines.modeling.maskx_rcnn import MASK_TARGETS, build_mask_side, build_maskx_rcnn
+from pipelines.modeling.maskx_rcnn import MASK_TARGETS, build_mask_roi_pool, build_mask_side, build_maskx_rcnn
 from tests.stages.test_variants import _toy_batch
 
 DETECT_RECIPES = ["coco_voc_r50", "coco_nonvoc_r50", "coco_voc_r101", "vg3k_r101", "lvis_r50"]
@@ -265,3 +267,35 @@ def test_end_to_end_mask_loss_sees_the_configured_targets(monkeypatch, kind):
     else:
         assert fractional > 0  # RoIAlign of the mask's edges
     assert float(loss.detach()) > 0
+
+
+# ------------------------------------------------------------------ 6. stage-2 proposals per image
+@pytest.mark.parametrize("recipe", ["coco_voc_r50", "coco_nonvoc_r50", "coco_voc_r101", "vg3k_r101", "lvis_r50", "coco_voc_tv_r50"])
+def test_real_data_recipes_draw_stage_2_rois_from_2000_proposals(recipe):
+    assert load_config(MaskTrainConfig, recipe).cache.rpn_proposals == 2000
+
+
+def test_the_detectors_own_proposals_are_one_setting_away_and_keep_the_cache_keys():
+    assert load_config(MaskTrainConfig, "synthetic").cache.rpn_proposals == 0
+    assert "rpn_proposals" not in sampling_settings(CacheConfig(sampling="detectron"))
+    assert sampling_settings(CacheConfig(sampling="detectron", rpn_proposals=2000))["rpn_proposals"] == 2000
+
+
+def test_the_cache_build_runs_the_rpn_with_the_configured_proposals(monkeypatch):
+    torch.manual_seed(0)
+    cfg = DetectorConfig(backbone="resnet18", fpn_channels=16, box_representation=32, min_size=64, max_size=64,
+                         rpn_post_nms_top_n_test=5)
+    model = build_detector(cfg, 5).eval()
+    images, targets = _toy_batch()
+    image_list, _ = model.transform(images)
+    features = model.backbone(image_list.tensors)
+    with torch.no_grad(), rpn_keeping(model, 40):
+        assert [len(p) for p in model.rpn(image_list, features)[0]] == [40, 40]
+    assert [len(p) for p in model.rpn(image_list, features)[0]] == [5, 5]  # the detector's own again
+    seen = []
+    real = model.rpn.forward
+    monkeypatch.setattr(model.rpn, "forward", lambda *a: seen.append(model.rpn.post_nms_top_n()) or real(*a))
+    for n in (2000, 0):
+        extract_rois(model, build_mask_roi_pool(7), images, targets, CacheConfig(sampling="detectron", rpn_proposals=n),
+                     torch.Generator().manual_seed(0))
+    assert seen == [2000, 5]
