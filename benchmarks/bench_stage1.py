@@ -59,7 +59,7 @@ def main() -> None:
         cfg = load_config(DetectTrainConfig, "synthetic", [k for k in keys.split(",") if k], section="detect_train")
         torch.manual_seed(0)
         model = build_detector(cfg.detector, len(data["categories"])).train()
-        opt = build_optimizer(model.parameters(), cfg.solver)
+        opt = build_optimizer(model, cfg.solver)
         counter = {"i": 0}
 
         def step(model=model, opt=opt, amp=cfg.solver.amp, counter=counter) -> None:

@@ -93,6 +93,13 @@ class DetectorConfig:
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
+    # init of the box predictor (the class weights w_cls, w_box: T's input): torchvision (FastRCNNPredictor's
+    # own, uniform within 1/sqrt(box_representation), maskx's before) | detectron (cls_score N(0, 0.01),
+    # bbox_pred N(0, 0.001), zero biases: the original code's; the real-data recipes')
+    predictor_init: str = "torchvision"
+    # beta of the box head's smooth-L1 loss: torchvision's 1/9 (maskx's before) | 1.0 (Detectron's
+    # SmoothL1Loss for the box head, the original code's; the real-data recipes')
+    box_loss_beta: float = 1 / 9
 
 
 @dataclass
@@ -112,6 +119,11 @@ class SolverConfig:
     lr_steps: list[float] = field(default_factory=lambda: [60000 / 90000, 80000 / 90000])
     lr_gamma: float = 0.1
     clip_grad_norm: float = 0.0
+    # the biases of conv and FC layers train at bias_lr_factor x the LR and bias_weight_decay_factor x the
+    # weight decay: 1.0 and 1.0 (maskx's before: like the weights) | 2.0 and 0.0 (the original code's,
+    # Detectron's lib/modeling/optimizer.py; the real-data recipes')
+    bias_lr_factor: float = 1.0
+    bias_weight_decay_factor: float = 1.0
     seed: int = 0
     workers: int = 2
     device: str = "auto"  # auto | cpu | cuda
@@ -133,6 +145,9 @@ class HeadConfig:
     mlp: bool = True  # fuse the class-agnostic MLP branch (§2.4)
     input: str = "cls+box"  # input of T: randn | glove | cls | box | cls+box
     glove: str = ""  # GloVe text file, for input=glove
+    # input=randn: gaussian (5D-wide N(0, 1) rows, maskx's before) | unit (300-d rows of norm 1, the form of the
+    # original code's fixed 80 x 300 matrix; the real-data recipes')
+    randn: str = "gaussian"
     transfer_layers: int = 2  # 1, 2 or 3 fully connected layers
     transfer_activation: str = "leaky_relu"  # none | relu | leaky_relu
     transfer_hidden: int = 256
@@ -142,6 +157,10 @@ class HeadConfig:
     input_dropout: float = 0.0  # dropout on T's input while training
     normalize_output: bool = False  # w_seg = s * T(w_det) / |T(w_det)|, one learned scale s for every class
     stop_gradient: bool = True  # w_seg = T(stop_grad(w_det)) (§2.2); matters only end-to-end
+    # mask targets of end-to-end training: soft (RoIAlign of the instance's mask in the RoI, values in [0, 1];
+    # maskx's before) | binary (the same thresholded at 0.5: the original code's 0/1 targets; the real-data
+    # recipes'). The stage-2 cache's targets are binary either way.
+    e2e_mask_targets: str = "soft"
     mask_dim: int = 256  # channels of the FCN mask head
     num_convs: int = 4  # 3x3 convs of the FCN mask head (8 = a heavier head)
     fcn: str = "convs"  # mask head body: convs (num_convs 3x3 convs) | hourglass (encoder-decoder with skips)
@@ -167,6 +186,10 @@ class CacheConfig:
     rois_per_image: int = 512  # detectron sampling: TRAIN.BATCH_SIZE_PER_IM of the official stage-wise configs
     fg_fraction: float = 0.25  # detectron sampling: TRAIN.FG_FRACTION
     min_iou: float = 0.5  # a proposal is a positive (foreground) RoI of an instance at this IoU
+    # RPN proposals per image the RoIs are drawn from (the frozen detector's RPN, after NMS): 0 = the
+    # detector's own rpn_post_nms_top_n_test (maskx's before) | 2000 (as many as the original stage-wise
+    # configs' proposal files: TEST.RPN_POST_NMS_TOP_N of rpn_R-50-FPN_1x.yaml; the real-data recipes')
+    rpn_proposals: int = 0
     dtype: str = "float16"  # float16 | float32
     # Caches up to this size are read into memory once; larger ones stream from disk (docs/cache.md).
     ram_budget_gb: float = 4.0

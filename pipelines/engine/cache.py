@@ -29,6 +29,7 @@ chunk from disk by parallel reader threads, shuffled at chunk granularity, each 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import shutil
@@ -93,10 +94,32 @@ class RoIBatch:
 
 
 def sampling_settings(cfg: CacheConfig) -> dict:
-    """The settings that decide which RoIs are drawn (only those of the chosen sampling)."""
+    """The settings that decide which RoIs are drawn (only those of the chosen sampling; ``rpn_proposals``
+    only when set, so the keys of caches built with the detector's own proposal count stay as they were)."""
+    rpn = {"rpn_proposals": cfg.rpn_proposals} if cfg.rpn_proposals else {}
     if cfg.sampling == "detectron":
-        return {"sampling": "detectron", "rois_per_image": cfg.rois_per_image, "fg_fraction": cfg.fg_fraction, "min_iou": cfg.min_iou}
-    return {"sampling": "instance", "proposals_per_instance": cfg.proposals_per_instance, "min_iou": cfg.min_iou}
+        return {"sampling": "detectron", "rois_per_image": cfg.rois_per_image, "fg_fraction": cfg.fg_fraction, "min_iou": cfg.min_iou,
+                **rpn}
+    return {"sampling": "instance", "proposals_per_instance": cfg.proposals_per_instance, "min_iou": cfg.min_iou, **rpn}
+
+
+def proposals_per_image(model: FasterRCNN, cfg: CacheConfig) -> int:
+    """How many RPN proposals per image the RoIs are drawn from: ``cache.rpn_proposals``, else the
+    detector's own (``rpn_post_nms_top_n_test``, the RPN in eval mode)."""
+    return cfg.rpn_proposals or int(model.rpn.post_nms_top_n())
+
+
+@contextlib.contextmanager
+def rpn_keeping(model: FasterRCNN, n: int):
+    """Inside, the detector's RPN (in eval mode) keeps ``n`` proposals per image after NMS (0: its own
+    setting); as before after."""
+    kept = model.rpn._post_nms_top_n  # torchvision's {"training": n, "testing": n}
+    saved = dict(kept)
+    kept["testing"] = n or kept["testing"]
+    try:
+        yield
+    finally:
+        kept.update(saved)
 
 
 def settings_key(detector_sha256: str, data_sha256: str, roi_size: int, cfg: CacheConfig, images: int, hflip: bool = False) -> str:
@@ -121,7 +144,7 @@ def extract_rois(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, images: list[t
                  cfg: CacheConfig, generator: torch.Generator | list[torch.Generator]) -> RoIBatch:
     """Run the frozen detector's backbone and RPN on ``images`` and cut out the RoIs of masked instances.
 
-    ``targets`` are CocoDataset targets (``boxes`` of every instance, ``masks`` and ``has_mask``);
+    The RPN keeps :func:`proposals_per_image` proposals per image (``cache.rpn_proposals``). ``targets`` are CocoDataset targets (``boxes`` of every instance, ``masks`` and ``has_mask``);
     RoIs are drawn with ``cfg.sampling`` over every instance and kept when their matched
     instance has ``has_mask``. ``generator``: one for all images, or one per image. Boxes and
     masks are resized with the detector's own transform. Per image, RoIs come in the sampler's
@@ -136,7 +159,8 @@ def extract_rois(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, images: list[t
     in_sizes = [tuple(im.shape[-2:]) for im in images]
     image_list, tgts = model.transform([im.to(device, non_blocking=True) for im in images], tgts)
     features = model.backbone(image_list.tensors)
-    proposals, _ = model.rpn(image_list, features)
+    with rpn_keeping(model, cfg.rpn_proposals):
+        proposals, _ = model.rpn(image_list, features)
     rois, matched_mask, labels, index, boxes, is_gt, instance, image = [], [], [], [], [], [], [], []
     offset = 0
     for i, (props, t, hm, g) in enumerate(zip(proposals, tgts, has_mask, gens)):
@@ -539,7 +563,7 @@ def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: C
         raise MaskxError("no training instance of the mask classes (set A): nothing to train the mask head on", base.image_root)
     roi_size = roi_pool.output_size[0]
     per_row = disk_row_bytes(channels, roi_size, cfg.dtype)
-    estimate = estimate_rows(counts, cfg, int(model.rpn.post_nms_top_n()))
+    estimate = estimate_rows(counts, cfg, proposals_per_image(model, cfg))
     least = minimum_rows(counts, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
@@ -957,6 +981,8 @@ def check_cache_config(cfg: CacheConfig) -> None:
         bad("classes", f"must be train or all, got '{cfg.classes}'")
     if cfg.proposals_per_instance < 0:
         bad("proposals_per_instance", f"must be 0 or more, got {cfg.proposals_per_instance}")
+    if cfg.rpn_proposals < 0:
+        bad("rpn_proposals", f"must be 0 (the detector's own) or more, got {cfg.rpn_proposals}")
     if cfg.rois_per_image < 1:
         bad("rois_per_image", f"must be 1 or more, got {cfg.rois_per_image}")
     if not 0 < cfg.fg_fraction <= 1:

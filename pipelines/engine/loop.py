@@ -127,7 +127,6 @@ class Trainer:
         extra: dict | None = None,
         progress: Progress = NULL_PROGRESS,
         description: str = "training",
-        params=None,
     ):
         self.model = model
         self.cfg = cfg
@@ -136,7 +135,7 @@ class Trainer:
         self.extra = extra or {}
         self.progress = progress
         self.description = description
-        self.optimizer = build_optimizer(model.parameters() if params is None else params, cfg)
+        self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.start_iter = 0
         self.log = MetricsLog(self.run_dir, enabled=dist.is_main())

@@ -10,6 +10,10 @@ The layout is torchvision's: ``2fc`` box head and 1-conv RPN head by default (th
 ``fasterrcnn_resnet50_fpn``'s), or the ``4conv1fc`` box head, normed FPN and 2-conv RPN head of
 ``fasterrcnn_resnet50_fpn_v2`` (``DetectorConfig.box_head``, ``fpn_norm``, ``rpn_head_convs``), so
 torchvision's COCO detectors load as they are (``pipelines/stages/detect_import.py``).
+
+Two settings follow the original code (Detectron, ``lib/modeling/fast_rcnn_heads.py``) or torchvision:
+the box predictor's initialisation (``DetectorConfig.predictor_init``, :data:`PREDICTOR_INITS`) and the
+smooth-L1 beta of the box loss (``DetectorConfig.box_loss_beta``, applied by :class:`BoxRoIHeads`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -114,6 +120,87 @@ def build_box_head(cfg: DetectorConfig) -> nn.Module:
     raise MaskxError(f"unknown detector.box_head '{cfg.box_head}' (expected {' | '.join(BOX_HEADS)})")
 
 
+class TorchvisionPredictorInit:
+    """``FastRCNNPredictor`` as torchvision makes it: ``nn.Linear``'s default, uniform within 1/sqrt(D)
+    (weights and biases). Draws nothing more, so a seeded detector starts as it did before."""
+
+    def apply(self, predictor: FastRCNNPredictor) -> None:
+        pass
+
+
+class DetectronPredictorInit:
+    """The original code's (``add_fast_rcnn_outputs``, ``lib/modeling/fast_rcnn_heads.py``): ``cls_score``
+    weights N(0, 0.01^2), ``bbox_pred`` weights N(0, 0.001^2), zero biases."""
+
+    cls_std = 0.01
+    box_std = 0.001
+
+    def apply(self, predictor: FastRCNNPredictor) -> None:
+        nn.init.normal_(predictor.cls_score.weight, std=self.cls_std)
+        nn.init.normal_(predictor.bbox_pred.weight, std=self.box_std)
+        nn.init.zeros_(predictor.cls_score.bias)
+        nn.init.zeros_(predictor.bbox_pred.bias)
+
+
+PREDICTOR_INITS = {"torchvision": TorchvisionPredictorInit(), "detectron": DetectronPredictorInit()}
+
+
+def build_box_predictor(cfg: DetectorConfig, num_classes: int) -> FastRCNNPredictor:
+    """``cls_score`` Linear(D, K+1) and ``bbox_pred`` Linear(D, 4(K+1)), initialised by ``cfg.predictor_init``."""
+    if cfg.predictor_init not in PREDICTOR_INITS:
+        raise MaskxError(f"unknown detector.predictor_init '{cfg.predictor_init}' (expected {' | '.join(PREDICTOR_INITS)})",
+                         key="detector.predictor_init")
+    predictor = FastRCNNPredictor(cfg.box_representation, num_classes + 1)
+    PREDICTOR_INITS[cfg.predictor_init].apply(predictor)
+    return predictor
+
+
+def box_losses(class_logits: torch.Tensor, box_regression: torch.Tensor, labels: list[torch.Tensor],
+               regression_targets: list[torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
+    """torchvision's ``fastrcnn_loss`` with the smooth-L1 ``beta`` as a parameter (torchvision fixes 1/9).
+
+    ``class_logits`` [R, K+1], ``box_regression`` [R, 4(K+1)], ``labels`` and ``regression_targets``
+    per image ([R_i] int64, [R_i, 4]). Cross-entropy over the R RoIs; smooth-L1 of the foreground RoIs'
+    deltas of their own class, summed and divided by R (Detectron's SmoothL1Loss normalises the same way).
+    """
+    labels_all = torch.cat(labels)
+    targets = torch.cat(regression_targets)
+    loss_classifier = F.cross_entropy(class_logits, labels_all)
+    pos = torch.where(labels_all > 0)[0]
+    deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[pos, labels_all[pos]]
+    loss_box = F.smooth_l1_loss(deltas, targets[pos], beta=beta, reduction="sum") / labels_all.numel()
+    return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box}
+
+
+class BoxRoIHeads(RoIHeads):
+    """torchvision's box ``RoIHeads`` with the box loss's smooth-L1 ``box_loss_beta`` as a setting.
+
+    Inference is torchvision's; training samples RoIs as torchvision does and computes
+    :func:`box_losses`. The other arguments are torchvision's ``RoIHeads``'.
+    """
+
+    def __init__(self, *args, box_loss_beta: float = 1 / 9, **kwargs):
+        super().__init__(*args, **kwargs)
+        if box_loss_beta <= 0:
+            raise MaskxError(f"detector.box_loss_beta must be positive, got {box_loss_beta}", key="detector.box_loss_beta")
+        self.box_loss_beta = box_loss_beta
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_logits, box_regression = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals, image_shapes)))
+        return [], box_losses(class_logits, box_regression, labels, regression_targets, self.box_loss_beta)
+
+
+def box_roi_heads(box: RoIHeads, box_loss_beta: float) -> BoxRoIHeads:
+    """A :class:`BoxRoIHeads` with the parts and settings of ``box`` (the same modules, no copy)."""
+    return BoxRoIHeads(
+        box.box_roi_pool, box.box_head, box.box_predictor, box.proposal_matcher.high_threshold, box.proposal_matcher.low_threshold,
+        box.fg_bg_sampler.batch_size_per_image, box.fg_bg_sampler.positive_fraction, box.box_coder.weights,
+        box.score_thresh, box.nms_thresh, box.detections_per_img, box_loss_beta=box_loss_beta)
+
+
 def build_detector(cfg: DetectorConfig, num_classes: int, pretrained: bool = True, progress: Progress = NULL_PROGRESS) -> FasterRCNN:
     """Faster R-CNN for ``num_classes`` object classes (plus background).
 
@@ -130,10 +217,10 @@ def build_detector(cfg: DetectorConfig, num_classes: int, pretrained: bool = Tru
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     box_roi_pool = MultiScaleRoIAlign(FPN_LEVELS, output_size=7, sampling_ratio=2)
     box_head = build_box_head(cfg)
-    box_predictor = FastRCNNPredictor(cfg.box_representation, num_classes + 1)
+    box_predictor = build_box_predictor(cfg, num_classes)
     # after the box parts, where FasterRCNN makes its own RPN head: a seeded run initialises as it always did
     rpn_head = RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=cfg.rpn_head_convs)
-    return FasterRCNN(
+    model = FasterRCNN(
         backbone,
         num_classes=None,
         min_size=cfg.min_size,
@@ -153,6 +240,8 @@ def build_detector(cfg: DetectorConfig, num_classes: int, pretrained: bool = Tru
         box_score_thresh=cfg.box_score_thresh,
         box_nms_thresh=cfg.box_nms_thresh,
     )
+    model.roi_heads = box_roi_heads(model.roi_heads, cfg.box_loss_beta)
+    return model
 
 
 def detector_from_state(cfg: DetectorConfig, num_classes: int, state: dict[str, torch.Tensor],

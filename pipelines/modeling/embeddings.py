@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import torch
 import yaml
+from torch.nn import functional as F
 
 from pipelines import __version__
 from pipelines.config import HeadConfig
@@ -47,6 +48,29 @@ def randn_embedding(num_classes: int, dim: int, seed: int) -> torch.Tensor:
     """A fixed random Gaussian vector per class, ``[K, dim]``, the same for the same seed."""
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn(num_classes, dim, generator=g)
+
+
+class UnitRandn:
+    """The original code's form of Table 3.1's ``randn`` input: one fixed 300-d vector per class (the file
+    ``fixed_embedding_mat_coco_randn_0.npy``, 80 x 300, read by ``add_embeddings_to_weights.py``); here
+    each row drawn N(0, I) and L2-normalised (that file's rows have norms 0.68-1.08, mean 0.94)."""
+
+    dim = 300
+
+    def table(self, num_classes: int, box_width: int, seed: int) -> torch.Tensor:
+        """``[K, 300]``, every row of norm 1; ``box_width`` (D) is not used."""
+        return F.normalize(randn_embedding(num_classes, self.dim, seed), dim=1)
+
+
+class GaussianRandn:
+    """maskx's earlier form: N(0, 1) entries, as wide as the detector's cls+box input (5D)."""
+
+    def table(self, num_classes: int, box_width: int, seed: int) -> torch.Tensor:
+        """``[K, 5D]`` for the box head's width D."""
+        return randn_embedding(num_classes, 5 * box_width, seed)
+
+
+RANDN_FORMS = {"unit": UnitRandn(), "gaussian": GaussianRandn()}
 
 
 def read_glove(path: str | Path, words: set[str]) -> dict[str, np.ndarray]:
@@ -105,7 +129,8 @@ def class_embedding_table(head: HeadConfig, w_cls: torch.Tensor, w_box: torch.Te
 
     ``w_cls`` [K, D] and ``w_box`` [K, 4D] are the detector's class weights (from an embeddings file,
     or the live box predictor end to end); ``cls`` / ``box`` / ``cls+box`` take them (E = D, 4D, 5D),
-    ``randn`` draws fixed vectors from ``seed`` (E = 5D), ``glove`` averages ``head.glove``'s vectors
+    ``randn`` draws fixed vectors from ``seed`` in the form ``head.randn`` (:data:`RANDN_FORMS`: ``unit``
+    E = 300, rows of norm 1; ``gaussian`` E = 5D, N(0, 1)), ``glove`` averages ``head.glove``'s vectors
     of each of ``names`` (E = 300). None for a head without T (agnostic, oracle).
     """
     if not uses_transfer(head.head):
@@ -113,7 +138,7 @@ def class_embedding_table(head: HeadConfig, w_cls: torch.Tensor, w_box: torch.Te
     if head.input in ("cls", "box", "cls+box"):
         return detector_embedding(head.input, w_cls, w_box).detach().float(), []
     if head.input == "randn":
-        return randn_embedding(len(names), 5 * w_cls.shape[1], seed), []
+        return RANDN_FORMS[head.randn].table(len(names), w_cls.shape[1], seed), []
     return glove_embedding(names, head.glove)
 
 

@@ -15,15 +15,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, project_masks_on_boxes
+from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
 from pipelines.config import HeadConfig
 from pipelines.data.splits import takes_mask_loss
 from pipelines.errors import MaskxError
-from pipelines.modeling.detector import FPN_LEVELS, detection_weights
-from pipelines.modeling.embeddings import INPUTS, detector_embedding
+from pipelines.modeling.detector import FPN_LEVELS, BoxRoIHeads, box_losses, detection_weights
+from pipelines.modeling.embeddings import INPUTS, RANDN_FORMS, detector_embedding
 from pipelines.modeling.mask_heads import FCNS, MLP_LAYERS, PREDICTORS, MaskPredictor, MaskSide, build_fcn, uses_transfer
 from pipelines.modeling.transfer import ACTIVATIONS, INITS
 
@@ -39,6 +39,11 @@ def check_head(h: HeadConfig) -> None:
         raise MaskxError(f"unknown head.head '{h.head}' (expected {' | '.join(PREDICTORS)})", key="head.head")
     if h.input not in INPUTS:
         raise MaskxError(f"unknown head.input '{h.input}' (expected {' | '.join(INPUTS)})", key="head.input")
+    if h.e2e_mask_targets not in MASK_TARGETS:
+        raise MaskxError(f"unknown head.e2e_mask_targets '{h.e2e_mask_targets}' (expected {' | '.join(MASK_TARGETS)})",
+                         key="head.e2e_mask_targets")
+    if h.randn not in RANDN_FORMS:
+        raise MaskxError(f"unknown head.randn '{h.randn}' (expected {' | '.join(RANDN_FORMS)})", key="head.randn")
     if uses_transfer(h.head) and h.input == "glove" and not h.glove:
         raise MaskxError("input glove needs a GloVe text file: set head.glove", key="head.glove")
     if h.transfer_layers not in (1, 2, 3):
@@ -70,22 +75,45 @@ def build_mask_side(cfg: HeadConfig, num_classes: int, in_channels: int, w_det: 
     return MaskSide(build_fcn(cfg.fcn, in_channels, cfg.mask_dim, cfg.num_convs), predictor)
 
 
+class SoftMaskTargets:
+    """The instance's mask cut to the RoI by RoIAlign (torchvision's ``project_masks_on_boxes``), as it is: [0, 1]."""
+
+    def __call__(self, targets: torch.Tensor) -> torch.Tensor:
+        """``targets`` float [R, M, M] -> the same."""
+        return targets
+
+
+class BinaryMaskTargets:
+    """The same thresholded at 0.5: 0 / 1, as the original code's (the polygon rasterised in the RoI,
+    ``polys_to_mask_wrt_box`` in ``lib/utils/segms.py``, ``mask > 0`` in ``lib/roi_data/mask_rcnn.py``) and the stage-2 cache's."""
+
+    threshold = 0.5
+
+    def __call__(self, targets: torch.Tensor) -> torch.Tensor:
+        """``targets`` float [R, M, M] -> 0. / 1. of the same dtype and shape."""
+        return (targets >= self.threshold).to(targets.dtype)
+
+
+MASK_TARGETS = {"soft": SoftMaskTargets(), "binary": BinaryMaskTargets()}
+
+
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean binary cross-entropy of logits [R, M, M] against 0/1 targets [R, M, M] (0 if R == 0)."""
+    """Mean binary cross-entropy of logits [R, M, M] against targets in [0, 1] [R, M, M] (0 if R == 0)."""
     if logits.numel() == 0:
         return logits.sum() * 0
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
 
 
-class MaskXRoIHeads(RoIHeads):
-    """torchvision ``RoIHeads`` with the Mask^X mask side.
+class MaskXRoIHeads(BoxRoIHeads):
+    """torchvision ``RoIHeads`` with the Mask^X mask side (and the box loss's ``box_loss_beta`` of :class:`BoxRoIHeads`).
 
     ``mask_head`` maps RoI features ``[R, C, S, S]`` to ``[R, D, 2S, 2S]``; ``mask_predictor`` (a
     :class:`~pipelines.modeling.mask_heads.MaskPredictor`) gives one ``[2S, 2S]`` map per RoI for
     its class. ``mask_labels`` bool ``[K + 1]``: the classes whose masks train (set A; None: every
     class), applied with each instance's ``has_mask`` by the set-A rule. ``embedding``: None (the
     predictor's own table) or ``cls`` / ``box`` / ``cls+box``, to read ``w_det`` from this model's
-    box predictor on every forward, detached when ``stop_gradient`` (§2.2). The other arguments are
+    box predictor on every forward, detached when ``stop_gradient`` (§2.2). ``mask_targets``: a key of
+    :data:`MASK_TARGETS` (``soft`` or ``binary`` targets for the mask loss). The other arguments are
     torchvision's ``RoIHeads``'.
     """
 
@@ -93,16 +121,22 @@ class MaskXRoIHeads(RoIHeads):
                  mask_predictor: MaskPredictor, *, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
                  batch_size_per_image: int = 512, positive_fraction: float = 0.25, bbox_reg_weights=None,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
-                 mask_labels: torch.Tensor | None = None, embedding: str | None = None, stop_gradient: bool = True):
+                 mask_labels: torch.Tensor | None = None, embedding: str | None = None, stop_gradient: bool = True,
+                 box_loss_beta: float = 1 / 9, mask_targets: str = "soft"):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                          positive_fraction, bbox_reg_weights, score_thresh, nms_thresh, detections_per_img,
-                         mask_roi_pool=mask_roi_pool, mask_head=mask_head, mask_predictor=mask_predictor)
+                         mask_roi_pool=mask_roi_pool, mask_head=mask_head, mask_predictor=mask_predictor,
+                         box_loss_beta=box_loss_beta)
         if mask_labels is None:
             mask_labels = torch.ones(box_predictor.cls_score.out_features, dtype=torch.bool)
             mask_labels[0] = False
         self.register_buffer("mask_labels", mask_labels.clone(), persistent=False)
         self.embedding = embedding
         self.stop_gradient = stop_gradient
+        if mask_targets not in MASK_TARGETS:
+            raise MaskxError(f"unknown head.e2e_mask_targets '{mask_targets}' (expected {' | '.join(MASK_TARGETS)})",
+                             key="head.e2e_mask_targets")
+        self.mask_targets = MASK_TARGETS[mask_targets]
 
     def live_w_det(self) -> torch.Tensor | None:
         """``w_det`` [K, E] read from the box predictor (None: the predictor uses its own table)."""
@@ -133,7 +167,7 @@ class MaskXRoIHeads(RoIHeads):
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
-        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        losses = box_losses(class_logits, box_regression, labels, regression_targets, self.box_loss_beta)
 
         mask_props, mask_matched, mask_labels = [], [], []
         for props, matched, labs, t in zip(proposals, matched_idxs, labels, targets):
@@ -148,15 +182,17 @@ class MaskXRoIHeads(RoIHeads):
             project_masks_on_boxes(t["masks"], p, mt, m) if len(p) else p.new_zeros((0, m, m))
             for t, p, mt in zip(targets, mask_props, mask_matched)
         ])
-        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": mask_loss(logits, mask_targets)}
+        return [], {**losses, "loss_mask": mask_loss(logits, self.mask_targets(mask_targets))}
 
 
 def build_maskx_rcnn(detector: FasterRCNN, mask_side: MaskSide, roi_size: int, embedding: str | None = None,
-                     stop_gradient: bool = True, mask_labels: torch.Tensor | None = None) -> FasterRCNN:
+                     stop_gradient: bool = True, mask_labels: torch.Tensor | None = None,
+                     mask_targets: str = "soft") -> FasterRCNN:
     """Mask^X R-CNN from a Faster R-CNN (in place, returned): its box parts and settings, plus the mask side.
 
     As torchvision's ``MaskRCNN`` adds its mask parts to Faster R-CNN's ``RoIHeads``; see
-    :class:`MaskXRoIHeads` for ``embedding``, ``stop_gradient`` and ``mask_labels``.
+    :class:`MaskXRoIHeads` for ``embedding``, ``stop_gradient``, ``mask_labels`` and ``mask_targets``. The box loss's
+    beta is the detector's (``detector.box_loss_beta``; torchvision's 1/9 for a plain torchvision one).
     """
     box = detector.roi_heads
     detector.roi_heads = MaskXRoIHeads(
@@ -164,7 +200,8 @@ def build_maskx_rcnn(detector: FasterRCNN, mask_side: MaskSide, roi_size: int, e
         fg_iou_thresh=box.proposal_matcher.high_threshold, bg_iou_thresh=box.proposal_matcher.low_threshold,
         batch_size_per_image=box.fg_bg_sampler.batch_size_per_image, positive_fraction=box.fg_bg_sampler.positive_fraction,
         bbox_reg_weights=box.box_coder.weights, score_thresh=box.score_thresh, nms_thresh=box.nms_thresh,
-        detections_per_img=box.detections_per_img, mask_labels=mask_labels, embedding=embedding, stop_gradient=stop_gradient)
+        detections_per_img=box.detections_per_img, mask_labels=mask_labels, embedding=embedding, stop_gradient=stop_gradient,
+        box_loss_beta=getattr(box, "box_loss_beta", 1 / 9), mask_targets=mask_targets)
     return detector
 
 

@@ -113,7 +113,8 @@ def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool)
     live = uses_transfer(cfg.head.head) and cfg.head.input in LIVE_INPUTS
     side = build_mask_side(cfg.head, len(categories), cfg.detector.fpn_channels, table)
     model = build_maskx_rcnn(detector, side, cfg.head.roi_size, cfg.head.input if live else None, cfg.head.stop_gradient,
-                             mask_labels=label_table(train_classes, categories)).to(device)
+                             mask_labels=label_table(train_classes, categories),
+                             mask_targets=cfg.head.e2e_mask_targets).to(device)
 
     inputs = {"train_json": cfg.data.train_json, **({"init_detector": init_path} if init_path is not None else {})}
     if dist.is_main():

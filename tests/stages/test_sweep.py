@@ -145,3 +145,25 @@ def test_world_flags_replace_only_the_given_fields_of_the_spec_world(tmp_path, m
 def test_timing_text_lists_the_parts_that_took_time():
     assert timing_text({"world": 0.2, "stage 1": 612.4, "stage 2 training": 98.6}) == "stage 1 612 s, stage 2 training 99 s"
     assert timing_text({"world": 0.0}) == "every part reused"
+
+
+def _mlp_of(row) -> bool:
+    sets = dict(item.split("=", 1) for item in row.set)
+    return sets["head.mlp"] == "true"
+
+
+def test_figure_3_1_compares_the_heads_without_mlp_branch():
+    """As the original random-split configs (template_clsbox_2_layer.yaml, template_baseline.yaml)."""
+    spec = load_spec("figure_3_1")
+    rows = {r.name: r for r in spec.rows}
+    numerator, denominator = rows[spec.figure.numerator], rows[spec.figure.denominator]
+    assert (numerator.set, denominator.set) == (["head.head=transfer", "head.mlp=false"], ["head.head=agnostic", "head.mlp=false"])
+    assert not _mlp_of(numerator) and not _mlp_of(denominator)
+    assert all("extra row" in name for name, r in rows.items() if _mlp_of(r))
+
+
+def test_table_3_5_baselines_have_no_mlp_branch():
+    rows = {r.name: r for r in load_spec("table_3_5").rows if r.train == "e2e"}
+    assert {name: _mlp_of(r) for name, r in rows.items()} == {
+        "class-agnostic": False, "Mask R-CNN trained w/ GrabCut": False, "Mask^X R-CNN (transfer+MLP)": True,
+        "fully supervised (oracle)": False}
