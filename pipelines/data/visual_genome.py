@@ -494,9 +494,9 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
     task.close()
     stats["vg_images"] = len(images)
     task = progress.task("read COCO annotations", 2)  # COCO val2017's images are VG's validation set
-    coco_val, val_report = load_coco(cfg.coco_val, require_masks=True)
+    coco_val, val_report = load_coco(cfg.coco_val)  # a box-only COCO annotation stays box-only
     task.advance()
-    coco_train, train_report = load_coco(cfg.coco_train, require_masks=True)
+    coco_train, train_report = load_coco(cfg.coco_train)
     task.advance()
     task.close()
     check_same_categories(coco_val["categories"], coco_train["categories"], str(cfg.coco_val), cfg.coco_train)
