@@ -53,10 +53,7 @@ def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (features-<
                          "the next mask-train or 'maskx cache build' rebuilds it", path)
     info = cache.info()
     cache.close()
-    for k in ("rois", "instances", "images", "classes", "feature_shape", "dtype", "sampling", "proposals_per_instance",
-              "rois_per_image", "fg_fraction", "hflip", "chunk_rows", "rows_file"):
-        if k not in info:
-            continue
-        console.print(f"[dim]{k}:[/] {info[k]}", highlight=False)
-    console.print(f"[dim]size:[/] {_size(info['file_bytes'])} on disk, {_size(info['memory_bytes'])} in memory", highlight=False)
-    console.print(f"[dim]key:[/] {info['key']}", highlight=False)
+    keys = ("rois", "instances", "images", "classes", "feature_shape", "dtype", "sampling", "proposals_per_instance",
+            "rois_per_image", "fg_fraction", "hflip", "chunk_rows", "rows_file")
+    print_paths(**{k: info[k] for k in keys if k in info})
+    print_paths(size=f"{_size(info['file_bytes'])} on disk, {_size(info['memory_bytes'])} in memory", key=info["key"])

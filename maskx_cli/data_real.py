@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars, warn
 
@@ -102,7 +103,7 @@ def check_cmd(
     data, report = load_coco(annotations, require_masks=masks)
     for w in report.warnings(annotations):
         warn(w)
-    table = Table(title=f"{annotations.name} ({'LVIS' if is_lvis(data) else 'COCO'} format)", title_justify="left")
+    table = Table(title=Text(f"{annotations.name} ({'LVIS' if is_lvis(data) else 'COCO'} format)"), title_justify="left")
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
     table.add_row("images", f"{len(data['images']):,}")
