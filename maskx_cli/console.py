@@ -9,6 +9,7 @@ or escaped (:func:`rich.markup.escape`) into a markup string, so ``runs/a[/]b`` 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import time
@@ -133,6 +134,10 @@ def progress_bars(console: Console | None = None, get_time: Callable[[], float] 
         yield RichProgress(p)
 
 
+_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_DISK_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)  # a read-only or full disk met where no check named the file
+
+
 def guarded(fn: Callable) -> Callable:
     """Turn MaskxError (and a few OS errors) into one ``error:`` line and exit status 2."""
 
@@ -145,10 +150,11 @@ def guarded(fn: Callable) -> Callable:
                 raise
             err_console.print(labelled("error:", "bold red", _with_flag(exc, fn).line()), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-            if STATE["verbose"]:
+        except OSError as exc:
+            if STATE["verbose"] or not (isinstance(exc, _FILE_ERRORS) or exc.errno in _DISK_ERRNOS):
                 raise
-            err_console.print(labelled("error:", "bold red", f"{exc.filename}: {exc.strerror}"), highlight=False, soft_wrap=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(labelled("error:", "bold red", f"{where}{exc.strerror}"), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")

@@ -81,20 +81,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, path)
     except MaskxError:
-        tmp_path.unlink(missing_ok=True)
+        discard(tmp_path)
         raise
     except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
+        discard(tmp_path)
         raise MaskxError(f"could not be written: {os_error_reason(exc)}", path) from exc
     except Exception as exc:
         full = _nearly_full(path.parent)  # measured before the temporary file frees its space
-        tmp_path.unlink(missing_ok=True)
+        discard(tmp_path)
         if full:
             raise MaskxError(f"could not be written: {os.strerror(errno.ENOSPC)}", path) from exc
         raise
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        discard(tmp_path)
         raise
+
+
+def discard(path: str | Path) -> None:
+    """Remove ``path`` if it is there, cleaning up after a failure: a disk that has turned read-only
+    cannot remove it, and then the failure's own error is the one to report, not this one."""
+    with contextlib.suppress(OSError):
+        Path(path).unlink(missing_ok=True)
+
+
+def write_problem(folder: str | Path) -> str | None:
+    """Why no file can be created in the existing folder ``folder`` ("Read-only file system",
+    "Permission denied"), or None. Tried with a temporary file, not read from the mode bits, which
+    root ignores and which do not show a read-only mount."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", suffix=TMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        return os_error_reason(exc)
+    os.close(fd)
+    discard(tmp)
+    return None
 
 
 @contextlib.contextmanager

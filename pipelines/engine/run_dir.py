@@ -38,8 +38,8 @@ from pipelines.config import DataConfig, DetectorConfig, HeadConfig, from_dict, 
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import load_checkpoint, load_state, save_checkpoint
 from pipelines.errors import MaskxError
-from pipelines.io import (os_error_reason, read_json, read_yaml, remove_stale_temporaries, sha256_file, write_json, write_text,
-                          write_yaml)
+from pipelines.io import (os_error_reason, read_json, read_yaml, remove_stale_temporaries, sha256_file, write_json, write_problem,
+                          write_text, write_yaml)
 from pipelines.modeling.detector import detector_from_state
 from pipelines.modeling.embeddings import Embeddings
 from pipelines.modeling.mask_heads import MaskSide, TransferPredictor
@@ -62,11 +62,24 @@ def make_output_dir(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MaskxError("output path exists and is not a folder", out)
+    check_output_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MaskxError(f"cannot create output folder: {exc.strerror}", out) from None
     return out
+
+
+def check_output_folder(out: str | Path) -> None:
+    """Refuse, before any work, an output folder that no file can be written in (on a read-only
+    file system, without write permission), or that cannot be created for that reason: one error naming ``out``."""
+    out = Path(out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # a file on the way: make_output_dir names it
+    problem = write_problem(existing)
+    if problem:
+        raise MaskxError(f"cannot write here: {problem}" if existing == out else f"cannot create output folder: {problem}", out)
 
 
 def prepare_run_dir(out: str | Path, stage: str, config: dict, inputs: dict[str, str | Path], extra: dict | None = None) -> Path:
@@ -101,6 +114,8 @@ def training_run(out: str | Path, resume: bool, finished: tuple[str, ...]) -> It
     """
     out = Path(out)
     created = not out.exists()
+    if dist.launched_rank() == 0:
+        check_output_folder(out)
     if dist.launched_rank() == 0 and not created:  # before the process group is joined, too
         if (out / LAST).is_file() and not resume:
             raise MaskxError(f"holds an unfinished run ({LAST}): add resume to continue it, or choose another output folder", out,
@@ -131,20 +146,22 @@ def _remove_attempt(out: Path) -> None:
 
 
 def _record_failure(out: Path, created: bool, finished: tuple[str, ...], exc: BaseException) -> None:
-    """Leave nothing new (no checkpoint yet) or a manifest that says the run failed, and why."""
+    """Leave nothing new (no checkpoint yet) or a manifest that says the run failed, and why.
+
+    Done as far as the disk lets it: on a disk still full or turned read-only, what cannot be
+    removed or written stays, and the run's own error is the one reported.
+    """
     if not out.is_dir():
         return
-    remove_stale_temporaries(out)
-    if not _has_checkpoint(out, finished):
-        _remove_attempt(out)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        return
-    error = exc.line() if isinstance(exc, MaskxError) else f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-    try:
+    with contextlib.suppress(MaskxError, OSError):
+        remove_stale_temporaries(out)
+        if not _has_checkpoint(out, finished):
+            _remove_attempt(out)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+            return
+        error = exc.line() if isinstance(exc, MaskxError) else f"{exc.__class__.__name__}: {exc}".splitlines()[0]
         update_manifest(out, status="failed", error=error)
-    except (MaskxError, OSError):
-        pass  # e.g. the disk is still full: the error line has been printed, the checkpoint is intact
 
 
 def file_record(path: str | Path) -> dict[str, Any]:
@@ -185,9 +202,10 @@ class MetricsLog:
 # --------------------------------------------------------------------------------------------
 # Finished runs and their checkpoints
 def check_not_finished(out: str | Path, checkpoint: str, what: str) -> None:
-    """Refuse to train into a folder that already holds a finished run (``checkpoint``)."""
+    """Refuse to train into a folder that already holds a finished run (``checkpoint``), or that cannot be written."""
     if (Path(out) / checkpoint).exists():
         raise MaskxError(f"already holds a finished {what} ({checkpoint}); choose another output folder", out)
+    check_output_folder(out)
 
 
 def check_same_settings(run: str | Path, cfg: Any) -> None:
