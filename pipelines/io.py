@@ -299,12 +299,14 @@ def sha256_json(obj: Any) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
+def file_lock(path: str | Path, on_wait=None, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created, and removed when released) for the block.
 
     Another process (or thread) asking for the same lock waits until it is released; ``on_wait()``
-    is called once if it has to wait. The lock file is removed on release; a waiter that then finds
-    its file gone or replaced takes the lock anew, so removal never lets two holders in.
+    is called once if it has to wait (``wait=False``: it raises ``BlockingIOError`` instead). The
+    lock file is removed on release; a waiter that then finds its file gone or replaced takes the
+    lock anew, so removal never lets two holders in. The lock is the kernel's (``flock``): a process
+    that dies releases it, so a lock file left by a killed process blocks no one.
     """
     import fcntl
 
@@ -313,13 +315,15 @@ def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666 & ~_umask())  # flock needs no write access
         except OSError as exc:
             raise MaskxError(f"cannot create a lock file: {exc.strerror or exc}", path) from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    raise
                 if not waited and on_wait is not None:
                     on_wait()
                 waited = True
@@ -338,6 +342,6 @@ def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
         yield
     finally:
         try:
-            path.unlink(missing_ok=True)
+            discard(path)  # not raised where the disk has turned read-only: the lock is released all the same
         finally:
             os.close(fd)  # closing releases the lock

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import pipelines.engine.loop as loop_module
 from maskx_cli.main import app
 from pipelines.engine.checkpoint import load_checkpoint
-from pipelines.engine.run_dir import MetricsLog
+from pipelines.engine.run_dir import RUN_LOCK, MetricsLog
 from tests.engine.tiny_runs import cli_overrides, make_world
 
 EROFS = os.strerror(errno.EROFS)  # "Read-only file system"
@@ -148,4 +148,4 @@ def test_disk_turning_read_only_mid_run_is_one_line(read_only_mount, tmp_path, m
     if when == "after the first checkpoint":
         assert load_checkpoint(out / "last.pth")["iteration"] == 2
     else:  # what the run wrote cannot be removed from a read-only disk: it stays, with no checkpoint
-        assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "manifest.json", "metrics.jsonl", "recipe.yaml", "tb"]
+        assert sorted(p.name for p in out.iterdir()) == [RUN_LOCK, "config.yaml", "manifest.json", "metrics.jsonl", "recipe.yaml", "tb"]
