@@ -9,10 +9,8 @@ import typer
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars
 from maskx_cli.options import CACHE, DEVICE, SetOpt, config_options
+from pipelines.io import format_size
 
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 @guarded
@@ -34,8 +32,8 @@ def build_cmd(
     r.cache.close()
     console.print(f"[green]feature cache {'built' if r.built else 'already there, reused'}[/] {info['rois']} RoIs "
                   f"of {info['instances']} instances, {info['classes']} classes; features {info['dtype']} "
-                  f"{'x'.join(map(str, info['feature_shape']))}; {_size(info['file_bytes'])} on disk, "
-                  f"{_size(info['memory_bytes'])} in memory", highlight=False)
+                  f"{'x'.join(map(str, info['feature_shape']))}; {format_size(info['file_bytes'])} on disk, "
+                  f"{format_size(info['memory_bytes'])} in memory", highlight=False)
     print_paths(cache=r.path)
 
 
@@ -56,4 +54,4 @@ def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (features-<
     keys = ("rois", "instances", "images", "classes", "feature_shape", "dtype", "sampling", "proposals_per_instance",
             "rois_per_image", "fg_fraction", "hflip", "chunk_rows", "rows_file")
     print_paths(**{k: info[k] for k in keys if k in info})
-    print_paths(size=f"{_size(info['file_bytes'])} on disk, {_size(info['memory_bytes'])} in memory", key=info["key"])
+    print_paths(size=f"{format_size(info['file_bytes'])} on disk, {format_size(info['memory_bytes'])} in memory", key=info["key"])

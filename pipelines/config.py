@@ -237,7 +237,7 @@ class EvalConfig:
     split: str = "nonvoc"  # which classes are reported as set B: voc | nonvoc | all | random:N:SEED
     score_thresh: float = 0.05
     max_images: int = 0
-    backend: str = "faster"  # faster (faster-coco-eval) | reference (pycocotools' COCOeval / lvis' LVISEval): same numbers
+    backend: str = "faster"  # faster (faster-coco-eval) | reference (pycocotools' COCOeval / lvis' LVISEval): same numbers but for the last bit
     gt_boxes: bool = False  # segment the ground-truth boxes and classes (score 1) instead of detections: mask quality alone
 
 

@@ -32,6 +32,33 @@ _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")
 _NEARLY_FULL = 1 << 20
 
 
+def leaves_folder(name: str) -> bool:
+    """Whether the relative path ``name`` (a data set's ``file_name``) points outside the folder it is
+    read from: an absolute path (``/data/x.jpg``, which joining to the folder keeps as it is) or one
+    that climbs out with ``..`` (``../x.jpg``; ``a/../x.jpg`` stays inside)."""
+    name = str(name).replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:/", name):
+        return True
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part == "..":
+            if not parts:
+                return True
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return False
+
+
+def format_size(n: float) -> str:
+    """A size in bytes as a person reads it: ``1.5 GiB``, ``640.0 MiB``, ``12.0 KiB``, ``512 bytes``
+    (never ``0.0 GiB`` for a size that is not zero)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def os_error_reason(exc: OSError) -> str:
     """An OSError in a few words: the system's text for its errno ("No space left on device").
 

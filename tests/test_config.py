@@ -265,3 +265,11 @@ def test_cli_refuses_solver_values_out_of_range_with_the_flag(tmp_path, command,
     assert r.exit_code == 2
     assert [x for x in r.output.splitlines() if x.strip()] == [line]
     assert not (tmp_path / "run").exists()
+
+
+def test_sizes_are_printed_in_the_unit_they_need():
+    """Was '0.0 GiB' for a feature cache of a few MiB."""
+    from pipelines.io import format_size
+
+    assert [format_size(n) for n in (0, 1000, 2048, 5 * 2**20 + 2**19, 2**30 - 1, 3 * 2**30)] == [
+        "0 bytes", "1000 bytes", "2.0 KiB", "5.5 MiB", "1024.0 MiB", "3.0 GiB"]

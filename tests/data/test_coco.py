@@ -283,6 +283,36 @@ def test_cli_check_counts_skipped_boxes_and_fails_on_a_missing_image(tmp_path):
     assert res.exit_code == 2 and "instances.json" in res.output and "truncated" in res.output
 
 
+def test_cli_check_flags_file_names_outside_the_image_folder(tmp_path):
+    """Was: '../rgb.jpg' and absolute file names passed silently (training reads them from wherever they point)."""
+    outside = tmp_path / "elsewhere.jpg"
+
+    def point_out(d):
+        d["images"][1]["file_name"] = "../images/gray.jpg"
+        d["images"][2]["file_name"] = str(outside)
+
+    path = write_coco(tmp_path, point_out)
+    Image.new("RGB", (W, H)).save(outside)
+    res = _run(["data", "check", str(path), "--images", str(tmp_path / "images")])
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert warnings == [f"warning: {path}: 2 image file_name(s) are absolute or climb out of the image folder with '..' "
+                        f"(image id 2 '../images/gray.jpg', image id 3 '{outside}'): they are read from there, not from the "
+                        f"image folder"]
+    inside = write_coco(tmp_path, lambda d: d["images"][1].update(file_name="sub/../gray.jpg"), name="inside.json")
+    (tmp_path / "images" / "sub").mkdir()
+    res = _run(["data", "check", str(inside), "--images", str(tmp_path / "images")])
+    assert res.exit_code == 0 and "warning:" not in res.output, res.output
+
+
+def test_which_file_names_leave_their_folder():
+    from pipelines.io import leaves_folder
+
+    assert [leaves_folder(n) for n in ("a.jpg", "d/a.jpg", "./a.jpg", "d/../a.jpg", "../a.jpg", "d/../../a.jpg",
+                                       "/abs/a.jpg", "C:/a.jpg", "..\\a.jpg")] == [
+        False, False, False, False, True, True, True, True, True]
+
+
 def test_truncated_json_names_line_and_column(tmp_path):
     path = tmp_path / "cut.json"
     path.write_text('{"images": [{"file_name": "a.jp')
