@@ -9,10 +9,8 @@ import typer
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars, warn
 from maskx_cli.options import CACHE, DATA, DEVICE, MASK_SIDE, SetOpt, config_options
+from pipelines.io import format_size
 
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 @guarded
@@ -35,8 +33,8 @@ def build_cmd(
     warn(*r.warnings)
     console.print(f"[green]feature cache {'built' if r.built else 'already there, reused'}[/] {info['rois']} RoIs "
                   f"of {info['instances']} instances, {info['classes']} classes; features {info['dtype']} "
-                  f"{'x'.join(map(str, info['feature_shape']))}; {_size(info['file_bytes'])} on disk, "
-                  f"{_size(info['memory_bytes'])} in memory", highlight=False)
+                  f"{'x'.join(map(str, info['feature_shape']))}; {format_size(info['file_bytes'])} on disk, "
+                  f"{format_size(info['memory_bytes'])} in memory", highlight=False)
     print_paths(cache=r.path)
 
 
@@ -54,10 +52,7 @@ def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (features-<
                          "the next mask-train or 'maskx cache build' rebuilds it", path)
     info = cache.info()
     cache.close()
-    for k in ("rois", "instances", "images", "classes", "feature_shape", "dtype", "sampling", "proposals_per_instance",
-              "rois_per_image", "fg_fraction", "hflip", "chunk_rows", "rows_file"):
-        if k not in info:
-            continue
-        console.print(f"[dim]{k}:[/] {info[k]}", highlight=False)
-    console.print(f"[dim]size:[/] {_size(info['file_bytes'])} on disk, {_size(info['memory_bytes'])} in memory", highlight=False)
-    console.print(f"[dim]key:[/] {info['key']}", highlight=False)
+    keys = ("rois", "instances", "images", "classes", "feature_shape", "dtype", "sampling", "proposals_per_instance",
+            "rois_per_image", "fg_fraction", "hflip", "chunk_rows", "rows_file")
+    print_paths(**{k: info[k] for k in keys if k in info})
+    print_paths(size=f"{format_size(info['file_bytes'])} on disk, {format_size(info['memory_bytes'])} in memory", key=info["key"])

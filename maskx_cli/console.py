@@ -1,8 +1,15 @@
-"""Shared rich console, progress bars with rate and ETA, error guard and result tables."""
+"""Shared rich console, progress bars with rate and ETA, error guard and result tables.
+
+User text (paths, names, values, library messages) is never read as rich markup or emoji codes:
+the consoles have emoji codes off, and such text is printed as a rich ``Text`` (:func:`labelled`)
+or escaped (:func:`rich.markup.escape`) into a markup string, so ``runs/a[/]b`` or
+``no:x:such.json`` prints as it is.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import time
@@ -10,7 +17,6 @@ from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,8 +36,8 @@ from pipelines.errors import MaskxError
 # Under torchrun only rank 0 prints (every rank runs the same command).
 _QUIET = int(os.environ.get("RANK", "0")) != 0
 _WIDTH = int(os.environ["MASKX_CONSOLE_WIDTH"]) if "MASKX_CONSOLE_WIDTH" in os.environ else None
-console = Console(width=_WIDTH, quiet=_QUIET)
-err_console = Console(stderr=True, width=_WIDTH, quiet=_QUIET)
+console = Console(width=_WIDTH, quiet=_QUIET, emoji=False)
+err_console = Console(stderr=True, width=_WIDTH, quiet=_QUIET, emoji=False)
 
 STATE = {"verbose": False}
 
@@ -81,7 +87,7 @@ class _RichTask:
             self._p.update(self._id, advance=n)
         if not self._p.console.is_terminal and time.monotonic() - self._last_log >= self.LOG_EVERY_S:
             self._last_log = time.monotonic()
-            self._p.console.print(self._status(), highlight=False, soft_wrap=True)
+            self._p.console.print(self._status(), highlight=False, soft_wrap=True, markup=False, emoji=False)
 
     def _status(self) -> str:
         t = self._p.tasks[self._p.task_ids.index(self._id)]
@@ -94,7 +100,7 @@ class _RichTask:
     def close(self) -> None:
         self._p.stop_task(self._id)
         if not self._p.console.is_terminal:
-            self._p.console.print(self._status() + " done", highlight=False, soft_wrap=True)
+            self._p.console.print(self._status() + " done", highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 class RichProgress:
@@ -107,7 +113,7 @@ class RichProgress:
         return _RichTask(self._p, self._p.add_task(description, total=total, info=""))
 
     def log(self, message: str) -> None:
-        self._p.console.print(message)
+        self._p.console.print(Text(message), highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -115,17 +121,21 @@ def progress_bars(console: Console | None = None, get_time: Callable[[], float] 
     """Progress bars on ``console`` (default: stderr); ``get_time`` replaces the clock (tests)."""
     columns = [
         SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}", style="progress.description", markup=False),  # descriptions are plain text
         BarColumn(bar_width=30),
         MofNCompleteColumn(),
         RateColumn(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}", style="dim"),
+        TextColumn("{task.fields[info]}", style="dim", markup=False),
     ]
     with Progress(*columns, console=console or err_console, transient=False, get_time=get_time) as p:
         yield RichProgress(p)
+
+
+_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_DISK_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)  # a read-only or full disk met where no check named the file
 
 
 def guarded(fn: Callable) -> Callable:
@@ -138,12 +148,13 @@ def guarded(fn: Callable) -> Callable:
         except MaskxError as exc:
             if STATE["verbose"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(_with_flag(exc, fn).line())}", highlight=False, soft_wrap=True)
+            err_console.print(labelled("error:", "bold red", _with_flag(exc, fn).line()), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-            if STATE["verbose"]:
+        except OSError as exc:
+            if STATE["verbose"] or not (isinstance(exc, _FILE_ERRORS) or exc.errno in _DISK_ERRNOS):
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(f'{exc.filename}: {exc.strerror}')}", highlight=False, soft_wrap=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(labelled("error:", "bold red", f"{where}{exc.strerror}"), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
@@ -164,12 +175,12 @@ def _with_flag(exc: MaskxError, command: Callable) -> MaskxError:
 def metrics_table(title: str, rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> Table:
     """A table with one row per entry of ``rows`` (name -> {column: value}); values shown x100."""
     columns = columns or sorted({k for r in rows.values() for k in r})
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     table.add_column("", style="bold")
     for c in columns:
-        table.add_column(c, justify="right")
+        table.add_column(Text(c), justify="right")
     for name, vals in rows.items():
-        table.add_row(name, *[_fmt(vals.get(c)) for c in columns])
+        table.add_row(Text(name), *[_fmt(vals.get(c)) for c in columns])
     return table
 
 
@@ -181,24 +192,29 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def labelled(label: str, style: str, text: str) -> Text:
+    """``label text``, the label in ``style`` and ``text`` as it is (no markup, no emoji codes)."""
+    return Text.assemble((label, style), " ", text)
+
+
 def print_paths(**paths: Any) -> None:
-    """One ``name: path`` line per path given (None: left out)."""
+    """One ``name: value`` line each, the value (a path, a setting) as it is (None: left out)."""
     for k, v in paths.items():
         if v is None:
             continue
-        console.print(f"[dim]{k}:[/] {v}", highlight=False, soft_wrap=True)
+        console.print(labelled(f"{k}:", "dim", str(v)), highlight=False, soft_wrap=True)
 
 
 def fail(message: str) -> None:
     """Exit with one error line (for checks the CLI itself makes)."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(labelled("error:", "bold red", message), highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 def warn(*lines: str) -> None:
     """One ``warning:`` line each, on stderr."""
     for line in lines:
-        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(labelled("warning:", "yellow", line), highlight=False, soft_wrap=True)
 
 
 def warn_missing_glove(missing: list[str]) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from maskx_cli.console import console, guarded, print_paths, progress_bars, warn
 
@@ -110,11 +111,17 @@ def check_cmd(
     from pipelines.data.coco import load_coco, unreadable_images
     from pipelines.data.lvis import is_lvis
     from pipelines.errors import MaskxError
+    from pipelines.io import leaves_folder
 
     data, report = load_coco(annotations, require_masks=masks)
     for w in report.warnings(annotations):
         warn(w)
-    table = Table(title=f"{escape(annotations.name)} ({'LVIS' if is_lvis(data) else 'COCO'} format)", title_justify="left")
+    outside = [im for im in data["images"] if leaves_folder(im["file_name"])]
+    if outside:
+        first = ", ".join(f"image id {im['id']} {im['file_name']!r}" for im in outside[:3])
+        warn(f"{annotations}: {len(outside)} image file_name(s) are absolute or climb out of the image folder with '..' "
+             f"({first}{', ...' if len(outside) > 3 else ''}): they are read from there, not from the image folder")
+    table = Table(title=Text(f"{annotations.name} ({'LVIS' if is_lvis(data) else 'COCO'} format)"), title_justify="left")
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
     table.add_row("images", f"{len(data['images']):,}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from maskx_cli.console import console, fail, guarded, print_paths, progress_bars, warn
+from maskx_cli.console import console, err_console, fail, guarded, labelled, print_paths, progress_bars, warn
 
 
 @guarded
@@ -45,6 +45,10 @@ def predict_cmd(
         warn(f"{path}: skipped: {reason}")
     if len(r.skipped) > 10:
         warn(f"... and {len(r.skipped) - 10} more")
+    if r.exif_turned:
+        err_console.print(labelled("note:", "yellow", f"{len(r.exif_turned)} image(s) carry an EXIF orientation, not applied "
+                                   f"(first: {r.exif_turned[0]}): boxes and masks are on the stored pixel grid, as training "
+                                   "reads images; a viewer shows these turned"), highlight=False, soft_wrap=True)
     skipped = f", [yellow]{len(r.skipped)} unreadable skipped[/]" if r.skipped else ""
     console.print(f"[green]predicted[/] {r.images} images, {r.detections} detections{skipped} in {r.seconds:.1f} s")
     paths = {"predictions": r.predictions}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from maskx_cli.console import console, guarded, metrics_table, print_paths, progress_bars
 from maskx_cli.options import SET_SOURCE, config_options, world_options
@@ -42,6 +43,6 @@ def quickstart_cmd(
     console.print(metrics_table(f"mask AP, mean over stage-2 seeds {spec.seeds}", rows, list(next(iter(rows.values())))))
     for direction, s in r.summary["splits"].items():
         ratio = s["transfer_over_agnostic_B"]
-        console.print(f"{direction}: transfer+MLP / class-agnostic+MLP on set B = {'n/a' if ratio is None else f'{ratio:.2f}x'}")
+        console.print(Text(f"{direction}: transfer+MLP / class-agnostic+MLP on set B = {'n/a' if ratio is None else f'{ratio:.2f}x'}"))
     console.print(f"[green]done[/] in {r.seconds:.0f} s ({timing_text(r.summary['timings'])})")
     print_paths(report=r.report_md, json=r.report_json, picture=r.picture)

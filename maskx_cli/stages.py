@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from rich.markup import escape
 
-from maskx_cli.console import console, err_console, fail, guarded, metrics_table, print_paths, progress_bars, warn, warn_missing_glove
+from maskx_cli.console import console, err_console, fail, guarded, labelled, metrics_table, print_paths, progress_bars, warn, warn_missing_glove
 from maskx_cli.options import CACHE, DATA, EVAL, EVAL_BACKEND, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
 
 
@@ -59,7 +60,7 @@ def detect_import_cmd(
     with progress_bars() as progress:
         r = detect_import(cfg, out, progress=progress, recipe=config)
     release = f" ({r.release})" if r.release else ""
-    console.print(f"[green]detector imported[/] {r.source}{release}: {r.num_classes} classes "
+    console.print(f"[green]detector imported[/] {escape(r.source + release)}: {r.num_classes} classes "
                   f"({r.dropped_rows} of the checkpoint's rows not used)")
     print_paths(checkpoint=r.checkpoint, weights=r.weights, config=out / "config.yaml")
 
@@ -203,7 +204,7 @@ def _eval_results(gt: Path, results: Path, cfg, json_out: Optional[Path]) -> Non
         r = evaluate_results_file(gt, results, cfg, json_out, progress)
     warn(*r.warnings)
     for note in r.scores.notes:
-        err_console.print(f"[yellow]note:[/] {results}: {note}", highlight=False, soft_wrap=True)
+        err_console.print(labelled("note:", "yellow", f"{results}: {note}"), highlight=False, soft_wrap=True)
     _print_protocol(r.scores.protocol)
     for iou, by_set in r.scores.metrics.items():
         console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP of {results.name} ({r.detections} detections "

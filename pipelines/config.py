@@ -18,6 +18,7 @@ resolved form saved beside every result.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -137,6 +138,35 @@ class SolverConfig:
         return self.lr * self.batch_size / self.reference_batch_size
 
 
+OPTIMIZERS = ("sgd", "adamw")
+AMP = ("auto", "off", "bf16", "bf16-native", "fp16")
+# What each solver value may be, checked whenever a config is loaded (check_values): key -> (rule, test).
+SOLVER_VALUES: dict[str, tuple[str, typing.Callable[[Any], bool]]] = {
+    "optimizer": ("one of " + " | ".join(OPTIMIZERS), lambda v: v in OPTIMIZERS),
+    "batch_size": (">= 1", lambda v: v >= 1),
+    "lr": ("> 0", lambda v: v > 0),
+    "reference_batch_size": (">= 1", lambda v: v >= 1),
+    "momentum": (">= 0 and < 1", lambda v: 0 <= v < 1),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "iterations": (">= 1", lambda v: v >= 1),
+    "warmup_iters": (">= 0", lambda v: v >= 0),
+    "warmup_factor": ("> 0 and <= 1", lambda v: 0 < v <= 1),
+    "lr_steps": ("fractions of the iterations, each >= 0 and <= 1", lambda v: all(0 <= x <= 1 for x in v)),
+    "lr_gamma": ("> 0", lambda v: v > 0),
+    "clip_grad_norm": (">= 0 (0: no clipping)", lambda v: v >= 0),
+    "seed": (">= 0", lambda v: v >= 0),
+    "workers": (">= 0", lambda v: v >= 0),
+    "device": ("auto | cpu | cuda | cuda:N", lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None),
+    "amp": ("one of " + " | ".join(AMP), lambda v: v in AMP),
+    "checkpoint_every": (">= 0 (0: only at the end)", lambda v: v >= 0),
+    "log_every": (">= 1", lambda v: v >= 1),
+    "bias_lr_factor": ("> 0", lambda v: v > 0),
+    "bias_weight_decay_factor": (">= 0", lambda v: v >= 0),
+}
+# The configs whose values have rules beside their types.
+VALUE_RULES: dict[type, dict[str, tuple[str, typing.Callable[[Any], bool]]]] = {SolverConfig: SOLVER_VALUES}
+
+
 @dataclass
 class HeadConfig:
     """The mask side: mask head, weight transfer function T, optional MLP branch (paper §2)."""
@@ -239,7 +269,7 @@ class EvalConfig:
     split: str = ""
     score_thresh: float = 0.05
     max_images: int = 0
-    backend: str = "faster"  # faster (faster-coco-eval) | reference (pycocotools' COCOeval / lvis' LVISEval): same numbers
+    backend: str = "faster"  # faster (faster-coco-eval) | reference (pycocotools' COCOeval / lvis' LVISEval): same numbers but for the last bit
     gt_boxes: bool = False  # segment the ground-truth boxes and classes (score 1) instead of detections: mask quality alone
 
 
@@ -466,7 +496,20 @@ def _from_dict(cls: type[C], data: dict, prefix: str = "", noun: str = "config k
     if unknown:
         hint = UNKNOWN_KEY_HINTS.get((cls.__name__, prefix + unknown[0]), "")
         raise _KeyError(prefix + unknown[0], f"unknown {noun} '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))}){hint}")
-    return cls(**{k: _coerce(v, hints[k], prefix + k, noun) for k, v in data.items()})
+    cfg = cls(**{k: _coerce(v, hints[k], prefix + k, noun) for k, v in data.items()})
+    check_values(cfg, prefix)
+    return cfg
+
+
+def check_values(cfg: Any, prefix: str = "") -> None:
+    """Raise (naming the key, ``prefix`` + field) at the first value of ``cfg`` outside its rule
+    (:data:`VALUE_RULES`): ``solver.lr must be > 0, got -1``. A float must also be finite."""
+    for name, (rule, test) in VALUE_RULES.get(type(cfg), {}).items():
+        value = getattr(cfg, name)
+        finite = all(math.isfinite(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, float))
+        if not finite or not test(value):
+            shown = f"{value:g}" if isinstance(value, float) else repr(value)
+            raise _KeyError(prefix + name, f"{prefix}{name} must be {rule}, got {shown}")
 
 
 def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
@@ -603,7 +646,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
     try:
         return _from_dict(cls, data, noun=noun)
     except _KeyError as exc:
-        raise MaskxError(exc.message, _origin(origin, exc.key)) from None
+        where = _origin(origin, exc.key)
+        # a value of no file or override (a command-line option, a library mapping) keeps its key: a command shows its flag
+        raise MaskxError(exc.message, where, key=exc.key if where is None else None) from None
 
 
 # --------------------------------------------------------------------------------------------

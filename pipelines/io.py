@@ -32,6 +32,33 @@ _TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX) + "$")
 _NEARLY_FULL = 1 << 20
 
 
+def leaves_folder(name: str) -> bool:
+    """Whether the relative path ``name`` (a data set's ``file_name``) points outside the folder it is
+    read from: an absolute path (``/data/x.jpg``, which joining to the folder keeps as it is) or one
+    that climbs out with ``..`` (``../x.jpg``; ``a/../x.jpg`` stays inside)."""
+    name = str(name).replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:/", name):
+        return True
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part == "..":
+            if not parts:
+                return True
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return False
+
+
+def format_size(n: float) -> str:
+    """A size in bytes as a person reads it: ``1.5 GiB``, ``640.0 MiB``, ``12.0 KiB``, ``512 bytes``
+    (never ``0.0 GiB`` for a size that is not zero)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def os_error_reason(exc: OSError) -> str:
     """An OSError in a few words: the system's text for its errno ("No space left on device").
 
@@ -81,20 +108,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, path)
     except MaskxError:
-        tmp_path.unlink(missing_ok=True)
+        discard(tmp_path)
         raise
     except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
+        discard(tmp_path)
         raise MaskxError(f"could not be written: {os_error_reason(exc)}", path) from exc
     except Exception as exc:
         full = _nearly_full(path.parent)  # measured before the temporary file frees its space
-        tmp_path.unlink(missing_ok=True)
+        discard(tmp_path)
         if full:
             raise MaskxError(f"could not be written: {os.strerror(errno.ENOSPC)}", path) from exc
         raise
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        discard(tmp_path)
         raise
+
+
+def discard(path: str | Path) -> None:
+    """Remove ``path`` if it is there, cleaning up after a failure: a disk that has turned read-only
+    cannot remove it, and then the failure's own error is the one to report, not this one."""
+    with contextlib.suppress(OSError):
+        Path(path).unlink(missing_ok=True)
+
+
+def write_problem(folder: str | Path) -> str | None:
+    """Why no file can be created in the existing folder ``folder`` ("Read-only file system",
+    "Permission denied"), or None. Tried with a temporary file, not read from the mode bits, which
+    root ignores and which do not show a read-only mount."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", suffix=TMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        return os_error_reason(exc)
+    os.close(fd)
+    discard(tmp)
+    return None
 
 
 @contextlib.contextmanager
@@ -279,12 +326,14 @@ def sha256_json(obj: Any) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
+def file_lock(path: str | Path, on_wait=None, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created, and removed when released) for the block.
 
     Another process (or thread) asking for the same lock waits until it is released; ``on_wait()``
-    is called once if it has to wait. The lock file is removed on release; a waiter that then finds
-    its file gone or replaced takes the lock anew, so removal never lets two holders in.
+    is called once if it has to wait (``wait=False``: it raises ``BlockingIOError`` instead). The
+    lock file is removed on release; a waiter that then finds its file gone or replaced takes the
+    lock anew, so removal never lets two holders in. The lock is the kernel's (``flock``): a process
+    that dies releases it, so a lock file left by a killed process blocks no one.
     """
     import fcntl
 
@@ -293,13 +342,15 @@ def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666 & ~_umask())  # flock needs no write access
         except OSError as exc:
             raise MaskxError(f"cannot create a lock file: {exc.strerror or exc}", path) from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    raise
                 if not waited and on_wait is not None:
                     on_wait()
                 waited = True
@@ -318,6 +369,6 @@ def file_lock(path: str | Path, on_wait=None) -> Iterator[None]:
         yield
     finally:
         try:
-            path.unlink(missing_ok=True)
+            discard(path)  # not raised where the disk has turned read-only: the lock is released all the same
         finally:
             os.close(fd)  # closing releases the lock

@@ -215,3 +215,70 @@ def test_off_on_yes_no_are_strings_only_true_false_are_booleans(tmp_path):
 def test_a_detector_setting_on_stage_two_says_where_it_belongs():
     with pytest.raises(MaskxError, match=r"unknown config key 'detector' .*come from the detector run: set them on detect-train"):
         load_config(MaskTrainConfig, None, ["detector.min_size=96"], source="--set")
+
+
+@pytest.mark.parametrize("cls", [DetectTrainConfig, MaskTrainConfig, TrainE2EConfig])
+@pytest.mark.parametrize("item, message", [
+    ("solver.lr=-1", "solver.lr must be > 0, got -1"),
+    ("solver.lr=.nan", "solver.lr must be > 0, got nan"),
+    ("solver.lr=.inf", "solver.lr must be > 0, got inf"),
+    ("solver.batch_size=0", "solver.batch_size must be >= 1, got 0"),
+    ("solver.iterations=-5", "solver.iterations must be >= 1, got -5"),
+    ("solver.log_every=0", "solver.log_every must be >= 1, got 0"),
+    ("solver.workers=-1", "solver.workers must be >= 0, got -1"),
+    ("solver.momentum=1", "solver.momentum must be >= 0 and < 1, got 1"),
+    ("solver.lr_steps=[0.5,1.5]", "solver.lr_steps must be fractions of the iterations, each >= 0 and <= 1, got [0.5, 1.5]"),
+    ("solver.optimizer=adam", "solver.optimizer must be one of sgd | adamw, got 'adam'"),
+    ("solver.amp=fp8", "solver.amp must be one of auto | off | bf16 | bf16-native | fp16, got 'fp8'"),
+])
+def test_solver_values_out_of_range_are_one_error_naming_the_key(cls, item, message):
+    with pytest.raises(MaskxError) as err:
+        load_config(cls, "synthetic", [item], source="--set")
+    assert err.value.line() == f"--set {item}: {message}"
+
+
+def test_solver_value_out_of_range_in_a_recipe_names_the_file_and_the_key(tmp_path):
+    path = _recipe(tmp_path, lambda d: d["detect_train"]["solver"].update(lr=-1))
+    with pytest.raises(MaskxError) as err:
+        load_config(DetectTrainConfig, path)
+    assert err.value.line() == f"{path}: detect_train.solver.lr must be > 0, got -1"
+    with pytest.raises(MaskxError) as err:  # a typed value from the library keeps its key, for a command to show its flag
+        load_config(MaskTrainConfig, "synthetic", [{"solver": {"iterations": 0}}])
+    assert (err.value.line(), err.value.key) == ("solver.iterations must be >= 1, got 0", "solver.iterations")
+
+
+def test_check_solver_refuses_a_config_built_in_code():
+    from pipelines.engine.solver import check_solver
+
+    with pytest.raises(MaskxError) as err:
+        check_solver(SolverConfig(log_every=0))
+    assert (err.value.line(), err.value.key) == ("solver.log_every must be >= 1, got 0", "solver.log_every")
+    check_solver(SolverConfig())
+
+
+@pytest.mark.parametrize("command, args, line", [
+    ("detect-train", ["--iterations", "0"], "error: --iterations must be >= 1, got 0"),
+    ("detect-train", ["--iterations", "-5"], "error: --iterations must be >= 1, got -5"),
+    ("detect-train", ["--set", "solver.batch_size=0"], "error: --set solver.batch_size=0: solver.batch_size must be >= 1, got 0"),
+    ("train", ["--set", "solver.lr=-1"], "error: --set solver.lr=-1: solver.lr must be > 0, got -1"),
+    ("mask-train", ["--detector", "det", "--embeddings", "emb.h5", "--iterations", "0"], "error: --iterations must be >= 1, got 0"),
+    ("mask-train", ["--detector", "det", "--embeddings", "emb.h5", "--set", "solver.workers=-1"],
+     "error: --set solver.workers=-1: solver.workers must be >= 0, got -1"),
+])
+def test_cli_refuses_solver_values_out_of_range_with_the_flag(tmp_path, command, args, line):
+    from typer.testing import CliRunner
+
+    from maskx_cli.main import app
+
+    r = CliRunner().invoke(app, [command, "--config", "synthetic", "--out", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2
+    assert [x for x in r.output.splitlines() if x.strip()] == [line]
+    assert not (tmp_path / "run").exists()
+
+
+def test_sizes_are_printed_in_the_unit_they_need():
+    """Was '0.0 GiB' for a feature cache of a few MiB."""
+    from pipelines.io import format_size
+
+    assert [format_size(n) for n in (0, 1000, 2048, 5 * 2**20 + 2**19, 2**30 - 1, 3 * 2**30)] == [
+        "0 bytes", "1000 bytes", "2.0 KiB", "5.5 MiB", "1024.0 MiB", "3.0 GiB"]

@@ -260,16 +260,18 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """The decoded RGB image at ``path`` (grayscale, palette and CMYK converted), or one MaskxError.
+    """The decoded 8-bit RGB image at ``path``, or one MaskxError.
 
-    EXIF orientation is not applied: COCO's annotations refer to the stored pixel grid.
+    Decoded by what the image is (:func:`_as_rgb`): 16-bit grayscale scaled from its 0-65535 range,
+    8-bit grayscale, palette and CMYK converted by Pillow. EXIF orientation is not applied
+    (:func:`exif_orientation` reads it): COCO's annotations refer to the stored pixel grid.
     """
     path = Path(path)
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise MaskxError("image cannot be read: the file is empty (0 bytes)", path)
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return _as_rgb(im, path)
     except FileNotFoundError:
         raise MaskxError("image file not found", path) from None
     except IsADirectoryError:
@@ -278,6 +280,40 @@ def open_image(path: str | Path) -> Image.Image:
         raise MaskxError("image cannot be read: not an image file (or a format Pillow does not know)", path) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise MaskxError(f"image cannot be read ({exc.__class__.__name__}: {exc})", path) from None
+
+
+WIDE_GRAY_MAX = 65535  # the top of a 16-bit image's range, which maps to 255
+
+
+def _as_rgb(im: Image.Image, path: Path) -> Image.Image:
+    """``im`` as 8-bit RGB. Integer grayscale of more than 8 bits (Pillow's ``I;16`` modes, and ``I``,
+    which Pillow gives some 16-bit files) is scaled from 0-65535 to 0-255 (``value / 257``, rounded):
+    Pillow's own conversion clips it at 255, which makes a 16-bit image all white. An ``I`` image with
+    values beyond 16 bits, or a floating-point one (``F``), has no range to scale from: refused."""
+    if im.mode == "F":
+        raise MaskxError("image cannot be read: a floating-point image (Pillow mode F) has no defined value range; "
+                         "save it with 8 or 16 bits per sample", path)
+    if not im.mode.startswith("I"):
+        return im.convert("RGB")
+    values = np.asarray(im).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > WIDE_GRAY_MAX):
+        raise MaskxError(f"image cannot be read: integer values from {values.min()} to {values.max()} are beyond 16 bits "
+                         "(0-65535); save it with 8 or 16 bits per sample", path)
+    gray = np.rint(values * (255 / WIDE_GRAY_MAX)).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation tag of the image at ``path`` (1, the stored grid upright, where there is none).
+
+    maskx reads every image on its stored pixel grid (COCO's annotations refer to it) and never
+    turns it by this tag; a value other than 1 means a viewer shows the image turned or mirrored.
+    """
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except (OSError, SyntaxError, ValueError, TypeError):
+        return 1
 
 
 def read_image(path: Path) -> torch.Tensor:

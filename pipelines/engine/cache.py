@@ -54,7 +54,7 @@ from pipelines.engine.rowfile import RowFile, RowWriter
 from pipelines.engine.run_dir import DetectorRun
 from pipelines.engine.sampler import IterationBatches
 from pipelines.errors import MaskxError
-from pipelines.io import atomic_path, file_lock, hdf5_file, make_parent, sha256_file, sha256_json
+from pipelines.io import atomic_path, file_lock, format_size, hdf5_file, make_parent, sha256_file, sha256_json
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
 from pipelines.progress import NULL_PROGRESS, Progress
 
@@ -540,8 +540,7 @@ def describe_build(instances: int, rows: int, per_row: int, cfg: CacheConfig, co
     what = (f"GT box + up to {cfg.proposals_per_instance} proposals per instance" if cfg.sampling == "instance"
             else f"up to {fg_per_image(cfg.rois_per_image, cfg.fg_fraction)} foreground RoIs per image (detectron sampling)")
     flips = " (images and their flipped copies)" if copies == 2 else ""
-    return (f"{instances} instances{flips}, {what}: up to {rows} RoIs x {per_row} bytes = "
-            f"{rows * per_row / 2**30:.2f} GiB")
+    return f"{instances} instances{flips}, {what}: up to {rows} RoIs x {per_row} bytes = {format_size(rows * per_row)}"
 
 
 def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: CacheConfig, path: Path, key: str,
@@ -569,16 +568,16 @@ def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: C
     free = shutil.disk_usage(path.parent).free
     if least * per_row > free:
         at_least = "up to" if least == estimate else "at least"
-        raise MaskxError(f"feature cache needs {at_least} {least * per_row / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free "
+        raise MaskxError(f"feature cache needs {at_least} {format_size(least * per_row)} but only {format_size(free)} is free "
                          f"(lower cache.proposals_per_instance or cache.rois_per_image, set cache.classes=train, "
                          f"data.hflip=false or cache.dtype=float16)", path.parent)
     progress.log(f"building feature cache: {describe_build(instances, estimate, per_row, cfg, copies)} "
-                 f"({free / 2**30:.0f} GiB free) -> {path}")
+                 f"({format_size(free)} free) -> {path}")
     if estimate * per_row > free:
         # detectron sampling: how many proposals reach the IoU threshold is known only while building;
         # a disk that fills stops the build with one line and leaves no cache behind
-        progress.log(f"the cache may not fit: at least {least * per_row / 2**30:.1f} GiB, at most "
-                     f"{estimate * per_row / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; a full disk stops the build "
+        progress.log(f"the cache may not fit: at least {format_size(least * per_row)}, at most "
+                     f"{format_size(estimate * per_row)}, {format_size(free)} free; a full disk stops the build "
                      f"with one error line and leaves nothing behind")
     s = roi_size
     device = next(model.parameters()).device

@@ -6,9 +6,8 @@ import contextlib
 
 import torch
 
+from pipelines.config import AMP
 from pipelines.errors import MaskxError
-
-AMP = ("auto", "off", "bf16", "bf16-native", "fp16")
 
 
 def resolve_device(name: str) -> torch.device:

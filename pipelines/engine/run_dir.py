@@ -39,8 +39,8 @@ from pipelines.config import DATA_PATH_KEYS, DataConfig, DetectorConfig, HeadCon
 from pipelines.engine import distributed as dist
 from pipelines.engine.checkpoint import load_checkpoint, load_state, save_checkpoint
 from pipelines.errors import MaskxError
-from pipelines.io import (os_error_reason, read_json, read_yaml, remove_stale_temporaries, sha256_file, write_json, write_text,
-                          write_yaml)
+from pipelines.io import (discard, file_lock, os_error_reason, read_json, read_yaml, remove_stale_temporaries, sha256_file,
+                          write_json, write_problem, write_text, write_yaml)
 from pipelines.modeling.detector import detector_from_state
 from pipelines.modeling.embeddings import Embeddings
 from pipelines.modeling.mask_heads import MaskSide, TransferPredictor
@@ -54,6 +54,7 @@ TENSORBOARD = "tb"
 RECIPE = "recipe.yaml"
 # What one training attempt writes besides its checkpoints: stale once no checkpoint goes with them.
 ATTEMPT_FILES = (CONFIG, MANIFEST, METRICS, TENSORBOARD, RECIPE)
+RUN_LOCK = ".run.lock"  # held (flock) by the process writing the run folder
 DETECTOR_CKPT = "model_final.pth"
 MASK_CKPT = "mask_final.pth"
 
@@ -63,11 +64,24 @@ def make_output_dir(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MaskxError("output path exists and is not a folder", out)
+    check_output_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MaskxError(f"cannot create output folder: {exc.strerror}", out) from None
     return out
+
+
+def check_output_folder(out: str | Path) -> None:
+    """Refuse, before any work, an output folder that no file can be written in (on a read-only
+    file system, without write permission), or that cannot be created for that reason: one error naming ``out``."""
+    out = Path(out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # a file on the way: make_output_dir names it
+    problem = write_problem(existing)
+    if problem:
+        raise MaskxError(f"cannot write here: {problem}" if existing == out else f"cannot create output folder: {problem}", out)
 
 
 def prepare_run_dir(out: str | Path, stage: str, config: dict, inputs: dict[str, str | Path], extra: dict | None = None) -> Path:
@@ -99,22 +113,40 @@ def training_run(out: str | Path, resume: bool, finished: tuple[str, ...]) -> It
     events) is removed, so the run starts clean. On failure: with no checkpoint written, the
     attempt's files are removed again (and the folder, if this attempt created it); otherwise the
     manifest records ``status: failed`` and the error line, beside the checkpoint to resume from.
+    The folder is held (:func:`run_lock`) from entry to exit: a second run into it is refused.
     """
     out = Path(out)
     created = not out.exists()
-    if dist.launched_rank() == 0 and not created:  # before the process group is joined, too
-        if (out / LAST).is_file() and not resume:
-            raise MaskxError(f"holds an unfinished run ({LAST}): add resume to continue it, or choose another output folder", out,
-                             key="resume")
-        remove_stale_temporaries(out)
-        if not _has_checkpoint(out, finished):
-            _remove_attempt(out)
-    try:
-        yield out
-    except BaseException as exc:
-        if dist.is_main():
-            _record_failure(out, created, finished, exc)
-        raise
+    with contextlib.ExitStack() as held:
+        if dist.launched_rank() == 0:  # before the process group is joined, too
+            held.enter_context(run_lock(make_output_dir(out)))
+        if dist.launched_rank() == 0 and not created:
+            if (out / LAST).is_file() and not resume:
+                raise MaskxError(f"holds an unfinished run ({LAST}): add resume to continue it, or choose another output folder",
+                                 out, key="resume")
+            remove_stale_temporaries(out)
+            if not _has_checkpoint(out, finished):
+                _remove_attempt(out)
+        try:
+            yield out
+        except BaseException as exc:
+            if dist.is_main():
+                _record_failure(out, created, finished, exc)
+            raise
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold the run folder ``out`` (creating it) while this process writes it: a second run into the
+    same folder is refused with one line naming it, not let to mix its files with this one's. The
+    lock (``out/.run.lock``) is released on exit, and by the kernel when the process dies."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(out / RUN_LOCK, wait=False))
+        except BlockingIOError:
+            raise MaskxError("another run is writing this folder now: wait for it to end, or choose another output folder",
+                             out) from None
+        yield
 
 
 def _has_checkpoint(out: Path, finished: tuple[str, ...]) -> bool:
@@ -132,20 +164,23 @@ def _remove_attempt(out: Path) -> None:
 
 
 def _record_failure(out: Path, created: bool, finished: tuple[str, ...], exc: BaseException) -> None:
-    """Leave nothing new (no checkpoint yet) or a manifest that says the run failed, and why."""
+    """Leave nothing new (no checkpoint yet) or a manifest that says the run failed, and why.
+
+    Done as far as the disk lets it: on a disk still full or turned read-only, what cannot be
+    removed or written stays, and the run's own error is the one reported.
+    """
     if not out.is_dir():
         return
-    remove_stale_temporaries(out)
-    if not _has_checkpoint(out, finished):
-        _remove_attempt(out)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        return
-    error = exc.line() if isinstance(exc, MaskxError) else f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-    try:
+    with contextlib.suppress(MaskxError, OSError):
+        remove_stale_temporaries(out)
+        if not _has_checkpoint(out, finished):
+            _remove_attempt(out)
+            if created and all(p.name == RUN_LOCK for p in out.iterdir()):  # only this run's lock, held
+                discard(out / RUN_LOCK)
+                out.rmdir()
+            return
+        error = exc.line() if isinstance(exc, MaskxError) else f"{exc.__class__.__name__}: {exc}".splitlines()[0]
         update_manifest(out, status="failed", error=error)
-    except (MaskxError, OSError):
-        pass  # e.g. the disk is still full: the error line has been printed, the checkpoint is intact
 
 
 def file_record(path: str | Path) -> dict[str, Any]:
@@ -186,9 +221,10 @@ class MetricsLog:
 # --------------------------------------------------------------------------------------------
 # Finished runs and their checkpoints
 def check_not_finished(out: str | Path, checkpoint: str, what: str) -> None:
-    """Refuse to train into a folder that already holds a finished run (``checkpoint``)."""
+    """Refuse to train into a folder that already holds a finished run (``checkpoint``), or that cannot be written."""
     if (Path(out) / checkpoint).exists():
         raise MaskxError(f"already holds a finished {what} ({checkpoint}); choose another output folder", out)
+    check_output_folder(out)
 
 
 def check_same_settings(run: str | Path, cfg: Any) -> None:

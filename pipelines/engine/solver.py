@@ -10,15 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipelines.config import SolverConfig
+from pipelines.config import SolverConfig, check_values
 from pipelines.errors import MaskxError
 
 
 def check_solver(cfg: SolverConfig) -> None:
-    if cfg.iterations < 1 or cfg.batch_size < 1:
-        raise MaskxError("solver.iterations and solver.batch_size must be positive")
-    if cfg.bias_lr_factor <= 0 or cfg.bias_weight_decay_factor < 0:
-        raise MaskxError("solver.bias_lr_factor must be positive and solver.bias_weight_decay_factor not negative")
+    """Raise naming the key at the first solver value out of range (``solver.lr must be > 0, got -1``).
+
+    :func:`pipelines.config.load_config` checks this on every load; this is for a config built in code.
+    """
+    check_values(cfg, "solver.")
 
 
 def layer_biases(model: nn.Module) -> set[int]:

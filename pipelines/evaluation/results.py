@@ -130,6 +130,9 @@ def _raise_problem(i: int, r: object, results: list, sizes: dict, cat_ids: set, 
     box = r.get("bbox")
     if box is not None and not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
         raise MaskxError(f"result {i} has bbox {box!r} (expected [x, y, width, height] numbers)", path)
+    if box is not None and (box[2] < 0 or box[3] < 0):
+        raise MaskxError(f"result {i} has bbox {list(box)!r} with a negative width or height (expected [x, y, width, height], "
+                         "width and height >= 0)", path)
     seg = r.get("segmentation")
     if isinstance(seg, dict):
         if "counts" not in seg or "size" not in seg:
@@ -149,7 +152,7 @@ def validate_results(results: object, gt: dict, iou_types: Iterable[str] | None 
     docstring); ``gt``: the ground-truth dict (``images`` with ``id``/``height``/``width``,
     ``categories``); ``path`` names the results file in errors. Every result needs ``image_id`` (an
     image of ``gt``), ``category_id`` (a category of ``gt``) and a finite ``score``; a ``bbox`` is 4
-    finite numbers; a ``segmentation`` is polygons or an RLE whose ``size`` is its image's
+    finite numbers, its width and height not negative; a ``segmentation`` is polygons or an RLE whose ``size`` is its image's
     ``[height, width]``.
 
     ``iou_types`` (``"segm"``, ``"bbox"``): require the field of each on every result. ``None``:
@@ -191,7 +194,7 @@ def validate_results(results: object, gt: dict, iou_types: Iterable[str] | None 
     if counts["bbox"]:
         with_box = [i for i, r in enumerate(results) if r.get("bbox") is not None] if counts["bbox"] < len(results) else None
         boxes = np.array([results[i]["bbox"] for i in with_box] if with_box is not None else [r["bbox"] for r in results], np.float64)
-        bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1))
+        bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < 0) | (boxes[:, 3] < 0))
         if bad.size:
             i = int(bad[0]) if with_box is None else with_box[int(bad[0])]
             _raise_problem(i, results[i], results, sizes, cat_ids, path)

@@ -230,12 +230,25 @@ def _check_datasets(f: h5py.File, path: Path) -> None:
                              f"(K from class_ids, D from w_cls; docs/embeddings.md)", path)
 
 
+def _finite(f, name: str, path: Path) -> torch.Tensor:
+    """Dataset ``name`` as float32, refused (naming the file, the dataset and the first class row) if
+    it holds NaN or an infinity: T would turn it into non-finite mask weights and a loss of NaN."""
+    values = f[name][()].astype(np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise MaskxError(f"embeddings dataset '{name}' holds {int(bad.sum())} non-finite value(s) (NaN or infinity; first in "
+                         f"row {row}, class id {int(f['class_ids'][row])}): the file is damaged, or exported from a detector "
+                         "whose training diverged", path)
+    return torch.from_numpy(values)
+
+
 def read_embeddings(path: str | Path) -> Embeddings:
     """Read and check an embeddings file written by :func:`write_embeddings`.
 
     Every dataset is checked against the schema (:data:`DATASETS`, docs/embeddings.md): one
-    MaskxError naming the file and the dataset for a missing one, a wrong dtype or a shape that
-    does not agree with ``class_ids`` (K) and ``w_cls`` (D).
+    MaskxError naming the file and the dataset for a missing one, a wrong dtype, a shape that
+    does not agree with ``class_ids`` (K) and ``w_cls`` (D), or NaN or infinite weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -251,11 +264,9 @@ def read_embeddings(path: str | Path) -> Embeddings:
                     raise MaskxError(f"embeddings file has no '{attr}' attribute", path)
             _check_datasets(f, path)
             coco = f["coco_ids"][()].tolist()
+            weights = {name: _finite(f, name, path) for name in ("w_cls", "w_box", "b_cls", "b_box")}
             return Embeddings(
-                w_cls=torch.from_numpy(f["w_cls"][()].astype(np.float32)),
-                w_box=torch.from_numpy(f["w_box"][()].astype(np.float32)),
-                b_cls=torch.from_numpy(f["b_cls"][()].astype(np.float32)),
-                b_box=torch.from_numpy(f["b_box"][()].astype(np.float32)),
+                **weights,
                 class_ids=f["class_ids"][()].tolist(),
                 class_names=[n.decode() if isinstance(n, bytes) else str(n) for n in f["class_names"][()]],
                 coco_ids=[None if c < 0 else c for c in coco],

@@ -182,7 +182,27 @@ class MaskXRoIHeads(BoxRoIHeads):
             project_masks_on_boxes(t["masks"], p, mt, m) if len(p) else p.new_zeros((0, m, m))
             for t, p, mt in zip(targets, mask_props, mask_matched)
         ])
-        return [], {**losses, "loss_mask": mask_loss(logits, self.mask_targets(mask_targets))}
+        loss_mask = mask_loss(logits, self.mask_targets(mask_targets))
+        if len(logits) == 0 and _distributed():
+            loss_mask = loss_mask + self.mask_side_in_graph()
+        return [], {**losses, "loss_mask": loss_mask}
+
+    def mask_side_in_graph(self) -> torch.Tensor:
+        """0, as a sum over every trainable parameter of the mask side (FCN body and predictor).
+
+        Added to the mask loss of a batch in which no RoI takes it, under DistributedDataParallel: there
+        every process must give every parameter a gradient in every step (here zeros), or the processes'
+        gradient all-reduces no longer match and training dies (``Expected to have finished reduction in
+        the prior iteration``). A single process keeps such parameters without a gradient, as before, so
+        its numbers do not change (SGD skips a parameter with none: no weight decay, no momentum step).
+        """
+        params = [p for m in (self.mask_head, self.mask_predictor) for p in m.parameters() if p.requires_grad]
+        return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=self.mask_labels.device))
+
+
+def _distributed() -> bool:
+    """Whether this process trains in a torch.distributed process group (``torchrun``)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def build_maskx_rcnn(detector: FasterRCNN, mask_side: MaskSide, roi_size: int, embedding: str | None = None,

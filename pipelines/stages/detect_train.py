@@ -12,6 +12,7 @@ from pipelines.engine import distributed as dist
 from pipelines.engine.loop import TrainStats, seed_everything, train_on_images
 from pipelines.engine.run_dir import (DETECTOR_CKPT, check_not_finished, prepare_run_dir, save_detector, training_run,
                                       update_manifest, write_recipe)
+from pipelines.engine.solver import check_solver
 from pipelines.errors import MaskxError
 from pipelines.modeling.detector import build_detector
 from pipelines.progress import NULL_PROGRESS, Progress
@@ -35,6 +36,7 @@ def detect_train(cfg: DetectTrainConfig, out: str | Path, progress: Progress = N
     ``recipe`` (the recipe ``cfg`` was loaded from, optional) is kept as ``out/recipe.yaml``: stage 2
     and evaluation on this detector read it by default.
     """
+    check_solver(cfg.solver)
     out = Path(out)
     if not resume:
         check_not_finished(out, DETECTOR_CKPT, "detector")

@@ -10,15 +10,18 @@ Outputs in ``out``:
   with ``gt`` the ground truth's id of the image of that file name), ``file_name``,
   ``category_id``, ``category_name``, ``score``, ``bbox`` [x, y, w, h], ``segmentation`` as
   compressed RLE), written atomically; ``pycocotools``' ``loadRes`` reads it as is.
-- ``images.json``: the images read (``id``, ``file_name``, ``width``, ``height``) and those skipped
-  with the reason.
+- ``images.json``: the images read (``id``, ``file_name``, ``width``, ``height``, and
+  ``exif_orientation`` where the file has one other than 1) and those skipped with the reason.
 - with ``visualize``: ``<image stem>.png`` per image, the input's size times ``scale``, set-A
   classes green, set-B classes red, ``name score`` labels (the paper's figures).
 
 Images that cannot be read are reported and skipped; the others are written. With ``gt`` (a COCO
 file of the same classes) an image is matched to its record by file name and takes its id, so
 ``maskx eval --gt FILE --results predictions.json`` scores the results as they are; an image the
-file does not list is skipped and reported.
+file does not list is skipped and reported. Images are read on their stored pixel grid, as
+training and evaluation read them (COCO's annotations refer to it): an EXIF orientation is not
+applied, and the images that carry one are listed in the result (``exif_turned``), since a viewer
+shows them turned and the boxes would not fall on what it shows.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.data.coco import check_same_categories, load_coco, read_image
+from pipelines.data.coco import check_same_categories, exif_orientation, load_coco, read_image
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import detector_of_mask_run, load_detector_run, load_mask_run, make_output_dir
 from pipelines.errors import MaskxError
@@ -55,6 +58,7 @@ class PredictResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of unreadable images
     pictures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    exif_turned: list[str] = field(default_factory=list)  # images with an EXIF orientation (not applied: the stored grid)
 
 
 def find_images(inputs: list[str | Path]) -> list[Path]:
@@ -229,7 +233,9 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
 
     batch: list[tuple[int, Path, torch.Tensor]] = []
     for image_id, path, image in _readable_images(files, known, gt, skipped, task):
-        image_records.append({"id": image_id, "file_name": str(path), "height": int(image.shape[1]), "width": int(image.shape[2])})
+        orientation = exif_orientation(path)
+        image_records.append({"id": image_id, "file_name": str(path), "height": int(image.shape[1]), "width": int(image.shape[2]),
+                              **({"exif_orientation": orientation} if orientation != 1 else {})})
         batch.append((image_id, path, image))
         if len(batch) == batch_images:
             run_batch(batch)
@@ -245,4 +251,5 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
     write_json(out / IMAGES, {"images": image_records, "skipped": [{"file_name": p, "reason": r} for p, r in skipped],
                               "categories": [{**c, "set": "A" if c["id"] in in_a else "B"} for c in categories],
                               "detector": str(det.checkpoint), "mask": str(mask_run), "score_thresh": score_thresh})
-    return PredictResult(out, predictions, len(image_records), len(results), skipped, pictures, time.perf_counter() - t0)
+    turned = [r["file_name"] for r in image_records if "exif_orientation" in r]
+    return PredictResult(out, predictions, len(image_records), len(results), skipped, pictures, time.perf_counter() - t0, turned)

@@ -131,6 +131,56 @@ def test_grayscale_and_cmyk_jpegs_read_as_rgb(tmp_path):
     assert cmyk[0].mean() > 0.8 and cmyk[1].mean() < 0.2  # C=0, M=Y=255 is red
 
 
+def _gradient16() -> np.ndarray:
+    """A 16-bit grayscale gradient over the whole 0-65535 range (H x W)."""
+    return np.linspace(0, 65535, H * W).round().astype(np.uint16).reshape(H, W)
+
+
+def test_16_bit_grayscale_png_is_scaled_to_8_bits_not_white(tmp_path):
+    """Was: Pillow's conversion clipped every value above 255, so the image read as all white."""
+    values = _gradient16()
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode == "I;16"
+    im = read_image(tmp_path / "deep.png")
+    expected = np.rint(values / 257).astype(np.float32) / 255  # 0-65535 -> 0-255, as 8 bits
+    assert im.shape == (3, H, W)
+    assert np.array_equal(im[0].numpy(), expected) and np.array_equal(im[2].numpy(), expected)
+    assert float(im.min()) == 0.0 and float(im.max()) == 1.0 and 0.45 < float(im.mean()) < 0.55
+    # training reads it the same way
+    data = {"images": [{"id": 1, "file_name": "deep.png", "width": W, "height": H}], "categories": [{"id": 1, "name": "person"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 8, 6], "area": 48, "iscrowd": 0,
+                             "segmentation": [[2, 3, 10, 3, 10, 9, 2, 9]]}]}
+    image, _ = CocoDataset(data, tmp_path)[0]
+    assert np.array_equal(image[1].numpy(), expected)
+
+
+def test_images_without_a_value_range_to_scale_from_are_refused(tmp_path):
+    Image.fromarray(np.full((H, W), 0.5, np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.full((H, W), 70000, np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(MaskxError, match="floating-point image .* has no defined value range") as err:
+        read_image(tmp_path / "float.tif")
+    assert err.value.path == str(tmp_path / "float.tif")
+    with pytest.raises(MaskxError, match=r"integer values from 70000 to 70000 are beyond 16 bits"):
+        read_image(tmp_path / "wide.tif")
+
+
+def test_exif_orientation_is_read_but_not_applied(tmp_path):
+    """COCO's annotations refer to the stored pixel grid: an image tagged 'rotate 90' is read as stored."""
+    from pipelines.data.coco import exif_orientation
+
+    stored = np.zeros((H, W, 3), np.uint8)
+    stored[:, : W // 2] = 255  # left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers turn it 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "turned.png", exif=exif)
+    Image.fromarray(stored).save(tmp_path / "plain.png")
+    assert (exif_orientation(tmp_path / "turned.png"), exif_orientation(tmp_path / "plain.png")) == (6, 1)
+    im = read_image(tmp_path / "turned.png")
+    assert im.shape == (3, H, W)  # not W x H
+    assert float(im[:, :, : W // 2].min()) == 1.0 and float(im[:, :, W // 2:].max()) == 0.0
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def test_truncated_json_is_one_error_naming_the_file(tmp_path):
     path = write_coco(tmp_path)
@@ -231,6 +281,36 @@ def test_cli_check_counts_skipped_boxes_and_fails_on_a_missing_image(tmp_path):
     path.write_text(path.read_text()[:-30])
     res = _run(["data", "check", str(path)])
     assert res.exit_code == 2 and "instances.json" in res.output and "truncated" in res.output
+
+
+def test_cli_check_flags_file_names_outside_the_image_folder(tmp_path):
+    """Was: '../rgb.jpg' and absolute file names passed silently (training reads them from wherever they point)."""
+    outside = tmp_path / "elsewhere.jpg"
+
+    def point_out(d):
+        d["images"][1]["file_name"] = "../images/gray.jpg"
+        d["images"][2]["file_name"] = str(outside)
+
+    path = write_coco(tmp_path, point_out)
+    Image.new("RGB", (W, H)).save(outside)
+    res = _run(["data", "check", str(path), "--images", str(tmp_path / "images")])
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert warnings == [f"warning: {path}: 2 image file_name(s) are absolute or climb out of the image folder with '..' "
+                        f"(image id 2 '../images/gray.jpg', image id 3 '{outside}'): they are read from there, not from the "
+                        f"image folder"]
+    inside = write_coco(tmp_path, lambda d: d["images"][1].update(file_name="sub/../gray.jpg"), name="inside.json")
+    (tmp_path / "images" / "sub").mkdir()
+    res = _run(["data", "check", str(inside), "--images", str(tmp_path / "images")])
+    assert res.exit_code == 0 and "warning:" not in res.output, res.output
+
+
+def test_which_file_names_leave_their_folder():
+    from pipelines.io import leaves_folder
+
+    assert [leaves_folder(n) for n in ("a.jpg", "d/a.jpg", "./a.jpg", "d/../a.jpg", "../a.jpg", "d/../../a.jpg",
+                                       "/abs/a.jpg", "C:/a.jpg", "..\\a.jpg")] == [
+        False, False, False, False, True, True, True, True, True]
 
 
 def test_truncated_json_names_line_and_column(tmp_path):

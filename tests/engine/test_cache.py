@@ -5,6 +5,7 @@ equal to stage 2 through the frozen detector."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from collections import namedtuple
@@ -203,9 +204,10 @@ def test_disk_refusal_names_the_folder_and_the_knobs(world, tmp_path, monkeypatc
     cfg = _cfg(tmp_path, proposals_per_instance=2)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(MaskxError, match=r"feature cache needs up to .* GiB but only 0\.0 GiB is free.*proposals_per_instance.*hflip") as e:
+    with pytest.raises(MaskxError, match=r"feature cache needs up to .* but only 1000 bytes is free.*proposals_per_instance.*hflip") as e:
         _ensure(world, cfg)
     assert e.value.path == str(tmp_path / "cache")
+    assert re.match(r"feature cache needs up to \d+\.\d (KiB|MiB) but", e.value.message)  # was "0.0 GiB" for a cache of MiBs
     assert not any((tmp_path / "cache").iterdir())
 
 
@@ -232,7 +234,7 @@ def test_detectron_cache_is_refused_below_its_least_size_and_warned_below_its_mo
     usage = namedtuple("usage", "total used free")
     cfg = _cfg(tmp_path, sampling="detectron")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(MaskxError, match=r"feature cache needs at least .* GiB but only 0\.0 GiB is free"):
+    with pytest.raises(MaskxError, match=r"feature cache needs at least \d+\.\d (KiB|MiB) but only 1000 bytes is free"):
         _ensure(world, cfg)
     assert not any((tmp_path / "cache").iterdir())
     # room for every set-A GT box but not for the foreground cap of every image: built, with a warning
@@ -412,7 +414,8 @@ def test_cli_cache_build_then_mask_train_reuses_it(world, tmp_path):
     res = runner.invoke(app, ["cache", "build", "--detector", str(world.det_dir), "--device", "cpu", *sets])
     assert res.exit_code == 0, res.output
     assert "feature cache built" in res.output and "RoIs" in res.output
-    assert "building feature cache:" in res.output and "GiB" in res.output  # the size, printed before the build
+    assert "building feature cache:" in res.output  # the size, printed before the build: a tiny cache's in KiB or MiB
+    assert re.search(r"RoIs x \d+ bytes = \d+\.\d (KiB|MiB) \(\d+\.\d [KMG]iB free\)", res.output) and "0.0 GiB" not in res.output
     (path,) = (tmp_path / "cache").glob("features-*.h5")
     res2 = runner.invoke(app, ["cache", "build", "--detector", str(world.det_dir), "--device", "cpu", *sets])
     assert res2.exit_code == 0 and "reused" in res2.output

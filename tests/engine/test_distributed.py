@@ -184,3 +184,37 @@ def test_torchrun_streamed_cache_is_sharded_and_a_sharded_run_resumes_bit_identi
     assert lines(tmp_path / "stopped" / "metrics.jsonl") == lines(tmp_path / "full" / "metrics.jsonl")
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["cache_built"]
+
+
+E2E_DRIVER = textwrap.dedent('''
+    import json, sys
+    from maskx_cli.main import app
+
+    code = app(json.loads(sys.argv[1])["train"], standalone_mode=False)
+    sys.exit(code or 0)
+''')
+
+
+def test_torchrun_end_to_end_when_a_process_batch_has_no_set_a_mask(tmp_path):
+    """Was: 'Expected to have finished reduction in the prior iteration' (gloo: a collective mismatch) as soon as one
+    process's batch had no set-A mask: its mask side got no gradients, the other's did."""
+    world = make_world(tmp_path, train_images=8, val_images=1)
+    data = json.loads(world.train_json.read_text())
+    images_of = {}
+    for a in data["annotations"]:
+        images_of.setdefault(a["category_id"], set()).add(a["image_id"])
+    set_a = min(c for c, ims in images_of.items() if len(ims) == 1)  # a class in one training image only
+    iters = 4  # x 2 processes x 1 image = the 8 images once: 7 of the 8 process-steps have no set-A mask
+    out = tmp_path / "e2e"
+    run = ["train", "--config", "synthetic", "--out", str(out),
+           *cli_overrides(world, f"solver.iterations={iters}", "solver.batch_size=2", "solver.checkpoint_every=0",
+                          f"data.mask_classes=ids:{set_a}", "data.hflip=false", "head.mask_dim=16", "head.mlp_hidden=32",
+                          "head.transfer_hidden=32")]
+    torchrun_two(E2E_DRIVER, {"train": run}, tmp_path)
+
+    mask = load_checkpoint(out / "mask_final.pth")
+    assert mask["set_a"] == [set_a] and mask["iteration"] == iters
+    assert all(torch.isfinite(v).all() for v in mask["model"].values() if v.is_floating_point())
+    assert [m["iteration"] for m in lines(out / "metrics.jsonl")] == list(range(1, iters + 1))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["world_size"] == 2

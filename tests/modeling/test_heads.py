@@ -132,6 +132,38 @@ def test_mask_loss_only_on_set_a_and_stop_gradient():
     assert g[[0, 1, 3, 4, 5]].abs().sum() == 0
 
 
+def test_a_batch_without_mask_loss_keeps_the_mask_side_in_the_graph_under_a_process_group(tmp_path):
+    """Under torchrun every process must give every parameter a gradient (DistributedDataParallel); one process
+    keeps a mask side without gradients in such a step, as before (SGD then skips it)."""
+    import torch.distributed as tdist
+
+    cfg = DetectorConfig(backbone="resnet18", fpn_channels=16, box_representation=32, norm="bn", trainable_backbone_layers=5,
+                         min_size=64, max_size=64, anchor_sizes=[8, 16, 32, 64, 128], box_batch_size_per_image=16)
+    torch.manual_seed(0)
+    det = build_detector(cfg, 5)
+    side = build_mask_side(HeadConfig(mask_dim=8, mlp=True, mlp_hidden=16, mlp_input_size=7, roi_size=7), 5, 16, None,
+                           embed_dim=5 * 32)
+    model = build_maskx_rcnn(det, side, 7, embedding="cls+box", stop_gradient=True).train()
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    tgt = [{"boxes": torch.tensor([[10.0, 10, 40, 40]]), "labels": torch.tensor([2]), "masks": masks,
+            "has_mask": torch.tensor([False])}]  # the only instance is in set B: no RoI takes the mask loss
+    trainable = [name for name, p in side.named_parameters() if p.requires_grad]
+    assert any(name.startswith("predictor.mlp") for name in trainable) and any(name.startswith("fcn") for name in trainable)
+
+    sum(model([torch.rand(3, 64, 64)], tgt).values()).backward()
+    assert [n for n, p in side.named_parameters() if p.grad is not None] == []  # one process: untouched, as before
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        losses = model([torch.rand(3, 64, 64)], tgt)
+    finally:
+        tdist.destroy_process_group()
+    assert losses["loss_mask"].item() == 0.0
+    losses["loss_mask"].backward()
+    grads = {n: p.grad for n, p in side.named_parameters() if p.requires_grad}
+    assert list(grads) == trainable and all(g is not None and not g.any() for g in grads.values())  # all there, all zero
+
+
 def test_randn_embedding_fixed_by_seed():
     assert torch.equal(randn_embedding(10, 4, 3), randn_embedding(10, 4, 3))
     assert not torch.equal(randn_embedding(10, 4, 3), randn_embedding(10, 4, 4))

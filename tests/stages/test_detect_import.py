@@ -163,6 +163,18 @@ def test_v1_detections_equal_torchvision(v1, world, tiny_pipeline):
     assert ckpt["model"]["roi_heads.box_predictor.cls_score.weight"].shape == (81, 1024)
 
 
+def test_import_into_a_folder_another_run_holds_is_refused(v1, world, tmp_path):
+    from pipelines.engine.run_dir import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out):
+        res = import_cli(out, "--weights", str(v1["weights"]), "--data", str(world.train_json))
+    assert res.exit_code == 2, res.output
+    assert [line for line in res.output.splitlines() if line.startswith("error:")] == [
+        f"error: {out}: another run is writing this folder now: wait for it to end, or choose another output folder"]
+    assert list(out.iterdir()) == []
+
+
 def test_embeddings_are_torchvision_rows(v1):
     emb = read_embeddings(v1["embeddings"])
     pred = v1["model"].roi_heads.box_predictor

@@ -95,6 +95,29 @@ def test_mask_train_refuses_a_broken_file_with_one_line(tiny_pipeline, tmp_path)
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("name, value, row", [("w_cls", float("nan"), 5), ("w_box", float("inf"), 0), ("b_cls", -float("inf"), 79)])
+def test_non_finite_weights_are_refused_when_read_naming_the_file(tiny_pipeline, tmp_path, name, value, row):
+    """Was: read as they were; mask-train then stopped with 'loss became non-finite ... lower the learning rate'."""
+    def edit(f):
+        data = f[name][()]
+        data[row, ...] = value
+        replace(name, data)(f)
+
+    path = edited(tiny_pipeline, tmp_path, edit)
+    class_id = int(read_embeddings(tiny_pipeline["embeddings"]).class_ids[row])
+    n = int(np.prod(h5py.File(path, "r")[name].shape[1:]))
+    message = (f"embeddings dataset '{name}' holds {n} non-finite value(s) (NaN or infinity; first in row {row}, class id "
+               f"{class_id}): the file is damaged, or exported from a detector whose training diverged")
+    with pytest.raises(MaskxError) as exc:
+        read_embeddings(path)
+    assert (exc.value.path, exc.value.message) == (path, message)
+    r = runner.invoke(app, ["mask-train", "--detector", str(tiny_pipeline["detector"]), "--embeddings", path,
+                            "--out", str(tmp_path / "m"), "--iterations", "1"])
+    assert r.exit_code == 2, r.output
+    assert [line for line in r.output.splitlines() if line.strip()] == [f"error: {path}: {message}"]
+    assert not (tmp_path / "m").exists()
+
+
 def test_out_inside_a_file_names_the_file(tiny_pipeline, tmp_path):
     blocker = tmp_path / "FILE"
     blocker.write_text("a file")

@@ -113,6 +113,30 @@ def test_cli_predict_visualize_scaled_and_counts_skipped(trained):
         assert im.size == (128, 128)
 
 
+def test_predict_notes_exif_orientation_it_does_not_apply(trained, tmp_path):
+    """Predictions are on the stored pixel grid, as training reads images; the turned images are named."""
+    root, inputs = trained
+    first = sorted(p for p in inputs.iterdir() if p.name != "broken.png")[0]
+    exif = Image.Exif()
+    exif[0x0112] = 8  # viewers turn it 90 degrees counter-clockwise
+    with Image.open(first) as im:
+        im.save(tmp_path / "turned.png", exif=exif)
+        size = im.size
+    shutil.copy(first, tmp_path / "plain.png")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "turned.png"), str(tmp_path / "plain.png"), "--mask",
+                                      str(root / "mask"), "--out", str(tmp_path / "out"), "--score-thresh", "0.0"])
+    assert result.exit_code == 0, result.output
+    assert (f"note: 1 image(s) carry an EXIF orientation, not applied (first: {tmp_path / 'turned.png'}): boxes and masks "
+            "are on the stored pixel grid, as training reads images; a viewer shows these turned") in result.output
+    records = json.loads((tmp_path / "out" / "images.json").read_text())["images"]
+    assert [(r["file_name"], r.get("exif_orientation"), (r["width"], r["height"])) for r in records] == [
+        (str(tmp_path / "turned.png"), 8, size), (str(tmp_path / "plain.png"), None, size)]
+    detections = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    by_file = {name: [(d["bbox"], d["category_id"]) for d in detections if d["file_name"] == name]
+               for name in (str(tmp_path / "turned.png"), str(tmp_path / "plain.png"))}
+    assert by_file[str(tmp_path / "turned.png")] == by_file[str(tmp_path / "plain.png")]  # the same pixels, not turned
+
+
 def test_mask_run_of_another_detector_is_refused(trained, tmp_path):
     root, inputs = trained
     ckpt = load_checkpoint(root / "det" / "model_final.pth")
