@@ -51,6 +51,7 @@ app.command("train")(train.train_cmd)
 app.command("eval")(stages.eval_cmd)
 app.command("eval-grabcut")(data_grabcut.eval_grabcut_cmd)
 app.command("predict")(predict.predict_cmd)
+app.command("segment")(predict.segment_cmd)
 app.command("sweep")(sweep.sweep_cmd)
 app.command("quickstart")(quickstart.quickstart_cmd)
 
