@@ -197,6 +197,14 @@ def labelled(label: str, style: str, text: str) -> Text:
     return Text.assemble((label, style), " ", text)
 
 
+def training_summary(stats: Any) -> str:
+    """``N iterations in S s, mean loss of the last W iterations L`` of a :class:`pipelines.engine.loop.TrainStats`:
+    the loss is the mean total loss over the last ``log_every`` iterations (the progress bar's), not
+    ``metrics.jsonl``'s last line (the last iteration's losses alone)."""
+    return (f"{stats.iterations} iterations in {stats.seconds:.0f} s, mean loss of the last {stats.loss_window} "
+            f"iterations {stats.mean_loss_last_window:.3f}")
+
+
 def print_paths(**paths: Any) -> None:
     """One ``name: value`` line each, the value (a path, a setting) as it is (None: left out)."""
     for k, v in paths.items():

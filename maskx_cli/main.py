@@ -1,7 +1,9 @@
 """``maskx``: the typer application. Every command and sub-app is registered here, and only here.
 
 Command modules define thin functions (parse, call one ``pipelines`` function, print); none of them
-imports this module, so the imports run one way: ``main`` -> commands -> ``pipelines``.
+imports this module, so the imports run one way: ``main`` -> commands -> ``pipelines``. Building the
+app imports no torch: a command imports the library functions it calls when it runs, so ``--help``,
+``--version`` and argument errors answer at once (``tests/test_cli_startup.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import typer
 
 from maskx_cli import cache, data, data_grabcut, data_real, predict, quickstart, stages, sweep, train
 from maskx_cli import console as _console
+from pipelines import __version__
 
 app = typer.Typer(
     name="maskx",
@@ -23,9 +26,17 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        _console.console.print(f"maskx {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.", envvar="MASKX_VERBOSE")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print maskx's version and exit.", callback=_print_version,
+                                          is_eager=True)] = False,
 ) -> None:
     _console.STATE["verbose"] = verbose
 
@@ -51,6 +62,7 @@ app.command("train")(train.train_cmd)
 app.command("eval")(stages.eval_cmd)
 app.command("eval-grabcut")(data_grabcut.eval_grabcut_cmd)
 app.command("predict")(predict.predict_cmd)
+app.command("segment")(predict.segment_cmd)
 app.command("sweep")(sweep.sweep_cmd)
 app.command("quickstart")(quickstart.quickstart_cmd)
 

@@ -2,7 +2,7 @@
 
 ``--config`` / ``--set`` / ``--resume`` are plain annotated types. Options that set a config key
 are :class:`Opt` s in groups (``SOLVER``, ``MASK_SIDE``, ``CACHE``, ``END_TO_END``, ``EVAL``, and the
-synthetic world's, made from :class:`~pipelines.data.synthetic.SynthConfig`'s fields by
+synthetic world's, made from :class:`~pipelines.data.world_config.SynthConfig`'s fields by
 :func:`world_options`); :func:`config_options` adds a group's options to a command, which then
 receives ``values``: the typed values the user gave, as a nested mapping ``{section: {key: value}}``
 that :func:`pipelines.config.load_config` takes as an override. :func:`command_flags` is how an error
@@ -21,7 +21,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from pipelines.data.synthetic import APPEARANCES, CLASS_FREQS, SHAPES, SynthConfig
+from pipelines.data.world_config import APPEARANCES, CLASS_FREQS, SHAPES, SynthConfig
 
 SetOpt = Annotated[
     Optional[list[str]],

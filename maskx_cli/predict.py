@@ -1,4 +1,4 @@
-"""``maskx predict``: COCO results JSON and pictures (set A green, set B red) for new images."""
+"""``maskx predict`` and ``maskx segment``: COCO results JSON with masks, and pictures (set A green, set B red)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,47 @@ def predict_cmd(
     skipped = f", [yellow]{len(r.skipped)} unreadable skipped[/]" if r.skipped else ""
     console.print(f"[green]predicted[/] {r.images} images, {r.detections} detections{skipped} in {r.seconds:.1f} s")
     paths = {"predictions": r.predictions}
+    if visualize:
+        paths["pictures"] = f"{len(r.pictures)} PNG files in {r.out}"
+    print_paths(**paths)
+
+
+@guarded
+def segment_cmd(
+    boxes: Annotated[Path, typer.Argument(help=(
+        "A COCO results file (any detector's; scores kept) or a COCO ground-truth file (its boxes, score 1)."))],
+    images: Annotated[Path, typer.Option("--images", "-i", help="Image folder: each image is found here by its file_name.")],
+    mask: Annotated[Path, typer.Option("--mask", "-m", help="Mask run folder (stage 2) or its mask_final.pth.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: predictions.json, images.json, pictures.")],
+    detector: Annotated[Optional[Path], typer.Option("--detector", "-d", help="Detector run (default: the one the mask run was trained on).")] = None,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help=(
+        "For a results file: a COCO file (or maskx predict's images.json) giving the file_name of each image_id."))] = None,
+    match: Annotated[str, typer.Option("--match", help="Pair the file's classes with the detector's by category id or by name: id | name.")] = "id",
+    visualize: Annotated[bool, typer.Option("--visualize", help="Write one PNG per image: set-A classes green, set-B red.")] = False,
+    scale: Annotated[int, typer.Option(help="Enlarge pictures by this integer factor (small images).")] = 1,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_images: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
+) -> None:
+    """Masks for given boxes: any detector's results, or a box-only ground truth (auto-annotation)."""
+    from pipelines.stages.segment import segment
+
+    if batch_images < 1:
+        fail(f"--batch-images must be positive, got {batch_images}")
+    with progress_bars() as progress:
+        r = segment(mask, boxes, images, out, detector=detector, gt=gt, match=match, visualize=visualize, scale=scale,
+                    device=device, batch_images=batch_images, progress=progress)
+    if r.unknown:
+        shown = ", ".join(list(r.unknown)[:5]) + (", ..." if len(r.unknown) > 5 else "")
+        warn(f"{sum(r.unknown.values())} box(es) of {len(r.unknown)} class(es) the detector does not have were skipped "
+             f"(matched by {match}): {shown}")
+    for path, reason in r.skipped[:10]:
+        warn(f"{path}: skipped: {reason}")
+    if len(r.skipped) > 10:
+        warn(f"... and {len(r.skipped) - 10} more")
+    console.print(f"[green]segmented[/] {r.boxes} boxes on {r.images} images in {r.seconds:.1f} s")
+    paths = {"predictions": r.predictions, "annotations": r.annotations}
+    if r.annotations is not None:
+        paths["annotations"] = f"{r.annotations} ({r.filled} box-only annotations given a mask)"
     if visualize:
         paths["pictures"] = f"{len(r.pictures)} PNG files in {r.out}"
     print_paths(**paths)

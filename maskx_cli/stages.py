@@ -10,7 +10,8 @@ from rich.markup import escape
 
 from rich.markup import escape
 
-from maskx_cli.console import console, err_console, fail, guarded, labelled, metrics_table, print_paths, progress_bars, warn, warn_missing_glove
+from maskx_cli.console import (console, err_console, fail, guarded, labelled, metrics_table, print_paths, progress_bars,
+                               training_summary, warn, warn_missing_glove)
 from maskx_cli.options import CACHE, DATA, EVAL, EVAL_BACKEND, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
 
 
@@ -25,13 +26,14 @@ def detect_train_cmd(
 ) -> None:
     """Stage 1: train Faster R-CNN (FPN) on the boxes of every class."""
     from pipelines.config import DetectTrainConfig, load_config
-    from pipelines.stages.detect_train import detect_train
+    from pipelines.stages.detect_train import detect_train, start_warnings
 
     cfg = load_config(DetectTrainConfig, config, [*(set_ or []), values], source=SET_SOURCE)
+    warn(*start_warnings(cfg, config))
     with progress_bars() as progress:
         result = detect_train(cfg, out, progress=progress, resume=resume, recipe=config)
     console.print(f"[green]detector trained[/] {result.num_classes} classes, {result.train_images} images, "
-                  f"{result.stats.iterations} iterations in {result.stats.seconds:.0f} s, final loss {result.stats.mean_loss_last_window:.3f}")
+                  + training_summary(result.stats))
     warn(*result.data_warnings)
     print_paths(checkpoint=result.checkpoint, config=out / "config.yaml", metrics=out / "metrics.jsonl")
 
@@ -119,7 +121,7 @@ def mask_train_cmd(
     warn(*r.data_warnings)
     cache_note = "" if r.cache_path is None else (" (cache built)" if r.cache_built else " (cache reused)")
     console.print(f"[green]mask head trained[/] {r.head}, set A = {len(r.set_a)} classes, {r.train_rois} training RoIs{cache_note}, "
-                  f"{r.stats.iterations} iterations in {r.stats.seconds:.0f} s, final loss {r.stats.mean_loss_last_window:.3f}")
+                  + training_summary(r.stats))
     print_set_a(cfg.data.mask_classes, r.set_a, r.categories)
     print_paths(checkpoint=r.checkpoint, config=out / "config.yaml", cache=r.cache_path)
 

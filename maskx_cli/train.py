@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from maskx_cli.console import console, guarded, print_paths, progress_bars, warn, warn_missing_glove
+from maskx_cli.console import console, guarded, print_paths, progress_bars, training_summary, warn, warn_missing_glove
 from maskx_cli.options import DATA, END_TO_END, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
 
 
@@ -31,6 +31,6 @@ def train_cmd(
     warn_missing_glove(r.missing_glove)
     warn(*r.data_warnings)
     console.print(f"[green]trained end to end[/] {r.head}, set A = {len(r.set_a)} classes, {r.train_images} images, "
-                  f"{r.stats.iterations} iterations in {r.stats.seconds:.0f} s, final loss {r.stats.mean_loss_last_window:.3f}")
+                  + training_summary(r.stats))
     print_set_a(cfg.data.mask_classes, r.set_a, r.categories)
     print_paths(detector=r.detector_checkpoint, mask=r.mask_checkpoint, config=out / "config.yaml")

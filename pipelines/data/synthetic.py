@@ -50,6 +50,7 @@ from pycocotools import mask as mask_utils
 
 from pipelines.data.mixed import drop_masks, own_categories
 from pipelines.data.splits import COCO_CATEGORIES, VOC_COCO_IDS
+from pipelines.data.world_config import APPEARANCES, CLASS_FREQS, SHAPES, SynthConfig
 from pipelines.errors import MaskxError
 from pipelines.io import make_parent, os_error_reason
 from pipelines.progress import NULL_PROGRESS, Progress
@@ -87,9 +88,6 @@ COCO_TRAIN2017_INSTANCES: list[int] = [
     5851, 4373, 6399, 7308, 7852, 2918, 5821, 7179, 6353, 38491, 5779, 8652, 4192, 15714, 4157, 5805,
     4970, 2262, 5703, 2855, 6434, 1673, 3334, 225, 5610, 2637, 24715, 6334, 6613, 1481, 4793, 198, 1954,
 ]
-CLASS_FREQS = ("uniform", "coco")
-SHAPES = ("random", "class")
-APPEARANCES = ("flat", "photo")
 # Shape families of the class shape priors: superellipse exponent (2 = ellipse, large = rounded
 # rectangle, near 1 = diamond), taper (width grows towards the bottom) and lobes (a star-like outline).
 SHAPE_FAMILIES: dict[str, dict] = {
@@ -99,40 +97,6 @@ SHAPE_FAMILIES: dict[str, dict] = {
     "pear": {"exponent": 2.0, "taper": 0.4, "lobes": 0},
     "star": {"exponent": 2.0, "taper": 0.0, "lobes": 5},
 }
-
-
-# --------------------------------------------------------------------------------------------
-@dataclass
-class SynthConfig:
-    num_classes: int = 80
-    train_images: int = 2000
-    val_images: int = 300
-    image_size: int = 128
-    min_objects: int = 2
-    max_objects: int = 4
-    # object radius range in pixels at image_size 128 (scaled with the image); larger objects are
-    # easier to detect and leave more room between the class-agnostic head and the oracle
-    min_radius: float = 14.0
-    max_radius: float = 34.0
-    seed: int = 0
-    # how often each class occurs: "uniform" (every class alike) or "coco" (COCO train2017's
-    # instance counts raised to class_freq_power: 1 = COCO's own long tail, 0 = uniform)
-    class_freq: str = "uniform"
-    class_freq_power: float = 1.0
-    # object shapes: "random" (blobs unrelated to the class) or "class" (a shape family and aspect
-    # ratio per class, jittered per instance)
-    shapes: str = "random"
-    # how images look: "flat" (objects of one look on a dim grey-ish gradient) or "photo"
-    # (unannotated regions of any colour behind them, a part of another colour on every object,
-    # shading, uneven light)
-    appearance: str = "flat"
-    # one's own data (pipelines/data/mixed.py): "coco" (the first 80 classes are COCO's, with coco_id) or
-    # "own" (ids 1..K, names that are not COCO's, no coco_id, as a labelling tool writes them)
-    names: str = "coco"
-    # classes whose training annotations have boxes only (segmentation absent, null, [] in turn)
-    box_only_classes: int = 0
-    # share of the other classes' training annotations without a mask ([])
-    unmasked_fraction: float = 0.0
 
 
 # A world.json written before an option existed was made with these values (the defaults of that

@@ -50,7 +50,8 @@ class TrainStats:
     start_iter: int = 0
     seconds: float = 0.0
     last_losses: dict[str, float] = field(default_factory=dict)
-    mean_loss_last_window: float = float("nan")
+    mean_loss_last_window: float = float("nan")  # the mean total loss of the last ``loss_window`` iterations
+    loss_window: int = 0  # min(log_every, iterations run in this attempt)
 
 
 def seed_everything(seed: int) -> None:
@@ -211,7 +212,8 @@ class Trainer:
 
     @contextmanager
     def _tensorboard(self):
-        """A SummaryWriter on ``run_dir/tb`` on rank 0 (None elsewhere); events after a resume point are purged.
+        """A SummaryWriter on ``run_dir/tb`` on rank 0 (None elsewhere); events after a resume point (steps
+        above the checkpoint's iteration, as in ``metrics.jsonl``) are purged.
 
         A failed write of the events (a full disk) is one MaskxError naming ``tb/``: the writer's
         background thread hands its OSError to this thread, and is kept from printing it too.
@@ -231,7 +233,8 @@ class Trainer:
         threading.excepthook = hook
         try:
             try:
-                writer = SummaryWriter(str(path), purge_step=self.start_iter or None)
+                # the checkpoint's own step was logged before it was saved: purge only the steps after it
+                writer = SummaryWriter(str(path), purge_step=self.start_iter + 1 if self.start_iter else None)
             except OSError as exc:
                 raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", path) from None
             try:
@@ -311,6 +314,7 @@ class Trainer:
         stats.iterations = cfg.iterations
         stats.seconds = time.perf_counter() - t0
         stats.mean_loss_last_window = sum(window) / len(window) if window else float("nan")
+        stats.loss_window = len(window)
         return stats
 
 

@@ -113,7 +113,9 @@ def training_run(out: str | Path, resume: bool, finished: tuple[str, ...]) -> It
     events) is removed, so the run starts clean. On failure: with no checkpoint written, the
     attempt's files are removed again (and the folder, if this attempt created it); otherwise the
     manifest records ``status: failed`` and the error line, beside the checkpoint to resume from.
-    The folder is held (:func:`run_lock`) from entry to exit: a second run into it is refused.
+    The folder is held (:func:`run_lock`) from entry to exit: a second run into it is refused. On
+    success, with every ``finished`` checkpoint written, the training checkpoint ``last.pth`` is
+    removed (it is kept on failure or a stop, to resume from).
     """
     out = Path(out)
     created = not out.exists()
@@ -133,6 +135,8 @@ def training_run(out: str | Path, resume: bool, finished: tuple[str, ...]) -> It
             if dist.is_main():
                 _record_failure(out, created, finished, exc)
             raise
+        if dist.is_main() and all((out / name).is_file() for name in finished):
+            (out / LAST).unlink(missing_ok=True)  # finished: the final checkpoints hold the weights
 
 
 @contextlib.contextmanager

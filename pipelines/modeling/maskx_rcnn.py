@@ -235,8 +235,9 @@ def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: d
     (``[R, C, S, S]`` features per detection); ``heads`` name -> :class:`MaskSide`; ``images``
     float32 ``[3, H_i, W_i]`` in [0, 1], any sizes. ``keep_label`` (bool ``[K + 1]``, optional) drops
     detections of the other classes before masks are computed. ``given`` (optional, one dict per
-    image: ``boxes`` float32 ``[N_i, 4]`` in the image's pixels, ``labels`` int64 ``[N_i]``) replaces
-    the detector's detections: those boxes are segmented, with score 1 (mask quality alone). Each
+    image: ``boxes`` float32 ``[N_i, 4]`` in the image's pixels, ``labels`` int64 ``[N_i]``, optional
+    ``scores`` float32 ``[N_i]``) replaces the detector's detections: those boxes are segmented, with
+    their scores or score 1 (mask quality alone). Each
     head computes one ``2S x 2S`` map per detection, for its own class, so memory does not grow with
     the number of classes.
 
@@ -252,7 +253,7 @@ def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: d
         detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     else:
         detections = [{"boxes": resize_boxes(g["boxes"].to(device), size, new_size), "labels": g["labels"].to(device),
-                       "scores": torch.ones(len(g["boxes"]), device=device)}
+                       "scores": g["scores"].to(device) if "scores" in g else torch.ones(len(g["boxes"]), device=device)}
                       for g, size, new_size in zip(given, original_sizes, image_list.image_sizes)]
     if keep_label is not None:
         detections = [{k: v[keep_label.to(v.device)[d["labels"]]] for k, v in d.items()} for d in detections]

@@ -29,6 +29,17 @@ class DetectTrainResult:
     data_warnings: list[str]  # what loading the annotations skipped, one line each (with the first annotation ids)
 
 
+def start_warnings(cfg: DetectTrainConfig, recipe: str | Path | None) -> list[str]:
+    """What to tell the user before stage 1 starts, one line each: a detector trained without a recipe
+    and without ``detector.pretrained_backbone`` starts from a randomly initialised ResNet (the shipped
+    recipes choose on purpose: ImageNet weights for COCO, VG and LVIS, none for the synthetic world)."""
+    if recipe or cfg.detector.pretrained_backbone:
+        return []
+    return [f"no recipe and no detector.pretrained_backbone: the {cfg.detector.backbone} backbone starts from random "
+            "weights, which needs far longer training; set detector.pretrained_backbone=IMAGENET1K_V1 (or a weights "
+            "file), or start from a recipe"]
+
+
 def detect_train(cfg: DetectTrainConfig, out: str | Path, progress: Progress = NULL_PROGRESS, resume: bool = False,
                  recipe: str | Path | None = None) -> DetectTrainResult:
     """Train the detector on ``cfg.data.train_json``; write ``out/model_final.pth`` and the run record.

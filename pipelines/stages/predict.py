@@ -26,26 +26,20 @@ shows them turned and the boxes would not fall on what it shows.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipelines.data.coco import check_same_categories, exif_orientation, load_coco, read_image
-from pipelines.engine.device import resolve_device
-from pipelines.engine.run_dir import detector_of_mask_run, load_detector_run, load_mask_run, make_output_dir
+from pipelines.data.coco import check_same_categories, exif_orientation, load_coco
+from pipelines.engine.run_dir import make_output_dir
 from pipelines.errors import MaskxError
-from pipelines.evaluation.results import to_coco_results
-from pipelines.io import atomic_path, write_json, write_text
-from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, detect_and_segment
+from pipelines.evaluation.predictions import PredictionWriter, load_predictor, read_listed_image
+from pipelines.io import write_json
 from pipelines.progress import NULL_PROGRESS, Progress
-from pipelines.visualize import draw_predictions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-PREDICTIONS = "predictions.json"
 IMAGES = "images.json"
 
 
@@ -137,36 +131,15 @@ def _readable_images(files: list[Path], known: GroundTruthImages | None, gt, ski
     ground-truth image of its recorded size); the others go to ``skipped`` as ``(path, reason)``."""
     count = 0
     for path in files:
-        try:
-            image = read_image(path)
-        except MaskxError as exc:
-            skipped.append((str(path), exc.message))
-            task.advance(1)
-            continue
         record = known.find(path) if known is not None else {"id": count + 1}
-        if record is None or (known is not None and (record["height"], record["width"]) != tuple(image.shape[1:])):
-            why = "not in the ground truth" if record is None else "its size differs from its ground-truth record"
-            skipped.append((str(path), f"{why} ({gt})"))
+        if record is None:
+            skipped.append((str(path), f"not in the ground truth ({gt})"))
             task.advance(1)
             continue
-        count += 1
-        yield record["id"], path, image
-
-
-def _picture_name(path: Path, used: set[str]) -> str:
-    name, n = f"{path.stem}.png", 1
-    while name in used:
-        name, n = f"{path.stem}-{n}.png", n + 1
-    used.add(name)
-    return name
-
-
-def _save_picture(path: Path, image: torch.Tensor, d: dict, names: list[str], in_a: list[bool], scale: int) -> None:
-    """``image`` float32 [3, H, W] with detections ``d`` drawn (set A green, set B red), as a PNG."""
-    rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    drawing = draw_predictions(rgb, d["boxes"].numpy(), names, d["scores"].numpy(), d["masks"].numpy(), in_a, scale=scale)
-    with atomic_path(path) as tmp:
-        drawing.save(tmp, format="PNG")
+        image = read_listed_image(path, record, skipped, task, f" ({gt})")
+        if image is not None:
+            count += 1
+            yield record["id"], path, image
 
 
 @torch.no_grad()
@@ -188,47 +161,25 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
     if scale < 1:
         raise MaskxError(f"picture scale must be >= 1, got {scale}", key="scale")
     files = find_images(inputs)
-    det = load_detector_run(detector or detector_of_mask_run(mask_run))
-    head, ckpt = load_mask_run(mask_run, det)
-    categories = det.categories
+    pred = load_predictor(mask_run, detector, device, score_thresh)
+    categories = pred.categories
     known = None
     if gt is not None:
         gt_data, _ = load_coco(gt)
         check_same_categories(categories, gt_data["categories"], "the detector's classes", gt)
         known = GroundTruthImages(gt_data)
-    set_a = list(ckpt["set_a"])
-    keep = class_filter(categories, set_a, classes, only)
+    keep = class_filter(categories, pred.set_a, classes, only)
     out = make_output_dir(out)
+    writer = PredictionWriter(out, categories, pred.set_a, visualize, scale)
 
-    dev = resolve_device(device)
-    model = det.model.to(dev).eval()
-    model.roi_heads.score_thresh = score_thresh
-    head.to(dev).eval()
-    roi_pool = build_mask_roi_pool(ckpt["head"]["roi_size"])
-    cat_ids = np.array([c["id"] for c in categories])
-    names = {c["id"]: c["name"] for c in categories}
-    in_a = set(set_a)
-
-    results: list[dict] = []
     image_records: list[dict] = []
     skipped: list[tuple[str, str]] = []
-    pictures: list[Path] = []
-    used_names: set[str] = set()
     task = progress.task("predict", len(files))
 
     def run_batch(batch: list[tuple[int, Path, torch.Tensor]]) -> None:
-        dets = detect_and_segment(model, roi_pool, {"mask": head}, [im for _, _, im in batch], dev, mask_threshold, keep)["mask"]
+        dets = pred.run([im for _, _, im in batch], mask_threshold, keep)
         for (image_id, path, image), d in zip(batch, dets):
-            cats = cat_ids[d["labels"].numpy() - 1]
-            rows = to_coco_results(image_id, d["boxes"].numpy(), d["scores"].numpy(), cats, d["masks"].numpy())
-            for r in rows:
-                r["file_name"] = str(path)
-                r["category_name"] = names[r["category_id"]]
-            results.extend(rows)
-            if visualize:
-                picture = out / _picture_name(path, used_names)
-                _save_picture(picture, image, d, [names[c] for c in cats], [c in in_a for c in cats], scale)
-                pictures.append(picture)
+            writer.add(image_id, path, image, d)
         task.advance(len(batch))
 
     batch: list[tuple[int, Path, torch.Tensor]] = []
@@ -246,10 +197,11 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
     if not image_records:
         raise MaskxError(f"none of the {len(files)} image file(s) could be read (first: {skipped[0][1]})", skipped[0][0])
 
-    predictions = out / PREDICTIONS
-    write_text(predictions, json.dumps(results, separators=(",", ":")) + "\n")  # compact: one entry per detection
+    predictions = writer.write()
+    in_a = set(pred.set_a)
     write_json(out / IMAGES, {"images": image_records, "skipped": [{"file_name": p, "reason": r} for p, r in skipped],
                               "categories": [{**c, "set": "A" if c["id"] in in_a else "B"} for c in categories],
-                              "detector": str(det.checkpoint), "mask": str(mask_run), "score_thresh": score_thresh})
+                              "detector": str(pred.detector), "mask": str(mask_run), "score_thresh": score_thresh})
     turned = [r["file_name"] for r in image_records if "exif_orientation" in r]
-    return PredictResult(out, predictions, len(image_records), len(results), skipped, pictures, time.perf_counter() - t0, turned)
+    return PredictResult(out, predictions, len(image_records), len(writer.results), skipped, writer.pictures,
+                         time.perf_counter() - t0, turned)

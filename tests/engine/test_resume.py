@@ -75,6 +75,7 @@ def test_detector_stopped_by_sigterm_then_resumed_matches_uninterrupted(runs, mo
 
     detect_train(detect_config(world, *ITERS), out, resume=True)
     assert not stale.exists() and read_manifest(out)["status"] == "finished"
+    assert not (out / "last.pth").exists()  # finished: the final checkpoint holds the weights
     full = load_checkpoint(root / "det_full" / "model_final.pth")["model"]
     resumed = load_checkpoint(out / "model_final.pth")["model"]
     assert_same_state(full, resumed)

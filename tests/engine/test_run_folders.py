@@ -9,7 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
+from pipelines.config import DetectTrainConfig
+from pipelines.data.coco import CocoDataset
 from pipelines.engine.run_dir import read_manifest, training_run
+from pipelines.stages.detect_train import start_warnings
+from tests.engine.test_resume import sigterm_after
 from tests.engine.tiny_runs import cli_overrides, make_world
 
 pytestmark = pytest.mark.slow
@@ -28,6 +32,15 @@ def detect_train(world, out, *extra: str, iterations: int = 2, resume: bool = Fa
 
 def errors(result) -> list[str]:
     return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def stopped_run(world, out, monkeypatch) -> None:
+    """A 3-iteration run stopped by SIGTERM in iteration 2: ``last.pth`` at iteration 2, no final checkpoint."""
+    with monkeypatch.context() as m:  # 4 images per step: the 5th image read is in iteration 2
+        m.setattr(CocoDataset, "__getitem__", sigterm_after(5, CocoDataset.__getitem__))
+        r = detect_train(world, out, iterations=3)
+    assert r.exit_code == 2 and "stopped by SIGTERM at iteration 2" in errors(r)[0], r.output
+    assert (out / "last.pth").is_file() and not (out / "model_final.pth").exists()
 
 
 def broken_world(world, tmp_path):
@@ -69,20 +82,28 @@ def test_a_rerun_without_resume_starts_clean(world, tmp_path):
     assert not any(p.name.endswith(".old.0.0") for p in (out / "tb").iterdir())
     assert not list(out.glob(".*.tmp"))
     assert read_manifest(out)["status"] == "finished"
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_final.pth"]  # a finished run keeps no last.pth
+    assert "warning:" not in r.output  # a recipe was given
 
-    # a folder holding a run that can be resumed is not thrown away without a word
-    (out / "model_final.pth").unlink()
-    r = detect_train(world, out)
+
+def test_a_folder_with_an_unfinished_run_is_refused_without_resume(world, tmp_path, monkeypatch):
+    """A folder holding a run that can be resumed is not thrown away without a word; resumed, it ends without last.pth."""
+    out = tmp_path / "run"
+    stopped_run(world, out, monkeypatch)
+    r = detect_train(world, out, iterations=3)
     assert r.exit_code == 2
     assert errors(r) == [f"error: {out}: holds an unfinished run (last.pth): add --resume to continue it, or choose another output folder"]
     assert (out / "last.pth").is_file()
+    r = detect_train(world, out, iterations=3, resume=True)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_final.pth"]
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-def test_a_run_that_fails_after_a_checkpoint_says_so_in_its_manifest(world, tmp_path):
+def test_a_run_that_fails_after_a_checkpoint_says_so_in_its_manifest(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert detect_train(world, out, iterations=2).exit_code == 0
-    (out / "model_final.pth").unlink()  # as if it had stopped after its checkpoint at iteration 1
-    r = detect_train(world, out, *broken_world(world, tmp_path), resume=True)
+    stopped_run(world, out, monkeypatch)
+    r = detect_train(world, out, *broken_world(world, tmp_path), iterations=3, resume=True)
     assert r.exit_code == 2, r.output
     manifest = read_manifest(out)
     assert manifest["status"] == "failed" and "image file not found" in manifest["error"]
@@ -127,3 +148,18 @@ def test_only_the_first_process_sweeps_even_before_it_joins_the_group(tmp_path, 
     monkeypatch.setenv("RANK", "0")
     with training_run(out, resume=False, finished=()):
         assert not (out / "metrics.jsonl").exists()
+
+
+def test_detect_train_without_a_recipe_warns_once_of_a_random_backbone(tmp_path):
+    missing = tmp_path / "none.json"
+    r = runner.invoke(app, ["detect-train", "--out", str(tmp_path / "run"), "--train-data", str(missing)])
+    assert r.exit_code == 2 and len(errors(r)) == 1 and str(missing) in errors(r)[0]
+    warnings = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: no recipe and no detector.pretrained_backbone: the resnet50 backbone starts from random "
+                        "weights, which needs far longer training; set detector.pretrained_backbone=IMAGENET1K_V1 (or a "
+                        "weights file), or start from a recipe"]
+    assert start_warnings(DetectTrainConfig(), "synthetic") == []
+    named = DetectTrainConfig()
+    named.detector.pretrained_backbone = "IMAGENET1K_V1"
+    assert start_warnings(named, None) == []
+    assert len(start_warnings(DetectTrainConfig(), None)) == 1

@@ -46,3 +46,17 @@ def cli_overrides(world, *extra: str) -> list[str]:
     for item in data_overrides(world) + DETECTOR + list(extra):
         args += ["--set", item]
     return args
+
+
+def train_detector_and_mask(root: Path, train_images: int = 16, val_images: int = 3):
+    """A tiny world, a detector (2 iterations) in ``root/det``, its embeddings and a transfer mask run
+    (2 iterations) in ``root/mask``; returns the world."""
+    from pipelines.stages.detect_train import detect_train
+    from pipelines.stages.export_embeddings import export_embeddings
+    from pipelines.stages.mask_train import mask_train
+
+    world = make_world(root, train_images=train_images, val_images=val_images)
+    detect_train(detect_config(world, "solver.iterations=2"), root / "det")
+    export_embeddings(root / "det", root / "emb.h5")
+    mask_train(mask_config(world, "solver.iterations=2"), root / "det", root / "emb.h5", root / "mask")
+    return world

@@ -16,11 +16,8 @@ from maskx_cli.main import app
 from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
-from pipelines.stages.detect_train import detect_train
-from pipelines.stages.export_embeddings import export_embeddings
-from pipelines.stages.mask_train import mask_train
 from pipelines.stages.predict import class_filter, find_images, predict
-from tests.engine.tiny_runs import detect_config, make_world, mask_config
+from tests.engine.tiny_runs import train_detector_and_mask
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +27,7 @@ def trained(tmp_path_factory):
     """A tiny detector + transfer mask run, and an input folder of 3 images and 1 corrupt file."""
     root = tmp_path_factory.mktemp("predict")
     torch.set_num_threads(1)
-    world = make_world(root, train_images=16, val_images=3)
-    detect_train(detect_config(world, "solver.iterations=2"), root / "det")
-    export_embeddings(root / "det", root / "emb.h5")
-    mask_train(mask_config(world, "solver.iterations=2"), root / "det", root / "emb.h5", root / "mask")
+    world = train_detector_and_mask(root)
     inputs = root / "inputs"
     shutil.copytree(world.val_dir, inputs)
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
