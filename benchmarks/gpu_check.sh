@@ -1,55 +1,25 @@
 #!/usr/bin/env bash
-# GPU figures in one command: the stage-2, inference, classes and cache benchmarks, one JSON each.
+# Every maskx command on a GPU in one prepared run, then the stage-2, inference, classes and cache
+# benchmarks: benchmarks/gpu_acceptance.py does the work, this script passes it the environment.
 #
 #   bash benchmarks/gpu_check.sh [OUT]        # OUT defaults to bench_gpu/
 #
 # Runs with the machine's own Python and torch (no uv needed): PYTHONPATH=. python3 benchmarks/...
-# Environment: PYTHON (default python3), DEVICE (default cuda), CACHE_GB (size of the cold-read
-# cache, default 4), CACHE_DIR (where it is written, default OUT; a real disk, not a RAM disk),
-# LIMIT (seconds per benchmark, default 240), SMOKE=1 (tiny sizes: checks the script, no figures).
-# About 3-5 minutes on one GPU; every benchmark is stopped at LIMIT, so the whole run stays under
-# 4 x LIMIT. The versions it ran with go to OUT/versions.txt and into every JSON ("machine").
+# Environment: PYTHON (default python3), DEVICE (default cuda), BUDGET (seconds for the whole run,
+# default 480), LIMIT (seconds per benchmark, default 240), CACHE_GB (size of the cold-read cache,
+# default 4), CACHE_DIR (where it is written, default OUT; a real disk, not a RAM disk), SKIP
+# ("commands" and/or "benchmarks": groups of steps to leave out), SMOKE=1 (tiny sizes: checks the
+# script, no figures). Writes OUT/summary.json (every step's exit status, seconds, last line; the
+# machine, the versions, the packages missing), OUT/versions.txt, OUT/logs/<step>.log and one JSON per
+# benchmark; exit status 0 when every step that could run passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_gpu}
 PY=${PYTHON:-python3}
-DEV=${DEVICE:-cuda}
-LIMIT=${LIMIT:-240}
-mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
-"$PY" -c "import torch, torchvision; print('torch', torch.__version__, '| torchvision', torchvision.__version__, \
-'| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/versions.txt"
-
-if [ "${SMOKE:-0}" = 1 ]; then
-  STAGE2=(--settings quick --steps 1 --cache-rois 64 --images 1 --rois 8)
-  INFER=(--size 64 --rounds 1 --proposals 20 --detections 4)
-  CLASSES=(--rois 4 --rounds 1 --skip-model --mlp-hidden 16)
-  CACHE=(--gb 0.01 --batch 8 --drop fadvise --build-images 2 --build-batch 2 --build-rounds 1 --size 64 --backbone resnet18
-         --workers 1 --dir "${CACHE_DIR:-$OUT}")
-else
-  STAGE2=(--settings quick,coco --size 800 --steps 20 --cache-rois 8192)
-  INFER=(--size 800 --rounds 7)
-  CLASSES=(--size 800 --rounds 7)
-  CACHE=(--gb "${CACHE_GB:-4}" --build-images 32 --size 800 --dir "${CACHE_DIR:-$OUT}")
-fi
-
-status=0
-run() {
-  local name=$1 script=$2
-  shift 2
-  local t0=$SECONDS
-  echo "== $name: $script $*"
-  if timeout "$LIMIT" "$PY" "benchmarks/$script" "$@" --device "$DEV" --out "$OUT/$name.json"; then
-    echo "== $name: $((SECONDS - t0)) s -> $OUT/$name.json"
-  else
-    echo "== $name: FAILED or over ${LIMIT} s (exit $?)" >&2
-    status=1
-  fi
-}
-
-run stage2 bench_stage2.py "${STAGE2[@]}"
-run inference bench_inference.py "${INFER[@]}"
-run classes bench_classes.py "${CLASSES[@]}"
-run cache bench_cache.py "${CACHE[@]}"
-exit $status
+args=(--out "$OUT" --device "${DEVICE:-cuda}" --budget "${BUDGET:-480}" --limit "${LIMIT:-240}" --cache-gb "${CACHE_GB:-4}")
+[ -n "${CACHE_DIR:-}" ] && args+=(--cache-dir "$CACHE_DIR")
+[ "${SMOKE:-0}" = 1 ] && args+=(--smoke)
+for group in ${SKIP:-}; do args+=(--skip "$group"); done
+exec "$PY" benchmarks/gpu_acceptance.py "${args[@]}"

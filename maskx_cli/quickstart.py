@@ -29,7 +29,7 @@ def quickstart_cmd(
     """Synthetic world -> detector -> embeddings -> mask heads -> eval on sets A and B -> report."""
     from pipelines.config import from_dict, load_spec, parse_overrides
     from pipelines.data.synthetic import SynthConfig
-    from pipelines.stages.quickstart import quickstart, summary_rows
+    from pipelines.stages.quickstart import quickstart, stage1_text, summary_rows
     from pipelines.stages.sweep import timing_text
 
     spec = load_spec("quickstart")
@@ -39,6 +39,8 @@ def quickstart_cmd(
     spec.directions = list(split) if split else spec.directions
     with progress_bars() as progress:
         r = quickstart(spec, out, progress, parse_overrides(set_ or [], SET_SOURCE))
+    if r.summary.get("stage1_by_device"):
+        console.print(f"stage 1 on cuda, the stronger detector: {stage1_text(r.summary['stage1_by_device'])}")
     rows = summary_rows(r.summary)
     console.print(metrics_table(f"mask AP, mean over stage-2 seeds {spec.seeds}", rows, list(next(iter(rows.values())))))
     for direction, s in r.summary["splits"].items():
