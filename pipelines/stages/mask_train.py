@@ -45,7 +45,7 @@ class MaskTrainResult:
     stats: TrainStats
     missing_glove: list[str]
     categories: list[dict]
-    data_warnings: list[str]  # what the training file lacks (set-A annotations without masks), one line each
+    data_warnings: list[str]  # what loading skipped (degenerate boxes) and the file lacks (set-A masks), one line each
 
 
 def check_mask_train_config(cfg: MaskTrainConfig) -> None:
@@ -91,7 +91,7 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     emb = read_embeddings(embeddings)
     check_embeddings_fit(emb, det)
     cfg = dataclasses.replace(cfg, data=det.data_config(cfg.data))
-    data, _ = load_split(cfg.data.train_json, "train")
+    data, report = load_split(cfg.data.train_json, "train")
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     categories = det.categories
     sets = training_sets(cfg.data.mask_classes, cfg.head.head, categories, data, cfg.data.train_json)
@@ -144,7 +144,7 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
 
     dist.main_first(finish, others=False)  # rank 0 writes; the others wait for it
     return MaskTrainResult(out, final, cfg.head.head, set_a, source.rois, cache_path, bool(prepared and prepared.built), stats, missing,
-                           categories, sets.warnings)
+                           categories, report.warnings(cfg.data.train_json) + sets.warnings)
 
 
 def _roi_source(cfg: MaskTrainConfig, det: DetectorRun, data: dict, dataset: CocoDataset, train_classes: list[int],

@@ -256,3 +256,16 @@ def test_stage_two_takes_the_detector_runs_data_key_by_key(own):
         assert getattr(cfg.data, k) == run_cfg[k]
     cfg = load_stage_config(MaskTrainConfig, None, det, ["data.train_json=other.json"], source="--set")
     assert cfg.data.train_json == "other.json" and cfg.data.train_images == run_cfg["train_images"]
+
+
+def test_mask_train_says_which_degenerate_boxes_it_skipped(own, monkeypatch, tmp_path):
+    """A zero-area box in the training file: skipped by stage 2 too, with the counted warning detect-train gives."""
+    monkeypatch.chdir(own["root"])
+    data = json.loads((own["root"] / "mine/instances_train.json").read_text())
+    first = next(a for a in data["annotations"] if has_usable_mask(a))
+    data["annotations"].append({**first, "id": 99999, "bbox": [first["bbox"][0], first["bbox"][1], 0, 5]})
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    r = runner.invoke(app, ["mask-train", "-d", "runs/det", "-e", "runs/det/emb.h5", "--mask-classes", "annotated",
+                            "--train-data", str(tmp_path / "t.json"), "--iterations", "1", "--no-cache", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert "skipped 1 annotation(s) with a zero-area, negative or out-of-image box (annotation id 99999)" in " ".join(r.output.split())
