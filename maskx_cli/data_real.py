@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from maskx_cli.console import console, guarded, print_paths, progress_bars, warn
+from maskx_cli.console import console, guarded, labelled, print_paths, progress_bars, warn
 
 
 @guarded
@@ -162,19 +161,19 @@ def _print_classes(data: dict, split: str, per_class: bool) -> None:
         warn(f"--split {split}: {exc.message}")
         set_a = None
     if per_class:
-        table = Table(title=f"per class (set A = '{escape(split)}')", title_justify="left")
+        table = Table(title=Text(f"per class (set A = '{split}')"), title_justify="left")
         for col in ("id", "class", "instances", "with a mask", "box-only", "set"):
             table.add_column(col, justify="left" if col == "class" else "right")
         for c in coverage:
             in_set = "" if set_a is None else ("A" if c.category_id in set_a else "B")
-            table.add_row(str(c.category_id), escape(c.name), f"{c.instances:,}", f"{c.with_mask:,}", f"{c.box_only:,}", in_set)
+            table.add_row(str(c.category_id), Text(c.name), f"{c.instances:,}", f"{c.with_mask:,}", f"{c.box_only:,}", in_set)
         console.print(table)
     masked = [c for c in coverage if c.with_mask]
     partly = [c for c in masked if c.box_only]
     console.print(f"{len(masked)} of {len(cats)} classes have masks ({len(partly)} of them also box-only instances); "
                   f"{len(cats) - len(masked)} are box-only or absent", highlight=False)
     if set_a is not None:
-        console.print(f"[dim]'{escape(split)}' puts in set A ({len(set_a)}):[/] {escape(describe_classes(set_a, cats, 20))}",
+        console.print(labelled(f"'{split}' puts in set A ({len(set_a)}):", "dim", describe_classes(set_a, cats, 20)),
                       highlight=False, soft_wrap=True)
         without = [c.category_id for c in coverage if c.category_id in set_a and not c.with_mask]
         if without:

@@ -8,8 +8,6 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from rich.markup import escape
-
 from maskx_cli.console import (console, err_console, fail, guarded, labelled, metrics_table, print_paths, progress_bars,
                                training_summary, warn, warn_missing_glove)
 from maskx_cli.options import CACHE, DATA, EVAL, EVAL_BACKEND, MASK_SIDE, SET_SOURCE, SOLVER, ConfigOpt, ResumeOpt, SetOpt, config_options
@@ -86,8 +84,8 @@ def print_set_a(spec: str, set_a: list[int], categories: list[dict]) -> None:
     """The set-A line every stage that chooses set A prints: the spec, the count and the class names."""
     from pipelines.data.annotations import describe_classes
 
-    console.print(f"[dim]set A ('{escape(spec)}', {len(set_a)} of {len(categories)} classes):[/] "
-                  f"{escape(describe_classes(set_a, categories, 20))}", highlight=False, soft_wrap=True)
+    console.print(labelled(f"set A ('{spec}', {len(set_a)} of {len(categories)} classes):", "dim",
+                           describe_classes(set_a, categories, 20)), highlight=False, soft_wrap=True)
 
 
 def load_mask_train_config(config: str | None, detector: Path, set_: list[str] | None, values: dict):
@@ -180,13 +178,13 @@ def eval_cmd(
         r = evaluate_heads(dict(zip(names, runs)), cfg, data, images, detector, progress, json_out)
     warn(*r.warnings)
     _print_protocol(r.protocol)
-    b_is = escape(cfg.split) if cfg.split else "the classes without training masks"
+    b_is = cfg.split or "the classes without training masks"  # a plain-text title: no escaping
     for iou in ("segm",) if cfg.gt_boxes else ("segm", "bbox"):
         rows = {f"{name} · {s}": r.metrics[name][iou][s] for name in names for s in r.sets}
         console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP ({r.images} images; B = {b_is}"
                                     f"{'; ground-truth boxes' if cfg.gt_boxes else ''})", rows, r.metric_names))
     for note in r.notes:
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        err_console.print(labelled("note:", "yellow", note), highlight=False, soft_wrap=True)
     print_paths(metrics=json_out)
 
 
@@ -210,7 +208,7 @@ def _eval_results(gt: Path, results: Path, cfg, json_out: Optional[Path]) -> Non
     _print_protocol(r.scores.protocol)
     for iou, by_set in r.scores.metrics.items():
         console.print(metrics_table(f"{'mask' if iou == 'segm' else 'box'} AP of {results.name} ({r.detections} detections "
-                                    f"on {r.images} images; B = {escape(cfg.split or 'nonvoc')})", by_set, r.scores.metric_names))
+                                    f"on {r.images} images; B = {cfg.split or 'nonvoc'})", by_set, r.scores.metric_names))
     print_paths(metrics=json_out)
 
 

@@ -961,7 +961,7 @@ class CacheResult:
     key: str
     built: bool
     cache: FeatureCache
-    warnings: list[str] = field(default_factory=list)  # what the training file lacks (set-A annotations without masks)
+    warnings: list[str] = field(default_factory=list)  # what loading skipped (degenerate boxes) and the file lacks (set-A masks)
 
     @property
     def rois(self) -> int:

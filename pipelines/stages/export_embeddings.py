@@ -11,6 +11,7 @@ from pathlib import Path
 from pipelines.data.coco import load_split
 from pipelines.data.splits import coco_id_of, resolve_split
 from pipelines.engine.run_dir import load_detector_run
+from pipelines.errors import MaskxError
 from pipelines.modeling.detector import detection_weights
 from pipelines.modeling.embeddings import write_embeddings
 
@@ -34,7 +35,10 @@ def export_embeddings(run: str | Path, out: str | Path, mask_classes: str | None
     data = None
     if spec.strip() == "annotated":
         train_json = det.data_paths().get("train_json", "")
-        data, _ = load_split(train_json, "train") if train_json else (None, None)
+        if not train_json:
+            raise MaskxError("set A 'annotated' is read from the training file the detector was made with, and this run "
+                             "names none: choose mask_classes (e.g. ids:1,2,3)", det.run_dir, key="mask_classes")
+        data, _ = load_split(train_json, "train")
     set_a = resolve_split(spec, det.categories, data)
     set_a_ids = set(set_a)
     weights = tuple(t.detach().float().cpu().numpy() for t in detection_weights(det.model.roi_heads.box_predictor))

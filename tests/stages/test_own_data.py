@@ -269,3 +269,24 @@ def test_mask_train_says_which_degenerate_boxes_it_skipped(own, monkeypatch, tmp
                             "--train-data", str(tmp_path / "t.json"), "--iterations", "1", "--no-cache", "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     assert "skipped 1 annotation(s) with a zero-area, negative or out-of-image box (annotation id 99999)" in " ".join(r.output.split())
+
+
+def test_cache_build_reuses_the_mask_train_cache_and_warns_once(own, monkeypatch):
+    monkeypatch.chdir(own["root"])
+    r = runner.invoke(app, ["cache", "build", "-d", "runs/det", "--mask-classes", "annotated"])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "already there, reused" in out
+    assert out.count("set-A annotation(s) have no mask") == 1
+
+
+def test_export_annotated_needs_the_runs_training_file(own, monkeypatch, tmp_path):
+    from pipelines.engine.run_dir import DetectorRun
+    from pipelines.errors import MaskxError
+    from pipelines.stages.export_embeddings import export_embeddings
+
+    monkeypatch.setattr(DetectorRun, "data_paths", lambda self: {})
+    with pytest.raises(MaskxError, match="set A 'annotated' is read from the training file the detector was made with, "
+                                         "and this run names none"):
+        export_embeddings(own["root"] / "runs/det", tmp_path / "e.h5", "annotated")
+    assert not (tmp_path / "e.h5").exists()
