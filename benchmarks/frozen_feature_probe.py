@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_device_arg, machine, print_table, write_report  # noqa: E402
 
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config  # noqa: E402
-from pipelines.engine.checkpoint import load_checkpoint  # noqa: E402
+from pipelines.checkpoint import load_checkpoint  # noqa: E402
 from pipelines.engine.loop import seed_everything  # noqa: E402
 from pipelines.engine.run_dir import load_detector_run  # noqa: E402
 from pipelines.errors import MaskxError  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.errors import MaskxError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "frozen_feature_probe.py"

@@ -35,7 +35,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from pipelines.config import DetectorConfig
-from pipelines.engine.checkpoint import load_state
+from pipelines.checkpoint import load_state
 from pipelines.errors import MaskxError
 from pipelines.modeling.zoo import backbone_weights_file, read_state_dict
 from pipelines.progress import NULL_PROGRESS, Progress

@@ -7,7 +7,7 @@ there, checking the hash that its file name carries (no progress bar: one line o
 there). Without a network the download fails and the
 user gets one line: the URL to fetch and the path to put the file at.
 
-Every file is read weights-only (:func:`pipelines.engine.checkpoint.load_weights`): tensors and
+Every file is read weights-only (:func:`pipelines.checkpoint.load_weights`): tensors and
 plain containers only, nothing in it is executed.
 """
 
@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import torch
 from torchvision.models import Weights, WeightsEnum, get_model_weights
 
-from pipelines.engine.checkpoint import load_weights
+from pipelines.checkpoint import load_weights
 from pipelines.errors import MaskxError
 from pipelines.progress import NULL_PROGRESS, Progress
 
@@ -88,7 +88,7 @@ def fetch(weights: Weights, hint: str, progress: Progress = NULL_PROGRESS) -> Pa
 def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     """A torchvision-format state dict (tensor name -> tensor) read weights-only from ``path``.
 
-    Read by :func:`pipelines.engine.checkpoint.load_weights` (nothing in the file runs). A dict
+    Read by :func:`pipelines.checkpoint.load_weights` (nothing in the file runs). A dict
     whose ``model`` entry is the state dict (a training checkpoint) gives that entry.
     """
     obj = load_weights(path, what)

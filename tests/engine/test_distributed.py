@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.stages.detect_train import detect_train
 from pipelines.stages.export_embeddings import export_embeddings
 from pipelines.stages.mask_train import mask_train
@@ -147,7 +147,7 @@ SHARD_DRIVER = textwrap.dedent('''
     mt.mask_loss = loss
     dist.barrier()
     if rank == 0:  # the checkpoint of the stop holds both processes' random states
-        from pipelines.engine.checkpoint import load_checkpoint
+        from pipelines.checkpoint import load_checkpoint
         last = load_checkpoint(Path(plan["stopped"]) / "last.pth")
         json.dump({"iteration": last["iteration"], "rng_ranks": len(last["rng_ranks"]), "world_size": last["world_size"]},
                   open(Path(plan["logs"]) / "stopped_last.json", "w"))

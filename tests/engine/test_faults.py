@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from maskx_cli.main import app
 from pipelines.config import SolverConfig
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.engine.loop import Trainer
 from pipelines.errors import MaskxError
 from tests.engine.tiny_runs import cli_overrides, make_world

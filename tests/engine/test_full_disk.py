@@ -16,11 +16,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import pipelines.engine.checkpoint as checkpoint_module
+import pipelines.checkpoint as checkpoint_module
 import pipelines.engine.run_dir as run_dir_module
 from maskx_cli.main import app
 from pipelines.config import MaskTrainConfig, SolverConfig, load_config
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.engine.loop import Trainer
 from pipelines.errors import MaskxError
 from pipelines.stages.cache import cache_build

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import pipelines.engine.loop as loop_module
 from maskx_cli.main import app
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.engine.run_dir import RUN_LOCK, MetricsLog
 from tests.engine.tiny_runs import cli_overrides, make_world
 

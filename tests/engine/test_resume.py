@@ -11,7 +11,7 @@ import torch
 
 from pipelines.data.coco import CocoDataset
 from pipelines.data.transforms import FlippedCopies
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.engine.run_dir import read_manifest
 from pipelines.errors import MaskxError
 from pipelines.stages.detect_train import detect_train

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.engine.run_dir import RUN_LOCK, MetricsLog, read_manifest, run_lock
 from tests.engine.tiny_runs import HEAD
 

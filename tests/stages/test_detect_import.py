@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from maskx_cli.main import app
 from pipelines.config import DetectorConfig, DetectTrainConfig, TrainE2EConfig, load_config
 from pipelines.data.coco import load_coco, read_image
-from pipelines.engine.checkpoint import load_checkpoint
+from pipelines.checkpoint import load_checkpoint
 from pipelines.engine.run_dir import load_detector_run
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file

@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
-from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
 from pipelines.stages.predict import class_filter, find_images, predict

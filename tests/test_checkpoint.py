@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from maskx_cli.main import app
 from pipelines.config import DetectorConfig, SolverConfig
-from pipelines.engine.checkpoint import FORMAT, SCHEMAS, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import FORMAT, SCHEMAS, load_checkpoint, save_checkpoint
 from pipelines.engine.loop import Trainer, rng_state, set_rng_state
 from pipelines.errors import MaskxError
 from pipelines.modeling.detector import build_backbone
