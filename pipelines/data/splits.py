@@ -19,8 +19,9 @@ the synthetic world carry it; ``null`` for classes that are not in COCO), else i
 when its name is COCO's name for that id (:func:`check_coco_categories`).
 
 The set-A rule (:func:`takes_mask_loss`): a RoI gets a mask loss only if its ground-truth class is a
-mask class -- set A, or every class for the oracle head (:func:`mask_classes`) -- and its instance
-has a mask. Every training route applies it: end to end (``MaskXRoIHeads``), from the feature cache
+mask class -- set A, or every class for a head that trains on every class's masks, as the oracle
+does (:func:`mask_classes`; the head's predictor says so, ``trains_every_class`` in
+``pipelines/modeling/mask_heads.py``) -- and its instance has a mask. Every training route applies it: end to end (``MaskXRoIHeads``), from the feature cache
 (``cache_source``) and through the frozen detector (``DetectorRoIs``).
 """
 
@@ -171,8 +172,9 @@ class TrainingSets:
     warnings: list[str] = field(default_factory=list)
 
 
-def training_sets(spec: str, head: str, categories: list[dict], data: dict, path=None) -> TrainingSets:
-    """Set A of ``spec`` on the training file ``data`` (named ``path``), for a mask side of ``head``.
+def training_sets(spec: str, every_class: bool, categories: list[dict], data: dict, path=None) -> TrainingSets:
+    """Set A of ``spec`` on the training file ``data`` (named ``path``), for a mask side that trains on
+    set A's masks or, ``every_class`` (its predictor's ``trains_every_class``), on every class's.
 
     Raises MaskxError (key ``data.mask_classes``) when a set-A class has instances but no mask at
     all in the file (a box-only class: chosen by mistake, e.g. by coincidence of numbering); set-A
@@ -192,12 +194,13 @@ def training_sets(spec: str, head: str, categories: list[dict], data: dict, path
         where = f"{path}: " if path else ""
         warnings.append(f"{where}{len(unmasked)} set-A annotation(s) have no mask (segmentation absent, null or empty): "
                         f"they train boxes only, no mask loss (annotation id {first})")
-    return TrainingSets(set_a, mask_classes(head, set_a, categories), unmasked, warnings)
+    return TrainingSets(set_a, mask_classes(every_class, set_a, categories), unmasked, warnings)
 
 
-def mask_classes(head: str, set_a: list[int], categories: list[dict]) -> list[int]:
-    """The classes whose masks train the mask side: set A, or every class for the ``oracle`` head."""
-    return [c["id"] for c in categories] if head == "oracle" else list(set_a)
+def mask_classes(every_class: bool, set_a: list[int], categories: list[dict]) -> list[int]:
+    """The classes whose masks train the mask side: set A, or every class for a head that trains on
+    every class's masks (``every_class``: its predictor's ``trains_every_class``, the oracle's)."""
+    return [c["id"] for c in categories] if every_class else list(set_a)
 
 
 def label_table(category_ids, categories: list[dict]) -> torch.Tensor:

@@ -162,6 +162,9 @@ class MaskPredictor(nn.Module):
 
     mlp: MLPMaskBranch | None
     uses_transfer: ClassVar[bool] = False  # its weights come from T(w_det): it needs a class embedding table
+    # it learns weights of its own for every class, so it trains on the masks of every class (the
+    # oracle), not only set A's: the set-A rule's mask classes (pipelines/data/splits.py mask_classes)
+    trains_every_class: ClassVar[bool] = False
 
     @classmethod
     def build(cls, cfg: HeadConfig, num_classes: int, w_det: torch.Tensor | None) -> MaskPredictor:
@@ -253,6 +256,8 @@ class AgnosticPredictor(MaskPredictor):
 class OraclePredictor(MaskPredictor):
     """The upper bound: class-specific 1x1 conv weights and biases learned directly (masks of every class)."""
 
+    trains_every_class = True
+
     @classmethod
     def build(cls, cfg, num_classes, w_det):
         return cls(num_classes, cfg.mask_dim, **mlp_settings(cfg))
@@ -271,12 +276,16 @@ class OraclePredictor(MaskPredictor):
 
 # head.head -> predictor class: the one place a head's name is read
 PREDICTORS: dict[str, type[MaskPredictor]] = {"transfer": TransferPredictor, "agnostic": AgnosticPredictor, "oracle": OraclePredictor}
-HEADS = tuple(PREDICTORS)
 
 
 def uses_transfer(head: str) -> bool:
     """Whether head ``head`` (a key of :data:`PREDICTORS`) predicts its weights with T from ``w_det``."""
     return head in PREDICTORS and PREDICTORS[head].uses_transfer
+
+
+def trains_every_class(head: str) -> bool:
+    """Whether head ``head`` (a key of :data:`PREDICTORS`) trains on the masks of every class, not only set A's."""
+    return head in PREDICTORS and PREDICTORS[head].trains_every_class
 
 
 class MaskSide(nn.Module):

@@ -17,6 +17,7 @@ from pipelines.data.splits import training_sets
 from pipelines.engine.cache import CacheResult, check_cache_config, ensure_cache
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import load_detector_run
+from pipelines.modeling.mask_heads import trains_every_class
 from pipelines.progress import NULL_PROGRESS, Progress
 
 
@@ -31,6 +32,6 @@ def cache_build(cfg: MaskTrainConfig, detector: str | Path, progress: Progress =
     data, report = load_split(cfg.data.train_json, "train")
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     det.model.to(resolve_device(cfg.solver.device))
-    sets = training_sets(cfg.data.mask_classes, cfg.head.head, det.categories, data, cfg.data.train_json)
+    sets = training_sets(cfg.data.mask_classes, trains_every_class(cfg.head.head), det.categories, data, cfg.data.train_json)
     result = ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, sets.train_classes)
     return dataclasses.replace(result, warnings=report.warnings(cfg.data.train_json) + sets.warnings)

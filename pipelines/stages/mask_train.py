@@ -28,7 +28,7 @@ from pipelines.engine.run_dir import (MASK_CKPT, DetectorRun, check_embeddings_f
 from pipelines.engine.solver import check_solver
 from pipelines.errors import MaskxError
 from pipelines.modeling.embeddings import class_embedding_table, read_embeddings
-from pipelines.modeling.mask_heads import MaskSide
+from pipelines.modeling.mask_heads import MaskSide, trains_every_class
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, check_head, mask_loss
 from pipelines.progress import NULL_PROGRESS, Progress
 
@@ -94,7 +94,7 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     data, report = load_split(cfg.data.train_json, "train")
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     categories = det.categories
-    sets = training_sets(cfg.data.mask_classes, cfg.head.head, categories, data, cfg.data.train_json)
+    sets = training_sets(cfg.data.mask_classes, trains_every_class(cfg.head.head), categories, data, cfg.data.train_json)
     set_a, train_classes = sets.set_a, sets.train_classes
     device = dist.setup(cfg.solver.device, cfg.solver.batch_size)
     if not dist.is_main():

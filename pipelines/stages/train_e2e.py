@@ -21,21 +21,21 @@ from pathlib import Path
 
 import torch
 
-from pipelines.config import DetectorConfig, MaskTrainConfig, TrainE2EConfig, from_dict, to_dict
+from pipelines.config import MaskTrainConfig, TrainE2EConfig, to_dict
 from pipelines.data.coco import CocoDataset, check_same_categories, load_split
 from pipelines.data.splits import label_table, training_sets
 from pipelines.data.transforms import training_images
 from pipelines.engine import distributed as dist
-from pipelines.engine.checkpoint import load_checkpoint
 from pipelines.engine.loop import TrainStats, seed_everything, train_on_images
-from pipelines.engine.run_dir import (DETECTOR_CKPT, MASK_CKPT, check_not_finished, detector_checkpoint_path, file_record,
-                                      prepare_run_dir, save_detector, save_mask, training_run, update_manifest)
+from pipelines.engine.run_dir import (DETECTOR_CKPT, MASK_CKPT, check_not_finished, file_record,
+                                      prepare_run_dir, read_detector_weights, save_detector, save_mask, training_run,
+                                      update_manifest)
 from pipelines.engine.solver import check_solver
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
 from pipelines.modeling.detector import build_detector, detection_weights, detector_from_state
 from pipelines.modeling.embeddings import class_embedding_table, detector_embedding
-from pipelines.modeling.mask_heads import uses_transfer
+from pipelines.modeling.mask_heads import trains_every_class, uses_transfer
 from pipelines.modeling.maskx_rcnn import build_mask_side, build_maskx_rcnn, check_head
 from pipelines.progress import NULL_PROGRESS, Progress
 
@@ -68,12 +68,11 @@ def _initial_detector(cfg: TrainE2EConfig, categories: list[dict]) -> tuple[dict
     """(state dict, checkpoint) of ``cfg.init_detector``, checked against this run's classes and detector config."""
     if not cfg.init_detector:
         return None, None
-    path = detector_checkpoint_path(cfg.init_detector)
-    init = load_checkpoint(path, "detector")
-    check_same_categories(init["categories"], categories, "the initial detector's classes", cfg.data.train_json)
-    if from_dict(DetectorConfig, init["config"]["detector"]) != cfg.detector:
-        raise MaskxError("the initial detector was built with another detector config than this run's", path)
-    return init["model"], path
+    init = read_detector_weights(cfg.init_detector)
+    check_same_categories(init.categories, categories, "the initial detector's classes", cfg.data.train_json)
+    if init.detector != cfg.detector:
+        raise MaskxError("the initial detector was built with another detector config than this run's", init.checkpoint)
+    return init.state, init.checkpoint
 
 
 def train_e2e(cfg: TrainE2EConfig, out: str | Path, progress: Progress = NULL_PROGRESS, resume: bool = False) -> TrainE2EResult:
@@ -93,7 +92,7 @@ def train_e2e(cfg: TrainE2EConfig, out: str | Path, progress: Progress = NULL_PR
 def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool) -> TrainE2EResult:
     data, report = load_split(cfg.data.train_json, "train")
     categories = data["categories"]
-    sets = training_sets(cfg.data.mask_classes, cfg.head.head, categories, data, cfg.data.train_json)
+    sets = training_sets(cfg.data.mask_classes, trains_every_class(cfg.head.head), categories, data, cfg.data.train_json)
     set_a, train_classes = sets.set_a, sets.train_classes
     init_state, init_path = _initial_detector(cfg, categories)
 

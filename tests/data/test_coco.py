@@ -433,10 +433,10 @@ def test_annotated_split_is_the_classes_with_masks():
     from pipelines.data.splits import training_sets
 
     with pytest.raises(MaskxError, match=r"holds 1 box-only class\(es\).*: b \(7\)"):
-        training_sets("ids:4,7", "transfer", data["categories"], data, "t.json")
+        training_sets("ids:4,7", False, data["categories"], data, "t.json")
     data["annotations"].append({"id": 5, "category_id": 4, "segmentation": []})
-    sets = training_sets("annotated", "transfer", data["categories"], data, "t.json")
+    sets = training_sets("annotated", False, data["categories"], data, "t.json")
     assert (sets.set_a, sets.unmasked) == ([4], [5])
     assert sets.warnings == ["t.json: 1 set-A annotation(s) have no mask (segmentation absent, null or empty): they train "
                              "boxes only, no mask loss (annotation id 5)"]
-    assert training_sets("annotated", "oracle", data["categories"], data).train_classes == [4, 7, 9]
+    assert training_sets("annotated", True, data["categories"], data).train_classes == [4, 7, 9]

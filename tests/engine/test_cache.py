@@ -26,7 +26,7 @@ from pipelines.engine import cache as cache_mod
 from pipelines.engine.cache import (DetectorRoIs, InMemoryRoIs, StreamingRoIs, build_cache, cache_dataset, cache_source, ensure_cache,
                                     kept_rows, open_cache)
 from pipelines.engine.roi_sampling import sample_detectron, sample_instance
-from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.engine.run_dir import load_detector_run
 from pipelines.errors import MaskxError
 from pipelines.io import write_yaml
@@ -419,7 +419,7 @@ def test_cli_cache_build_then_mask_train_reuses_it(world, tmp_path):
     (path,) = (tmp_path / "cache").glob("features-*.h5")
     res2 = runner.invoke(app, ["cache", "build", "--detector", str(world.det_dir), "--device", "cpu", *sets])
     assert res2.exit_code == 0 and "reused" in res2.output
-    set_a = mask_classes("transfer", resolve_split("voc", world.data["categories"]), world.data["categories"])
+    set_a = mask_classes(False, resolve_split("voc", world.data["categories"]), world.data["categories"])
     reused = _ensure(world, _cfg(tmp_path, proposals_per_instance=0), class_ids=set_a)  # what mask-train asks for
     assert not reused.built and reused.path == path
     assert set(np.unique(reused.cache.labels)) <= {i + 1 for i, c in enumerate(world.data["categories"]) if c["id"] in set_a}
@@ -520,7 +520,7 @@ def test_an_unreadable_image_in_a_build_worker_is_one_line_naming_it(world, tmp_
 
 def test_a_cache_of_set_a_holds_the_set_a_rows_of_the_all_class_cache_which_it_reuses(world, tmp_path):
     cats = world.data["categories"]
-    set_a = mask_classes("transfer", resolve_split("voc", cats), cats)
+    set_a = mask_classes(False, resolve_split("voc", cats), cats)
     labels_a = {i + 1 for i, c in enumerate(cats) if c["id"] in set_a}
     cfg = _cfg(tmp_path, proposals_per_instance=1)
     every = _ensure(world, cfg)
@@ -579,7 +579,7 @@ def test_a_detectron_sampled_cache_holds_foreground_rois_of_the_cached_classes(w
     from torchvision.ops import box_iou
 
     cats = world.data["categories"]
-    set_a = mask_classes("transfer", resolve_split("voc", cats), cats)
+    set_a = mask_classes(False, resolve_split("voc", cats), cats)
     cfg = _cfg(tmp_path, sampling="detectron", rois_per_image=16, fg_fraction=0.25, min_iou=0.5)
     cache = _build(world, tmp_path / "d.h5", cfg, class_ids=set_a)
     ids, inst, fl, boxes = cache.meta("image_id"), cache.meta("instance"), cache.meta("flipped"), torch.from_numpy(cache.meta("boxes"))

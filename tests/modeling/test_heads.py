@@ -182,7 +182,20 @@ def test_set_a_rule():
     from pipelines.data.splits import label_table, mask_classes, takes_mask_loss
 
     cats = [{"id": i, "name": f"c{i}"} for i in (5, 7, 9)]
-    assert mask_classes("transfer", [7], cats) == [7] and mask_classes("oracle", [7], cats) == [5, 7, 9]
+    assert mask_classes(False, [7], cats) == [7] and mask_classes(True, [7], cats) == [5, 7, 9]
+    # whether a head trains on every class's masks is its predictor's attribute, not its name
+    from pipelines.modeling.mask_heads import PREDICTORS, OraclePredictor, trains_every_class
+
+    assert {h for h in PREDICTORS if trains_every_class(h)} == {"oracle"} and not trains_every_class("no-such-head")
+
+    class PerClassPredictor(OraclePredictor):  # a new head with weights of its own per class
+        pass
+
+    PREDICTORS["per_class"] = PerClassPredictor
+    try:
+        assert trains_every_class("per_class")
+    finally:
+        del PREDICTORS["per_class"]
     table = label_table([7, 9], cats)
     assert table.tolist() == [False, False, True, True]  # background, 5, 7, 9
     labels = torch.tensor([0, 1, 2, 3, 3])
