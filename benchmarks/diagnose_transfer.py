@@ -70,11 +70,11 @@ def w_seg_norm_ratio(run: Path, det) -> float:
 
     from pipelines.engine.run_dir import load_mask_run
 
-    side, ckpt = load_mask_run(run, det)
-    predictor = side.predictor
+    mask_run = load_mask_run(run, det)
+    predictor = mask_run.side.predictor
     with torch.no_grad():
         norms = predictor.transfer(predictor.w_det).norm(dim=1)
-    in_a = torch.tensor([c["id"] in set(ckpt["set_a"]) for c in ckpt["categories"]])
+    in_a = torch.tensor([c["id"] in set(mask_run.set_a) for c in mask_run.categories])
     return float(norms[~in_a].mean() / norms[in_a].mean())
 
 

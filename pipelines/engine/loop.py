@@ -33,9 +33,9 @@ from torch import nn
 from pipelines.config import SolverConfig
 from pipelines.data.coco import collate
 from pipelines.engine import distributed as dist
-from pipelines.engine.checkpoint import SCHEMAS, TRAINING, load_checkpoint, load_state, save_checkpoint
+from pipelines.checkpoint import load_state, save_checkpoint
 from pipelines.engine.device import autocast
-from pipelines.engine.run_dir import LAST, TENSORBOARD, MetricsLog
+from pipelines.engine.run_dir import LAST, TENSORBOARD, MetricsLog, read_training_state
 from pipelines.engine.sampler import IterationBatches
 from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.errors import MaskxError
@@ -176,20 +176,20 @@ class Trainer:
             raise MaskxError("rank 0 could not write the checkpoint", self.run_dir / name)
 
     def resume(self) -> bool:
-        """Load ``last.pth`` of the run folder if there is one; return whether it did."""
-        path = self.run_dir / LAST
-        if not path.is_file():
+        """Load ``last.pth`` of the run folder if there is one (:func:`~pipelines.engine.run_dir.read_training_state`);
+        return whether it did."""
+        state = read_training_state(self.run_dir, self.kind)
+        if state is None:
             return False
-        ckpt = load_checkpoint(path, self.kind, schema=SCHEMAS.get(self.kind, TRAINING))
-        load_state(dist.unwrap(self.model), ckpt["model"], path)
-        load_state(self.optimizer, ckpt["optimizer"], path, what="the optimizer state")
-        load_state(self.scheduler, ckpt["scheduler"], path, what="the schedule state")
-        if "scaler" in ckpt:
-            load_state(self.scaler, ckpt["scaler"], path, what="the loss-scaler state")
-        ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        path = state.checkpoint
+        load_state(dist.unwrap(self.model), state.model, path)
+        load_state(self.optimizer, state.optimizer, path, what="the optimizer state")
+        load_state(self.scheduler, state.scheduler, path, what="the schedule state")
+        if state.scaler is not None:
+            load_state(self.scaler, state.scaler, path, what="the loss-scaler state")
         # the same world size: every process continues its own random stream; otherwise rank 0's
-        set_rng_state(ranks[dist.rank()] if len(ranks) == dist.world_size() else ckpt["rng"])
-        self.start_iter = int(ckpt["iteration"])
+        set_rng_state(state.rng(dist.rank(), dist.world_size()))
+        self.start_iter = state.iteration
         if dist.is_main():
             self._truncate_metrics(self.start_iter)
         dist.barrier()

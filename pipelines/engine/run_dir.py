@@ -3,7 +3,7 @@
 A run folder holds ``config.yaml`` (the resolved config, with ``stage``), ``manifest.json`` (command,
 versions, every input file with its SHA-256), ``metrics.jsonl`` (one JSON object per logged step),
 optionally ``recipe.yaml`` (the recipe a detector was trained with: what stage 2 reads by default),
-and its final checkpoint, one plain dict (:func:`pipelines.engine.checkpoint.save_checkpoint`) per kind:
+and its final checkpoint, one plain dict (:func:`pipelines.checkpoint.save_checkpoint`) per kind:
 
 - ``model_final.pth``, kind ``detector``: ``model`` (Faster R-CNN state dict), ``config`` (the
   resolved config, with ``detector``), ``categories``, ``iteration`` (+ ``end_to_end``);
@@ -29,15 +29,16 @@ import sys
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torchvision.models.detection import FasterRCNN
 
 from pipelines import __version__
-from pipelines.config import DATA_PATH_KEYS, DataConfig, DetectorConfig, HeadConfig, from_dict, load_config, resolve_config_path, to_dict
+from pipelines.config import (DATA_PATH_KEYS, DataConfig, DetectorConfig, EvalConfig, HeadConfig, from_dict, load_config,
+                              resolve_config_path, to_dict)
 from pipelines.engine import distributed as dist
-from pipelines.engine.checkpoint import load_checkpoint, load_state, save_checkpoint
+from pipelines.checkpoint import SCHEMAS, TRAINING, load_checkpoint, load_state, save_checkpoint
 from pipelines.errors import MaskxError
 from pipelines.io import (discard, file_lock, os_error_reason, read_json, read_yaml, remove_stale_temporaries, sha256_file,
                           write_json, write_problem, write_text, write_yaml)
@@ -263,8 +264,7 @@ def load_stage_config(cls: type, recipe: str | Path | None, detector_run: str | 
     own data paths never replace the data the detector was made with (with no recipe at all, its
     ``data.mask_classes`` too); then ``overrides`` (the user's ``--set`` and options), which win.
     """
-    run = Path(detector_run)
-    run = run.parent if run.is_file() else run
+    run = _run_folder(detector_run)
     config_file = run / "config.yaml"
     try:
         run_config = read_yaml(config_file) if config_file.is_file() else {}
@@ -278,9 +278,27 @@ def load_stage_config(cls: type, recipe: str | Path | None, detector_run: str | 
     return load_config(cls, recipe, [{"data": layer}, *overrides] if layer else list(overrides), source=source)
 
 
+def load_eval_config(recipe: str | Path | None, detector_run: str | Path | None, overrides: Sequence = (),
+                     source: str = "override") -> EvalConfig:
+    """The ``eval:`` section of ``recipe`` (default: the ``recipe.yaml`` of ``detector_run``, a detector
+    run folder or its checkpoint, when there is one), then ``overrides`` (``--set`` and options)."""
+    recipe = recipe or (run_recipe(_run_folder(detector_run)) if detector_run is not None else None)
+    return load_config(EvalConfig, recipe, list(overrides), source=source)
+
+
+def _run_folder(run: str | Path) -> Path:
+    """A run folder, given it or a checkpoint file in it."""
+    run = Path(run)
+    return run.parent if run.is_file() else run
+
+
 @dataclass
 class DetectorRun:
-    """A finished detector (``detect-train`` or end-to-end run), its model in eval mode, frozen."""
+    """A finished detector (``detect-train``, ``detect-import`` or end-to-end run), its model in eval mode, frozen.
+
+    ``config``: the resolved config it was made with, as saved (provenance, written into what is made
+    from it); ``data`` and ``detector``: its data settings and detector config, typed.
+    """
 
     run_dir: Path
     checkpoint: Path
@@ -288,16 +306,53 @@ class DetectorRun:
     config: dict
     categories: list[dict]
     model: FasterRCNN
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
 
     def data_paths(self) -> dict[str, str]:
         """The annotation files and image folders this detector was trained (or imported) with, the
         non-empty ones of ``data.train_json``, ``train_images``, ``val_json``, ``val_images``."""
-        return _data_paths(self.config)
+        return {k: getattr(self.data, k) for k in DATA_PATH_KEYS if getattr(self.data, k)}
 
     def data_config(self, mine: DataConfig) -> DataConfig:
         """``mine`` with each data file and image folder it leaves empty taken from the run, key by key
         (:meth:`data_paths`); everything else (set A, flips, image limits) is ``mine``."""
         return dataclasses.replace(mine, **{k: v for k, v in self.data_paths().items() if not getattr(mine, k)})
+
+
+@dataclass
+class MaskRun:
+    """A finished mask run (``mask-train`` or end-to-end): its mask side in eval mode, frozen, and what made it.
+
+    ``head``: its :class:`~pipelines.config.HeadConfig` (``head.roi_size`` is the RoI size it reads);
+    ``set_a``: the category ids whose masks it trained on (set A); ``data``: its data settings (its
+    ``val_json`` / ``val_images`` are what evaluation reads by default); ``detector_sha256``: the
+    detector checkpoint it was trained against; ``iteration`` and ``end_to_end``: how it was trained.
+    """
+
+    checkpoint: Path
+    side: MaskSide
+    head: HeadConfig
+    set_a: list[int]
+    categories: list[dict]
+    data: DataConfig
+    detector_sha256: str
+    iteration: int
+    end_to_end: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint.parent
+
+    def description(self) -> dict:
+        """What a metrics file says of the run: head, MLP branch, T's input, the set A it trained on."""
+        return {"head": self.head.head, "mlp": self.head.mlp, "input": self.head.input, "trained_set_a": list(self.set_a)}
+
+
+def _typed(cls: type, data: Any) -> Any:
+    """``cls`` from a saved config section, its known keys only (a checkpoint of an older maskx may hold others)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return from_dict(cls, {k: v for k, v in data.items() if k in known} if isinstance(data, dict) else {})
 
 
 def check_embeddings_fit(emb: Embeddings, det: DetectorRun) -> None:
@@ -326,14 +381,32 @@ def detector_checkpoint_path(run: str | Path) -> Path:
     return path
 
 
-def load_detector_run(run: str | Path) -> DetectorRun:
-    """The frozen detector of a run folder (or its checkpoint file), in eval mode."""
+@dataclass
+class DetectorWeights:
+    """A detector checkpoint's weights and what builds its model, read without building it."""
+
+    checkpoint: Path
+    state: dict  # the Faster R-CNN state dict
+    categories: list[dict]
+    detector: DetectorConfig
+    config: dict  # the resolved config it was made with, as saved
+
+
+def read_detector_weights(run: str | Path) -> DetectorWeights:
+    """The weights of a detector run (folder or ``model_final.pth``), e.g. to start a training from."""
     path = detector_checkpoint_path(run)
     ckpt = load_checkpoint(path, "detector")
-    det_cfg = from_dict(DetectorConfig, ckpt["config"]["detector"])
-    model = detector_from_state(det_cfg, len(ckpt["categories"]), ckpt["model"], path)
+    return DetectorWeights(path, ckpt["model"], ckpt["categories"], from_dict(DetectorConfig, ckpt["config"]["detector"]),
+                           ckpt["config"])
+
+
+def load_detector_run(run: str | Path) -> DetectorRun:
+    """The frozen detector of a run folder (or its checkpoint file), in eval mode."""
+    w = read_detector_weights(run)
+    model = detector_from_state(w.detector, len(w.categories), w.state, w.checkpoint)
     model.eval().requires_grad_(False)
-    return DetectorRun(path.parent, path, sha256_file(path), ckpt["config"], ckpt["categories"], model)
+    return DetectorRun(w.checkpoint.parent, w.checkpoint, sha256_file(w.checkpoint), w.config, w.categories, model,
+                       _typed(DataConfig, w.config.get("data")), w.detector)
 
 
 def save_detector(path: str | Path, state: dict, config: dict, categories: list[dict], iteration: int, **extra: Any) -> None:
@@ -349,8 +422,8 @@ def save_mask(path: str | Path, side: MaskSide, config: dict, head: HeadConfig, 
                     detector_sha256=detector_sha256, embed_dim=embed_dim, in_channels=in_channels, iteration=iteration, **extra)
 
 
-def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> tuple[MaskSide, dict]:
-    """(mask side in eval mode, checkpoint dict) of a mask run (folder or ``mask_final.pth``); checks it fits ``det``."""
+def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> MaskRun:
+    """The mask run of a folder (or its ``mask_final.pth``), its mask side in eval mode; checks that it fits ``det``."""
     run = Path(run)
     path = run if run.is_file() else run / MASK_CKPT
     if not path.is_file():
@@ -364,7 +437,35 @@ def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> tuple[Mask
     side = build_mask_side(head, len(ckpt["categories"]), ckpt["in_channels"], embed_dim=ckpt["embed_dim"])
     load_state(side, ckpt["model"], path)
     side.eval().requires_grad_(False)
-    return side, ckpt
+    return MaskRun(path, side, head, list(ckpt["set_a"]), ckpt["categories"], _typed(DataConfig, ckpt["config"]["data"]),
+                   ckpt["detector_sha256"], ckpt["iteration"], bool(ckpt.get("end_to_end", False)))
+
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint (``last.pth``, written by :class:`pipelines.engine.loop.Trainer`) resumes from."""
+
+    checkpoint: Path
+    model: dict  # state dicts
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None  # None: written before the loss scaler was saved
+    iteration: int
+    rng_ranks: list[dict]  # every process's random-generator state (one, from an older checkpoint)
+
+    def rng(self, rank: int, world_size: int) -> dict:
+        """The random state process ``rank`` continues from: its own at the same world size, else rank 0's."""
+        return self.rng_ranks[rank] if len(self.rng_ranks) == world_size else self.rng_ranks[0]
+
+
+def read_training_state(run: str | Path, kind: str) -> TrainingState | None:
+    """The ``last.pth`` of the run folder ``run`` (a training checkpoint of ``kind``), or None when it has none."""
+    path = Path(run) / LAST
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path, kind, schema=SCHEMAS.get(kind, TRAINING))
+    return TrainingState(path, ckpt["model"], ckpt["optimizer"], ckpt["scheduler"], ckpt.get("scaler"), int(ckpt["iteration"]),
+                         ckpt.get("rng_ranks") or [ckpt["rng"]])
 
 
 def detector_of_mask_run(mask_run: str | Path) -> Path:

@@ -46,13 +46,13 @@ class Predictor:
     device: torch.device
     detector: Path  # the detector's checkpoint file
 
-    def run(self, images: list[torch.Tensor], mask_threshold: float = 0.5, keep_label: torch.Tensor | None = None,
+    def run(self, images: list[torch.Tensor], mask_threshold: float = 0.5, only_labels: torch.Tensor | None = None,
             given: list[dict] | None = None) -> list[dict]:
         """Detections of ``images`` (float32 ``[3, H_i, W_i]`` in [0, 1]), one dict per image: ``boxes``
         float32 ``[N, 4]``, ``scores`` ``[N]``, ``labels`` int64 ``[N]`` (1..K), ``masks`` uint8
-        ``[N, H_i, W_i]``; ``keep_label`` and ``given`` as :func:`detect_and_segment` takes them."""
+        ``[N, H_i, W_i]``; ``only_labels`` and ``given`` as :func:`detect_and_segment` takes them."""
         return detect_and_segment(self.model, self.roi_pool, {"mask": self.head}, images, self.device, mask_threshold,
-                                  keep_label, given)["mask"]
+                                  only_labels, given)["mask"]
 
 
 def load_predictor(mask_run: str | Path, detector: str | Path | None = None, device: str = "auto",
@@ -61,13 +61,13 @@ def load_predictor(mask_run: str | Path, detector: str | Path | None = None, dev
     mask run trained on another detector is refused), on ``device`` (``auto``: CUDA when present).
     ``score_thresh`` replaces the detector's score threshold for its own detections."""
     det = load_detector_run(detector or detector_of_mask_run(mask_run))
-    head, ckpt = load_mask_run(mask_run, det)
+    run = load_mask_run(mask_run, det)
     dev = resolve_device(device)
     model = det.model.to(dev).eval()
     if score_thresh is not None:
         model.roi_heads.score_thresh = score_thresh
-    return Predictor(model, head.to(dev).eval(), build_mask_roi_pool(ckpt["head"]["roi_size"]), det.categories,
-                     list(ckpt["set_a"]), dev, det.checkpoint)
+    return Predictor(model, run.side.to(dev).eval(), build_mask_roi_pool(run.head.roi_size), det.categories, run.set_a, dev,
+                     det.checkpoint)
 
 
 def read_listed_image(path: Path, record: dict, skipped: list[tuple[str, str]], task, source: str = "") -> torch.Tensor | None:

@@ -227,14 +227,14 @@ def build_maskx_rcnn(detector: FasterRCNN, mask_side: MaskSide, roi_size: int, e
 
 @torch.no_grad()
 def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: dict[str, nn.Module], images: list[torch.Tensor],
-                       device: torch.device, mask_threshold: float = 0.5, keep_label: torch.Tensor | None = None,
+                       device: torch.device, mask_threshold: float = 0.5, only_labels: torch.Tensor | None = None,
                        given: list[dict] | None = None) -> dict[str, list[dict]]:
     """Run the detector once on a batch of images, then every mask side on the same detections.
 
     ``model`` is a torchvision Faster R-CNN in eval mode on ``device``; ``roi_pool`` the mask RoIAlign
     (``[R, C, S, S]`` features per detection); ``heads`` name -> :class:`MaskSide`; ``images``
-    float32 ``[3, H_i, W_i]`` in [0, 1], any sizes. ``keep_label`` (bool ``[K + 1]``, optional) drops
-    detections of the other classes before masks are computed. ``given`` (optional, one dict per
+    float32 ``[3, H_i, W_i]`` in [0, 1], any sizes. ``only_labels`` (bool ``[K + 1]``, optional) keeps
+    the detections of the labels it marks and drops the others before masks are computed. ``given`` (optional, one dict per
     image: ``boxes`` float32 ``[N_i, 4]`` in the image's pixels, ``labels`` int64 ``[N_i]``, optional
     ``scores`` float32 ``[N_i]``) replaces the detector's detections: those boxes are segmented, with
     their scores or score 1 (mask quality alone). Each
@@ -255,8 +255,8 @@ def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: d
         detections = [{"boxes": resize_boxes(g["boxes"].to(device), size, new_size), "labels": g["labels"].to(device),
                        "scores": g["scores"].to(device) if "scores" in g else torch.ones(len(g["boxes"]), device=device)}
                       for g, size, new_size in zip(given, original_sizes, image_list.image_sizes)]
-    if keep_label is not None:
-        detections = [{k: v[keep_label.to(v.device)[d["labels"]]] for k, v in d.items()} for d in detections]
+    if only_labels is not None:
+        detections = [{k: v[only_labels.to(v.device)[d["labels"]]] for k, v in d.items()} for d in detections]
     boxes = [d["boxes"] for d in detections]
     labels = torch.cat([d["labels"] for d in detections])
     counts = [len(b) for b in boxes]

@@ -107,7 +107,7 @@ def test_head_config_defaults_are_the_papers():
 def test_mask_checkpoint_without_mlp_layers_loads_as_two_layer(tmp_path):
     """Heads saved before ``mlp_layers`` existed had the 2-layer branch: they still load."""
     from pipelines.config import to_dict
-    from pipelines.engine.checkpoint import save_checkpoint
+    from pipelines.checkpoint import save_checkpoint
     from pipelines.engine.run_dir import load_mask_run
 
     head = HeadConfig(mask_dim=8, num_convs=1, mlp_layers=2, mlp_hidden=16, mlp_input_size=7, roi_size=7)
@@ -117,5 +117,5 @@ def test_mask_checkpoint_without_mlp_layers_loads_as_two_layer(tmp_path):
     categories = [{"id": i + 1, "name": f"c{i}"} for i in range(5)]
     save_checkpoint(tmp_path / "mask_final.pth", "mask", model=side.state_dict(), config={"data": {}}, head=saved,
                     categories=categories, set_a=[1, 2], detector_sha256="0" * 64, embed_dim=12, in_channels=8, iteration=1)
-    loaded, _ = load_mask_run(tmp_path)
+    loaded = load_mask_run(tmp_path).side
     assert loaded.predictor.mlp.layers == 2 and torch.equal(loaded.predictor.mlp.fc1.weight, side.predictor.mlp.fc1.weight)

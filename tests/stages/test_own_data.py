@@ -98,8 +98,7 @@ def test_set_a_is_the_annotated_classes_by_name(own):
             assert all(f"{n} (" in out for n in names), out
     for run in ("transfer", "agnostic"):
         assert read_manifest(own["root"] / "runs" / run)["set_a"] == annotated
-        _, ckpt = load_mask_run(own["root"] / "runs" / run)
-        assert ckpt["set_a"] == annotated
+        assert load_mask_run(own["root"] / "runs" / run).set_a == annotated
 
 
 def test_unmasked_set_a_annotations_are_counted_never_targets(own):

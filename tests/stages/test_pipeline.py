@@ -65,11 +65,14 @@ def test_export_with_other_split(tiny_pipeline, tmp_path):
     assert len(r.set_a) == 40 and sum(read_embeddings(tmp_path / "e.h5").set_a) == 40
 
 
-def test_mask_runs_and_eval(tiny_pipeline, tmp_path):
+def test_mask_runs_and_eval(tiny_pipeline, tiny_world, tmp_path):
     runs = tiny_pipeline["runs"]
     det = load_detector_run(tiny_pipeline["detector"])
-    side, ckpt = load_mask_run(runs["transfer"], det)
-    assert ckpt["head"]["head"] == "transfer" and len(ckpt["set_a"]) == 20
+    run = load_mask_run(runs["transfer"], det)
+    assert run.head.head == "transfer" and len(run.set_a) == 20 and run.run_dir == runs["transfer"]
+    assert run.detector_sha256 == det.sha256 and run.data.val_json == str(tiny_world.val_json)
+    assert run.description() == {"head": "transfer", "mlp": run.head.mlp, "input": run.head.input, "trained_set_a": run.set_a}
+    side = run.side
     feats = torch.randn(5, det.model.backbone.out_channels, 14, 14)
     out = side(feats, torch.tensor([1, 2, 3, 80, 80]))
     assert out.shape == (5, 28, 28)
