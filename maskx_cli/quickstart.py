@@ -23,14 +23,16 @@ def quickstart_cmd(
     detector_iterations: Annotated[int, typer.Option(help="Stage-1 iterations (0: the recipe's).")] = 0,
     mask_iterations: Annotated[int, typer.Option(help="Stage-2 iterations (0: the recipe's).")] = 0,
     config: Annotated[str, typer.Option("--config", "-c", help="Recipe for the stages.")] = "synthetic",
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key of every stage.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key of every stage, as "
+                                                                          "in maskx sweep (repeatable).")] = None,
     values: dict | None = None,
 ) -> None:
     """Synthetic world -> detector -> embeddings -> mask heads -> eval on sets A and B -> report."""
-    from pipelines.config import from_dict, load_spec, parse_overrides
-    from pipelines.data.synthetic import SynthConfig
-    from pipelines.stages.quickstart import quickstart, stage1_text, summary_rows
-    from pipelines.stages.sweep import timing_text
+    from pipelines.config import from_dict, parse_overrides
+    from pipelines.data.world_config import SynthConfig
+    from pipelines.evaluation.report import stage1_text, summary_rows, timing_text
+    from pipelines.stages.quickstart import quickstart
+    from pipelines.stages.sweep_spec import load_spec
 
     spec = load_spec("quickstart")
     spec.recipe, spec.world = config, from_dict(SynthConfig, values["world"])

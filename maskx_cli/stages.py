@@ -125,12 +125,11 @@ def mask_train_cmd(
 
 
 def load_eval_config(config: str | None, detector_run: Path | None, set_: list[str] | None, values: dict):
-    """The recipe's ``eval:`` section (default recipe: the detector run's), then --set, then the options given."""
-    from pipelines.config import EvalConfig, load_config
-    from pipelines.engine.run_dir import run_recipe
+    """The recipe's ``eval:`` section (default recipe: the detector run's), then --set, then the options given
+    (:func:`pipelines.engine.run_dir.load_eval_config`)."""
+    from pipelines.engine.run_dir import load_eval_config as load
 
-    recipe = config or (run_recipe(detector_run) if detector_run is not None else None)
-    return load_config(EvalConfig, recipe, [*(set_ or []), values], source=SET_SOURCE)
+    return load(config, detector_run, [*(set_ or []), values], source=SET_SOURCE)
 
 
 @guarded
@@ -170,7 +169,7 @@ def eval_cmd(
     from pipelines.stages.evaluate import evaluate_heads
 
     det_run = detector if detector is not None else detector_of_mask_run(runs[0])
-    cfg = load_eval_config(config, det_run if det_run.is_dir() else det_run.parent, set_, values)
+    cfg = load_eval_config(config, det_run, set_, values)
     names = _unique_names(runs)
     stem = f"metrics_{cfg.split.replace(':', '_')}" if cfg.split else "metrics"
     json_out = json_out or runs[0] / f"{stem}{'_gt_boxes' if cfg.gt_boxes else ''}.json"

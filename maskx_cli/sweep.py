@@ -23,8 +23,10 @@ def sweep_cmd(
     seeds: Annotated[Optional[list[int]], typer.Option("--seed", help="Stage-2 seed (repeatable; default: the spec's).")] = None,
     max_val_images: Annotated[Optional[int], typer.Option(help="Evaluate on the first N validation images (0 = all).")] = None,
     only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only the rows whose name contains this text (repeatable).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key of every mask-side run, "
-                                                                          "e.g. --set solver.iterations=100 (repeatable).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key of every stage, as the spec's "
+                                                                          "overrides: (repeatable).")] = None,
+    stage2: Annotated[Optional[list[str]], typer.Option("--stage2", help="Override a key of every mask-side run only, as the "
+                                                        "spec's stage2:, e.g. --stage2 solver.iterations=100 (repeatable).")] = None,
     values: dict | None = None,
 ) -> None:
     """Train stage 1 once, every stage-2 variant of the spec on it, evaluate, write a paper-style table.
@@ -34,8 +36,10 @@ def sweep_cmd(
     """
     import dataclasses
 
-    from pipelines.config import load_spec, parse_overrides
-    from pipelines.stages.sweep import display_rows, run_sweep, timing_text
+    from pipelines.config import parse_overrides
+    from pipelines.evaluation.report import display_rows, timing_text
+    from pipelines.stages.sweep import run_sweep
+    from pipelines.stages.sweep_spec import load_spec
 
     s = load_spec(spec)
     world = (values or {}).get("world") or {}
@@ -54,8 +58,9 @@ def sweep_cmd(
         if not s.rows:
             fail(f"no row of {spec} matches --only {' '.join(only)}")
     with progress_bars() as progress:
-        r = run_sweep(s, out, detector, parse_overrides(set_ or [], SET_SOURCE), str(glove) if glove else None, progress)
-    _, columns, shown = display_rows(s, r.rows)
+        r = run_sweep(s, out, detector, parse_overrides(stage2 or [], "--stage2"), str(glove) if glove else None, progress,
+                      overrides=parse_overrides(set_ or [], SET_SOURCE))
+    _, columns, shown = display_rows(s.all_directions(), r.rows)
     console.print(metrics_table(s.title or "sweep (mask AP)", shown, columns))
     console.print(f"[green]done[/] {r.ran} run(s) trained/evaluated, {r.skipped} already finished, {r.seconds:.0f} s "
                   f"({timing_text(r.timings)})")

@@ -1,4 +1,4 @@
-"""The import graph: no cycle among the modules of ``pipelines`` and ``maskx_cli``, and the layers point one way."""
+"""The import graph: no cycle among the modules of ``pipelines`` and ``maskx_cli``, the layers point one way; short functions and modules."""
 
 from __future__ import annotations
 
@@ -68,21 +68,59 @@ def test_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_layers_point_one_way():
-    """The library never imports the CLI; stages import no other stage but the sweep's (the quick start
-    runs the sweep, the sweep composes the stages); nothing below the stages imports a stage."""
+# The package order (docs/architecture.md, "The layers"), lowest first: a module imports modules of its
+# own layer or of layers below it, never above. "pipelines" is the foundation: the package's own
+# modules (errors, io, progress, config, checkpoint, visualize); a module belongs to the longest name
+# here that it starts with. Adding a package is one line.
+LAYERS = (
+    "pipelines",
+    "pipelines.data",
+    "pipelines.modeling",
+    "pipelines.engine",
+    "pipelines.rois",  # the stage-2 feature cache: it may import engine, engine never imports it
+    "pipelines.evaluation",
+    "pipelines.stages",
+    "pipelines.api",
+    "maskx_cli",
+)
+SWEEP = {"pipelines.stages.sweep", "pipelines.stages.sweep_rows", "pipelines.stages.sweep_spec"}  # compose the stages
+
+
+def layer_of(module: str) -> int:
+    matches = [i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + ".")]
+    assert matches, f"{module} is in no layer of LAYERS"
+    return max(matches, key=lambda i: len(LAYERS[i]))
+
+
+def back_edges(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module of a higher layer than the importer's, as ``"a -> b"``."""
+    return [f"{mod} -> {dep}" for mod, deps in sorted(graph.items()) for dep in sorted(deps) if layer_of(dep) > layer_of(mod)]
+
+
+def test_packages_import_downwards_only():
+    assert back_edges(import_graph()) == []
+
+
+def test_back_edge_finder_finds_one():
+    assert back_edges({"pipelines.engine.cache": {"pipelines.rois.store"}, "pipelines.rois.store": {"pipelines.engine.run_dir"}}) == [
+        "pipelines.engine.cache -> pipelines.rois.store"]
+    assert back_edges({"pipelines.modeling.zoo": {"pipelines.checkpoint"}}) == []  # the foundation is below everything
+    assert back_edges({"pipelines.io": {"pipelines.data.coco"}}) == ["pipelines.io -> pipelines.data.coco"]
+    assert back_edges({"pipelines.evaluation.report": {"pipelines.api"}}) == ["pipelines.evaluation.report -> pipelines.api"]
+
+
+def test_stages_import_no_other_stage_but_the_sweeps():
+    """Stages import no other stage but the sweep's modules (the quick start runs the sweep, the sweep
+    composes the stages); the CLI's command modules never import the module that registers them."""
     graph = import_graph()
     for mod, deps in graph.items():
-        if mod.startswith("pipelines"):
-            assert not any(d.startswith("maskx_cli") for d in deps), mod
         stage_deps = {d for d in deps if d.startswith("pipelines.stages.")}
-        if not mod.startswith("pipelines.stages"):
-            assert not stage_deps or mod.startswith("maskx_cli"), (mod, stage_deps)
-        elif mod == "pipelines.stages.quickstart":
-            assert stage_deps == {"pipelines.stages.sweep"}
-        elif mod != "pipelines.stages.sweep":
+        if mod == "pipelines.stages.quickstart":
+            assert stage_deps <= SWEEP, (mod, stage_deps)
+        elif mod in SWEEP:
+            assert "pipelines.stages.quickstart" not in stage_deps, mod
+        elif mod.startswith("pipelines.stages."):
             assert not stage_deps, (mod, stage_deps)
-    # CLI command modules are registered by main.py; none imports it
     assert not any("maskx_cli.main" in deps for mod, deps in graph.items() if mod != "maskx_cli.__main__")
 
 
@@ -93,11 +131,22 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
 
 
-def test_no_function_in_the_library_is_over_85_lines():
-    """Functions of ``pipelines`` stay short enough to read at once (docstring included)."""
+def test_no_function_is_over_85_lines():
+    """Functions of ``pipelines`` and ``maskx_cli`` stay short enough to read at once (docstring included)."""
     long = []
-    for path in sorted((ROOT / "pipelines").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 85:
-                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 85:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+# Modules split by another change: the feature cache (engine/cache.py) is becoming its own package.
+LONG_MODULES_PENDING = {"pipelines/engine/cache.py"}
+
+
+def test_no_library_module_is_over_600_lines():
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in sorted((ROOT / "pipelines").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 600 and str(p.relative_to(ROOT)) not in LONG_MODULES_PENDING]
     assert not long, long

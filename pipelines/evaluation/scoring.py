@@ -1,7 +1,8 @@
 """The one scoring path: ground truth + results + class sets -> metrics, by COCO's or LVIS's rules.
 
-Every evaluation in maskx ends here: ``maskx eval`` on mask runs and on results files, the GrabCut
-baseline and the sweeps. :func:`score` validates the results once
+Every evaluation in maskx ends here, through
+:func:`pipelines.evaluation.inference.inference_on_dataset`: ``maskx eval`` on mask runs and on
+results files, the GrabCut baseline, the sweeps and the quick start. :func:`score` validates the results once
 (:func:`~pipelines.evaluation.results.validate_results`), picks the protocol from the ground truth
 (LVIS when it carries LVIS's fields, as :func:`pipelines.data.lvis.is_lvis` decides), and runs
 COCOeval (:mod:`~pipelines.evaluation.coco_eval`) or LVISEval's rules
@@ -228,14 +229,6 @@ class EvalResult:
     metric_names: list[str] = field(default_factory=lambda: list(METRICS))
     warnings: list[str] = field(default_factory=list)  # e.g. a split that scores trained classes as set B
     notes: list[str] = field(default_factory=list)  # what was not scored (classes with box-only ground truth)
-
-
-def score_jobs(gt: dict, predictions: dict[str, list[dict]], jobs: dict[str, tuple[str, dict[str, list[int]]]], cfg: EvalConfig,
-               image_ids: list[int] | None = None, progress: Progress = NULL_PROGRESS) -> dict[str, dict]:
-    """``{job: metrics}``: each job is (the name of a head in ``predictions``, its class sets), scored by
-    :func:`score`; a head may be scored in several jobs (e.g. the oracle under two class splits)."""
-    return {job: score(gt, predictions[head], sets, backend=cfg.backend, image_ids=image_ids, progress=progress).metrics
-            for job, (head, sets) in jobs.items()}
 
 
 def write_metrics(path: str | Path, cfg: EvalConfig, gt: dict, result: EvalResult, heads: dict[str, dict], inputs: dict) -> None:

@@ -1,5 +1,7 @@
 """Scoring a COCO results file: another system's detections (detectron2, mmdetection, torchvision,
-``maskx predict``) against a ground-truth file, with the same sets, metrics and rules as the run mode.
+``maskx predict``) against a ground-truth file, with the same sets, metrics and rules as the run mode,
+through the same path (:class:`~pipelines.evaluation.inference.ResultsFile`,
+:func:`~pipelines.evaluation.inference.inference_on_dataset`).
 
 ``maskx eval --gt FILE --results FILE`` calls :func:`evaluate_results_file`.
 """
@@ -14,9 +16,9 @@ from pipelines.config import EvalConfig
 from pipelines.data.coco import load_coco
 from pipelines.engine.run_dir import file_record
 from pipelines.errors import MaskxError
-from pipelines.evaluation import Scores, class_sets, score
-from pipelines.evaluation.scoring import PAPER_SPLIT
-from pipelines.io import read_json, write_json
+from pipelines.evaluation.inference import EvalData, ResultsFile, inference_on_dataset
+from pipelines.evaluation.scoring import PAPER_SPLIT, Scores, class_sets
+from pipelines.io import write_json
 from pipelines.progress import NULL_PROGRESS, Progress
 
 
@@ -53,10 +55,11 @@ def evaluate_results_file(gt_path: str | Path, results_path: str | Path, cfg: Ev
     gt, report = load_coco(gt_path)
     if not gt["images"]:
         raise MaskxError("the ground truth has no images", gt_path)
-    results = read_json(results_path, "results file")
+    producer = ResultsFile.read(results_path)
     sets = class_sets(cfg.split, gt["categories"])
-    scores = score(gt, results, sets, iou_types=None, backend=cfg.backend, progress=progress, gt_path=gt_path,
-                   results_path=results_path)
+    inference = inference_on_dataset(producer, EvalData(gt, gt_path=gt_path), {producer.name: (producer.name, sets)}, cfg,
+                                     progress)
+    scores, results = inference.scores[producer.name], inference.predictions[producer.name]
     seconds = time.perf_counter() - t0
     if json_out:
         write_json(json_out, {

@@ -2,24 +2,21 @@
 
 Several mask heads trained on the same frozen detector are evaluated in one pass: the detector
 runs once per image and every head predicts masks for the same detections
-(:func:`pipelines.evaluation.inference.predict_dataset`); :func:`pipelines.evaluation.scoring.score`
-scores them, by the rules the ground truth calls for. On an LVIS ground truth the detector keeps up
+(:class:`pipelines.evaluation.inference.HeadPredictions`), scored through the one evaluation path,
+:func:`pipelines.evaluation.inference.inference_on_dataset`, by the rules the ground truth calls for. On an LVIS ground truth the detector keeps up
 to 300 detections per image (the LVIS protocol's limit) whatever its ``box_detections_per_img``.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from pipelines.config import EvalConfig
-from pipelines.engine.device import resolve_device
-from pipelines.engine.run_dir import detector_of_mask_run, file_record, load_detector_run, load_mask_run
 from pipelines.data.annotations import describe_classes
+from pipelines.engine.run_dir import detector_of_mask_run, file_record, load_detector_run, load_eval_config, load_mask_run
 from pipelines.errors import MaskxError
-from pipelines.evaluation.inference import load_validation, predict_dataset, set_inference_limits
-from pipelines.evaluation.scoring import (EvalResult, class_sets, classes_without_masks, mask_ap_note, protocol_of, score_jobs,
-                                         write_metrics)
+from pipelines.evaluation.inference import HeadPredictions, inference_on_dataset, load_validation
+from pipelines.evaluation.scoring import EvalResult, class_sets, classes_without_masks, mask_ap_note, protocol_of, write_metrics
 from pipelines.progress import NULL_PROGRESS, Progress
 
 
@@ -45,42 +42,36 @@ def run_class_sets(split: str, categories: list[dict], trained: dict[str, list[i
     return sets, warnings
 
 
-def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: str | Path | None = None,
+def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig | None = None, val_json: str | Path | None = None,
                    val_images: str | Path | None = None, detector: str | Path | None = None,
                    progress: Progress = NULL_PROGRESS, json_out: str | Path | None = None) -> EvalResult:
     """Evaluate mask runs (name -> run folder) that share one detector on a validation split.
 
     ``cfg.split`` names set B (``nonvoc`` for voc -> non-voc); set A is the rest. Empty (the
-    default), B is the classes the runs had no masks for (see :func:`run_class_sets`). The data
-    defaults to the first run's ``data.val_json`` / ``data.val_images``; the detector to the one
+    default), B is the classes the runs had no masks for (see :func:`run_class_sets`). ``cfg``
+    defaults to the ``eval:`` section of the detector run's recipe (:func:`load_eval_config`). The
+    data defaults to the first run's ``data.val_json`` / ``data.val_images``; the detector to the one
     the first run's manifest names.
     """
     if not mask_runs:
         raise MaskxError("no mask run to evaluate")
     first = next(iter(mask_runs.values()))
     det = load_detector_run(detector or detector_of_mask_run(first))
-    heads, ckpts = {}, {}
-    for name, run in mask_runs.items():
-        heads[name], ckpts[name] = load_mask_run(run, det)
-    data_cfg = ckpts[next(iter(ckpts))]["config"]["data"]
-    val_json = val_json or data_cfg.get("val_json")
-    gt, dataset = load_validation(det, val_json, val_images or data_cfg.get("val_images"), cfg.max_images)
-    sets, warnings = run_class_sets(cfg.split, gt["categories"], {name: c["set_a"] for name, c in ckpts.items()})
-    sizes = {c["head"]["roi_size"] for c in ckpts.values()}
-    if len(sizes) > 1:
-        raise MaskxError(f"these mask runs use different RoI sizes ({sorted(sizes)}); evaluate them separately")
-    set_inference_limits(det.model, gt, cfg)
-    t0 = time.perf_counter()
-    results = predict_dataset(det, heads, dataset, sizes.pop(), resolve_device("auto"), progress, gt_boxes=cfg.gt_boxes)
-    metrics = score_jobs(gt, results, {name: (name, sets) for name in heads}, cfg, [im["id"] for im in dataset.images], progress)
-    protocol = protocol_of(gt)
-    unmasked = classes_without_masks(gt)
-    notes = [mask_ap_note(unmasked, gt["categories"])] if unmasked else []
-    result = EvalResult(metrics, sets, len(dataset), time.perf_counter() - t0, results, protocol.name, list(protocol.metrics),
-                        warnings, notes)
+    cfg = cfg if cfg is not None else load_eval_config(None, det.run_dir)
+    runs = {name: load_mask_run(run, det) for name, run in mask_runs.items()}
+    run_data = next(iter(runs.values())).data
+    val_json = val_json or run_data.val_json
+    data = load_validation(det, val_json, val_images or run_data.val_images, cfg.max_images)
+    sets, warnings = run_class_sets(cfg.split, data.gt["categories"], {name: run.set_a for name, run in runs.items()})
+    inference = inference_on_dataset(HeadPredictions.of_runs(det, runs, cfg.gt_boxes), data,
+                                      {name: (name, sets) for name in runs}, cfg, progress)
+    protocol = protocol_of(data.gt)
+    unmasked = classes_without_masks(data.gt)
+    notes = [mask_ap_note(unmasked, data.gt["categories"])] if unmasked else []
+    result = EvalResult(inference.metrics, sets, len(data.dataset), inference.seconds, inference.predictions, protocol.name,
+                        list(protocol.metrics), warnings, notes)
     if json_out:
-        described = {name: {"run": str(mask_runs[name]), "head": c["head"]["head"], "mlp": c["head"]["mlp"],
-                            "input": c["head"]["input"], "trained_set_a": c["set_a"]} for name, c in ckpts.items()}
-        write_metrics(json_out, cfg, gt, result, described,
+        described = {name: {"run": str(mask_runs[name]), **run.description()} for name, run in runs.items()}
+        write_metrics(json_out, cfg, data.gt, result, described,
                       {"detector": file_record(det.checkpoint), "val_json": file_record(val_json)})
     return result

@@ -17,21 +17,19 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from pipelines.config import (DetectTrainConfig, EvalConfig, Override, SweepSpec, load_config, parse_overrides, stage_overrides,
-                              to_dict)
-from pipelines.data.coco import CocoDataset
+from pipelines.config import DetectTrainConfig, Override, load_config, parse_overrides, stage_overrides, to_dict
 from pipelines.engine.device import resolve_device
-from pipelines.engine.run_dir import load_detector_run, load_mask_run
-from pipelines.evaluation.inference import load_validation, predict_dataset, set_inference_limits
-from pipelines.evaluation.report import markdown_table
-from pipelines.io import atomic_path, write_json, write_text
+from pipelines.engine.run_dir import load_mask_run
+from pipelines.evaluation.inference import HeadPredictions, inference_on_dataset
+from pipelines.evaluation.report import direction_name, mean, prediction_sheet, render_report
+from pipelines.io import write_json, write_text
 from pipelines.progress import NULL_PROGRESS, Progress
-from pipelines.stages.sweep import direction_name, mean, run_sweep, timing_text
-from pipelines.visualize import draw_predictions, grid
+from pipelines.stages.sweep import SweepResult, run_sweep
+from pipelines.stages.sweep_spec import SweepSpec
 
 TRANSFER, AGNOSTIC = "transfer+MLP", "class-agnostic+MLP"  # the rows the ratio and the picture compare
+PICTURE_IMAGES, BATCH = 6, 4  # the picture's validation images, predicted in batches of the evaluation's size
 
 # Stage 1 where the device makes it cheap (CUDA): the stronger detector, 1,500 iterations with the full
 # RPN / box-head sampling (the quick start's stage 1 until 2026-12-02; on a 2-core CPU it took 628 s
@@ -57,22 +55,20 @@ def quickstart(spec: SweepSpec, out: str | Path, progress: Progress = NULL_PROGR
     out = Path(out)
     t0 = time.perf_counter()
     spec, overrides, stage1 = stage1_by_device(spec, overrides)
-    r = run_sweep(spec, out, progress=progress, overrides=overrides)
+    r = run_sweep(spec, out, progress=progress, overrides=overrides, keep_images=PICTURE_IMAGES + (-PICTURE_IMAGES) % BATCH)
     summary = summarize(spec, r.records)
     if stage1:
         summary["stage1_by_device"] = stage1
-    det = load_detector_run(r.detector)
     picture = out / "predictions.png"
-    eval_cfg = load_config(EvalConfig, spec.recipe, stage_overrides(EvalConfig, parse_overrides(spec.overrides) + parse_overrides(overrides)))
     t1 = time.perf_counter()
-    _picture(spec, r, det, eval_cfg, picture)
+    _picture(spec, r, picture)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["timings"] = {**r.timings, "report and picture": round(time.perf_counter() - t1, 1)}
     summary["config"] = to_dict(spec)
-    summary["detector_config"] = det.config
+    summary["detector_config"] = r.det.config
     report_json, report_md = out / "report.json", out / "report.md"
     write_json(report_json, summary)
-    write_text(report_md, render_report(summary, spec))
+    write_text(report_md, render_report(summary, spec.world, spec.seeds))
     return QuickstartResult(out, report_md, report_json, picture, summary, summary["seconds"])
 
 
@@ -98,12 +94,6 @@ def stage1_by_device(spec: SweepSpec, overrides: Sequence[str | Override] = ()) 
     return dataclasses.replace(spec, detector_iterations=iterations), gpu + given, applied
 
 
-def stage1_text(applied: dict) -> str:
-    """What :func:`stage1_by_device` applied, in words."""
-    parts = ([f"{applied['detector_iterations']} iterations"] if applied["detector_iterations"] else []) + applied["set"]
-    return ", ".join(parts) or "no setting left to choose"
-
-
 def summarize(spec: SweepSpec, records: list[dict]) -> dict:
     """Per split: sets A and B, and per head its metrics per seed and their means over seeds."""
     summary: dict = {"splits": {}, "seeds": spec.seeds, "val_images": records[0]["val_images"] if records else 0}
@@ -125,82 +115,24 @@ def summarize(spec: SweepSpec, records: list[dict]) -> dict:
     return summary
 
 
-def summary_rows(summary: dict) -> dict[str, dict[str, float | None]]:
-    """Rows = heads; columns = mask AP on B and A for every split (means over seeds)."""
-    rows: dict[str, dict[str, float | None]] = {}
-    for direction, s in summary["splits"].items():
-        for name, h in s["heads"].items():
-            rows.setdefault(name, {})
-            rows[name][f"{direction_name(direction)} B"] = h["mean"]["segm"]["B"]["AP"]
-            rows[name][f"{direction_name(direction)} A"] = h["mean"]["segm"]["A"]["AP"]
-    return rows
-
-
-def render_report(summary: dict, spec: SweepSpec) -> str:
-    rows = summary_rows(summary)
-    columns = list(next(iter(rows.values())).keys())
-    w = spec.world
-    lines = [
-        "# maskx quickstart report",
-        "",
-        f"Synthetic world: {w.num_classes} classes, {w.train_images} train / {summary['val_images']} val images "
-        f"(seed {w.seed}). One detector (stage 1, boxes of all classes); stage-2 seeds {spec.seeds}; "
-        f"mask AP (COCO AP@[.5:.95], x100) from `maskx`'s own evaluation, mean over stage-2 seeds.",
-        "",
-        markdown_table(rows, columns),
-        "",
-    ]
-    for direction, s in summary["splits"].items():
-        ratio = s["transfer_over_agnostic_B"]
-        per_seed = {n: [None if v is None else round(100 * v, 1) for v in h["segm_B_AP_per_seed"]] for n, h in s["heads"].items()}
-        lines.append(f"- **{direction_name(direction)}** (|A| = {len(s['set_a'])}): transfer+MLP / class-agnostic+MLP on set B = "
-                     f"{'n/a' if ratio is None else f'{ratio:.2f}x'} (paper, COCO R-50: 23.7 / 19.2 = 1.23x). Per seed, set-B mask AP: {per_seed}")
-    last = next(iter(summary["splits"].values()))["heads"]
-    box_head = "oracle" if "oracle" in last else next(iter(last))
-    gpu = summary.get("stage1_by_device")
-    if gpu:
-        lines += ["", f"Stage 1 on {gpu['device']}: the stronger detector ({stage1_text(gpu)}; explicit flags kept)."]
-    lines += ["", "Box AP (mean over seeds; the same detector for every head):", ""]
-    box_rows = {f"{direction_name(d)} {s_}": summary["splits"][d]["heads"][box_head]["mean"]["bbox"][s_]
-                for d in summary["splits"] for s_ in ("B", "A")}
-    lines += [markdown_table(box_rows), "", "![predictions](predictions.png)", "",
-              f"Total time: {summary['seconds']:.0f} s ({timing_text(summary.get('timings', {}))}).", ""]
-    return "\n".join(lines)
-
-
-def _picture(spec: SweepSpec, r, det, eval_cfg: EvalConfig, path: Path, count: int = 6, batch_images: int = 4) -> None:
+def _picture(spec: SweepSpec, r: SweepResult, path: Path) -> None:
     """Figure 3.2 style: top row class-agnostic+MLP, bottom row transfer+MLP, first seed, first split.
 
-    The first ``count`` validation images, predicted in the evaluation's batches (so the same
-    detections); at most 6 detections scoring 0.5 or more per image.
+    The first :data:`PICTURE_IMAGES` validation images with the predictions the sweep scored (made
+    again, in the evaluation's batches and so on the same detections, only when the sweep reused
+    every result); at most 6 detections scoring 0.5 or more per image.
     """
     direction, seed = spec.all_directions()[0], min(spec.seeds)
     runs = {rec["row"]: rec["run"] for rec in r.records if rec["direction"] == direction and rec["seed"] == seed}
-    heads = {name: load_mask_run(runs[name], det)[0] for name in (AGNOSTIC, TRANSFER)}
-    roi_size = load_mask_run(runs[TRANSFER], det)[1]["head"]["roi_size"]
-    gt, _ = load_validation(det, r.data["val_json"], r.data["val_images"])
-    n = min(count, len(gt["images"]))
-    dataset = CocoDataset(gt, r.data["val_images"], max_images=n + (-n) % batch_images)
-    set_inference_limits(det.model, gt, eval_cfg)
-    results = predict_dataset(det, heads, dataset, roi_size, resolve_device("auto"), batch_images=batch_images)
+    shown = {name: r.shown.get(str(runs[name])) for name in (AGNOSTIC, TRANSFER)}
+    if any(v is None for v in shown.values()):
+        heads = HeadPredictions.of_runs(r.det, {name: load_mask_run(runs[name], r.det) for name in (AGNOSTIC, TRANSFER)},
+                                        r.eval_cfg.gt_boxes)
+        shown = inference_on_dataset(heads, r.val.first(PICTURE_IMAGES + (-PICTURE_IMAGES) % BATCH), {}, r.eval_cfg).predictions
+    n = min(PICTURE_IMAGES, len(r.val.dataset))
+    images = [(r.val.dataset[i][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for i in range(n)]
+    image_ids = [im["id"] for im in r.val.dataset.images[:n]]
     set_a = set(next(rec["set_a"] for rec in r.records if rec["direction"] == direction))
-    names = {c["id"]: c["name"] for c in gt["categories"]}
-    rows = []
-    for head_name in (AGNOSTIC, TRANSFER):
-        by_image: dict[int, list[dict]] = {}
-        for res in results[head_name]:
-            by_image.setdefault(res["image_id"], []).append(res)
-        row = []
-        for i in range(n):
-            dets = [d for d in sorted(by_image.get(dataset.images[i]["id"], []), key=lambda d: -d["score"]) if d["score"] >= 0.5][:6]
-            img = (dataset[i][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-            boxes = np.array([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]] for d in dets]).reshape(-1, 4)
-            masks = np.stack([mask_utils.decode(d["segmentation"]) for d in dets]) if dets else None
-            row.append(draw_predictions(img, boxes, [names[d["category_id"]] for d in dets], np.array([d["score"] for d in dets]),
-                                        masks, [d["category_id"] in set_a for d in dets], scale=3))
-        rows.append(row)
     name = direction_name(direction).replace("→", " -> ")  # the bitmap font has no arrow
-    titles = [f"{AGNOSTIC} ({name})"] + [""] * (n - 1) + [f"{TRANSFER} ({name})"] + [""] * (n - 1)
-    sheet = grid(rows[0] + rows[1], columns=n, titles=titles)
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+    prediction_sheet(images, image_ids, {f"{head} ({name})": shown[head] for head in (AGNOSTIC, TRANSFER)},
+                     {c["id"]: c["name"] for c in r.val.gt["categories"]}, set_a, path)

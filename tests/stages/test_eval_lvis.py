@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from maskx_cli.main import app
 from pipelines.config import EvalConfig
 from pipelines.evaluation import LVIS_METRICS, class_sets, score
-from pipelines.stages.evaluate import evaluate_heads, set_inference_limits
+from pipelines.evaluation.inference import EvalData, inference_on_dataset
+from pipelines.stages.evaluate import evaluate_heads
 from tests.evaluation.test_lvis_eval import by_hand
 
 runner = CliRunner()
@@ -68,11 +69,24 @@ def test_run_mode_on_lvis_ground_truth_uses_lvis_rules(tiny_pipeline, tiny_world
 
 
 def test_lvis_ground_truth_keeps_300_detections_per_image():
+    """The limits are set by the one evaluation path, inference_on_dataset, on the producer's detector."""
     model = SimpleNamespace(roi_heads=SimpleNamespace(score_thresh=0.5, detections_per_img=100))
-    set_inference_limits(model, {"images": [{"id": 1, "neg_category_ids": []}], "categories": []}, EvalConfig(score_thresh=0.01))
-    assert model.roi_heads.detections_per_img == 300 and model.roi_heads.score_thresh == 0.01
-    set_inference_limits(model, {"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}]}, EvalConfig())
-    assert model.roi_heads.detections_per_img == 300  # a COCO ground truth leaves the detector's own limit
+
+    class Producer:  # predicts nothing: only the limits it runs under are looked at
+        detector, iou_types, source = SimpleNamespace(model=model), None, None
+        seen = []
+
+        def predict(self, data, progress):
+            self.seen.append((model.roi_heads.score_thresh, model.roi_heads.detections_per_img))
+            return {}
+
+    def run(gt, cfg):
+        return inference_on_dataset(Producer(), EvalData(gt), {}, cfg)
+
+    r = run({"images": [{"id": 1, "neg_category_ids": []}], "categories": []}, EvalConfig(score_thresh=0.01))
+    assert Producer.seen[-1] == (0.01, 300) and r.scores == {} and r.predictions == {}
+    run({"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}]}, EvalConfig())
+    assert Producer.seen[-1] == (0.05, 300)  # a COCO ground truth leaves the detector's own limit
     model.roi_heads.detections_per_img = 100
-    set_inference_limits(model, {"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}]}, EvalConfig())
+    run({"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}]}, EvalConfig())
     assert model.roi_heads.detections_per_img == 100

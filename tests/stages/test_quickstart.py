@@ -8,7 +8,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
-from pipelines.stages.sweep import TIMED, timing_text
+from pipelines.evaluation.report import timing_text
+from pipelines.stages.sweep import TIMED
 
 runner = CliRunner()
 
@@ -44,11 +45,13 @@ def test_quickstart_tiny(tmp_path):
     with Image.open(out / "predictions.png") as im:
         assert im.width > 96 * 3 and im.height > 2 * 96 * 3  # two rows (agnostic, transfer) at 3x scale
     assert "transfer+MLP" in r.output
+    picture = (out / "predictions.png").read_bytes()  # drawn from the evaluation's own predictions
 
     # a rerun reuses every finished piece
     r2 = runner.invoke(app, ["quickstart", "--out", str(out), *TINY])
     assert r2.exit_code == 0, r2.output
     assert "detect-train" not in r2.output and "mask-train" not in r2.output
+    assert (out / "predictions.png").read_bytes() == picture  # nothing scored this time: predicted again, the same
 
     # the same folder with other settings is refused, not silently mixed
     r3 = runner.invoke(app, ["quickstart", "--out", str(out), *TINY[:-2], "--set", "solver.warmup_iters=2"])

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.config import DetectTrainConfig, load_config, load_spec, parse_overrides, stage_overrides, to_dict
+from pipelines.config import DetectTrainConfig, load_config, parse_overrides, stage_overrides, to_dict
+from pipelines.stages.sweep_spec import load_spec
+from pipelines.evaluation.report import stage1_text
 from pipelines.stages import quickstart as qs
 
 
@@ -48,7 +50,7 @@ def test_cuda_takes_the_stronger_1500_iteration_detector(monkeypatch):
     cfg = stage1(new, overrides)
     assert cfg.solver.iterations == 1500 and sampling(cfg) == (600, 300, 128, 64)
     assert applied == {"device": "cuda", "detector_iterations": 1500, "set": list(qs.GPU_STAGE1)}
-    assert qs.stage1_text(applied) == "1500 iterations, " + ", ".join(qs.GPU_STAGE1)
+    assert stage1_text(applied) == "1500 iterations, " + ", ".join(qs.GPU_STAGE1)
 
 
 def test_on_cuda_explicit_flags_still_win(monkeypatch):
@@ -81,7 +83,7 @@ def test_quickstart_runs_its_sweep_with_the_device_rule(monkeypatch, tmp_path, d
     on(monkeypatch, device)
     seen = {}
 
-    def fake_sweep(spec, out, progress=None, overrides=()):
+    def fake_sweep(spec, out, progress=None, overrides=(), keep_images=0):
         seen.update(iterations=spec.detector_iterations, overrides=[o.text for o in parse_overrides(overrides)])
         raise _Stop
 

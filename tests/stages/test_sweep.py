@@ -9,9 +9,10 @@ import yaml
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
-from pipelines.config import SPEC_DIR, load_spec
+from pipelines.stages.sweep_spec import SPEC_DIR, load_spec
 from pipelines.errors import MaskxError
-from pipelines.stages.sweep import TIMED, run_sweep, timing_text
+from pipelines.evaluation.report import timing_text
+from pipelines.stages.sweep import TIMED, run_sweep
 
 runner = CliRunner()
 TINY_STAGE2 = ["solver.iterations=2", "solver.warmup_iters=1", "solver.batch_size=16", "head.mask_dim=8", "head.mlp_hidden=16"]
@@ -59,7 +60,7 @@ def test_sweep_writes_table_and_resumes(tiny_pipeline, tmp_path):
     assert timings["world"] == 0 and timings["stage 1"] == 0
     assert timings["stage 2 setup (feature cache)"] > 0 and timings["evaluation"] > 0  # building the cache, scoring
     assert timings["stage 2 training"] >= 0  # 2 steps a run: may round to 0.0 s
-    assert "(stage 2 setup (feature cache) " in r.output  # the split is printed (parts of 1 s or more)
+    assert f"({timing_text(timings)})" in r.output  # the split is printed (parts of 1 s or more)
 
     ckpt = out / "runs" / "transfer-mlp__voc__s0" / "mask_final.pth"
     stamp = ckpt.stat().st_mtime_ns
