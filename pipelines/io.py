@@ -372,3 +372,11 @@ def file_lock(path: str | Path, on_wait=None, wait: bool = True) -> Iterator[Non
             discard(path)  # not raised where the disk has turned read-only: the lock is released all the same
         finally:
             os.close(fd)  # closing releases the lock
+
+
+def file_name_from_url(url: str) -> str:
+    """The image's folder and name in its URL, as a data set's ``file_name``:
+    ``http://images.cocodataset.org/val2017/000000397133.jpg`` -> ``val2017/000000397133.jpg`` (COCO, LVIS),
+    ``https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg`` -> ``VG_100K_2/1.jpg`` (Visual Genome)."""
+    parts = [p for p in str(url).split("/") if p]
+    return "/".join(parts[-2:])

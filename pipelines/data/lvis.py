@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pipelines.data.splits import FREQUENCIES
 from pipelines.errors import MaskxError
+from pipelines.io import file_name_from_url
 
 # LVIS v1 synset -> COCO 2017 category id, for the 80 COCO classes (LVIS's coco_to_synset table).
 LVIS_SYNSET_TO_COCO_ID: dict[str, int] = {
@@ -60,12 +61,6 @@ def is_lvis(data: dict) -> bool:
         (images and isinstance(images[0], dict) and "neg_category_ids" in images[0])
         or (cats and isinstance(cats[0], dict) and cats[0].get("frequency") in ("r", "c", "f"))
     )
-
-
-def file_name_from_url(url: str) -> str:
-    """``http://images.cocodataset.org/val2017/000000397133.jpg`` -> ``val2017/000000397133.jpg``."""
-    parts = [p for p in str(url).split("/") if p]
-    return "/".join(parts[-2:])
 
 
 def normalize_lvis(data: dict, path: str | Path) -> dict:

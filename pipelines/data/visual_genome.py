@@ -49,7 +49,7 @@ from typing import Any
 
 from pipelines.data.coco import check_same_categories, load_coco
 from pipelines.errors import MaskxError
-from pipelines.io import atomic_path, read_json, write_json, write_text
+from pipelines.io import atomic_path, file_name_from_url, read_json, write_json, write_text
 from pipelines.progress import NULL_PROGRESS, Progress
 
 # COCO class name -> VG synsets that stand for it, tried in order; for the COCO classes whose name
@@ -122,12 +122,6 @@ def synset_lemma(synset: str) -> str:
     parts = synset.rsplit(".", 2)
     head = parts[0] if len(parts) == 3 else synset
     return head.replace("_", " ")
-
-
-def file_name_from_url(url: str) -> str:
-    """``https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg`` -> ``VG_100K_2/1.jpg``."""
-    parts = [p for p in str(url).split("/") if p]
-    return "/".join(parts[-2:])
 
 
 # ------------------------------------------------------------------------------------------------

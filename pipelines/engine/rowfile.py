@@ -15,7 +15,6 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -47,8 +46,8 @@ class RowFile:
     """An open row file of ``rows`` records; thread-safe positional reads.
 
     ``read_into(start, out)`` fills ``out`` (uint8[n, record_bytes], contiguous, on the CPU) with rows
-    ``start .. start + n``; ``submit(start, out)`` does the same on the pool of ``threads`` reader
-    threads and returns a Future. After ``close()`` every read raises ``OSError(EBADF)``.
+    ``start .. start + n``; ``submit_scatter(start, dests)`` scatters rows into views on the pool of
+    ``threads`` reader threads and returns a Future. After ``close()`` every read raises ``OSError(EBADF)``.
     """
 
     def __init__(self, path: Path, record_bytes: int, threads: int = 4):
@@ -131,31 +130,6 @@ class RowFile:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="maskx-rows")
             return self._pool
-
-    def submit(self, start: int, out: torch.Tensor) -> Future:
-        """:meth:`read_into` on the reader threads."""
-        return self._executor().submit(self.read_into, start, out)
-
-    def read_runs(self, runs: list[tuple[int, int]], ahead: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, rows)`` for each ``(start, stop)`` of ``runs``, in order, with up to ``ahead`` reads in flight."""
-        ahead = max(1, ahead or 2 * self.threads)
-        pending: list[tuple[int, torch.Tensor, Future]] = []
-        it = iter(runs)
-        try:
-            for start, stop in it:
-                out = torch.empty((stop - start, self.record_bytes), dtype=torch.uint8)
-                pending.append((start, out, self.submit(start, out)))
-                if len(pending) >= ahead:
-                    s, o, f = pending.pop(0)
-                    f.result()
-                    yield s, o
-            while pending:
-                s, o, f = pending.pop(0)
-                f.result()
-                yield s, o
-        finally:
-            for _, _, f in pending:
-                f.cancel()
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
