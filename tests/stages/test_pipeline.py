@@ -16,7 +16,7 @@ from maskx_cli.main import app
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
-from pipelines.engine.run_dir import load_detector_run, load_mask_run
+from pipelines.engine.run_dir import load_detector_run, load_eval_config, load_mask_run
 from pipelines.modeling.embeddings import read_embeddings
 from pipelines.stages.evaluate import evaluate_heads
 from pipelines.stages.export_embeddings import export_embeddings
@@ -68,6 +68,7 @@ def test_export_with_other_split(tiny_pipeline, tmp_path):
 def test_mask_runs_and_eval(tiny_pipeline, tiny_world, tmp_path):
     runs = tiny_pipeline["runs"]
     det = load_detector_run(tiny_pipeline["detector"])
+    assert det.data.val_json == str(tiny_world.val_json) and det.detector.min_size == 96  # a detector run's settings, typed
     run = load_mask_run(runs["transfer"], det)
     assert run.head.head == "transfer" and len(run.set_a) == 20 and run.run_dir == runs["transfer"]
     assert run.detector_sha256 == det.sha256 and run.data.val_json == str(tiny_world.val_json)
@@ -232,3 +233,16 @@ def test_cli_eval_reads_the_recipes_eval_section(tiny_pipeline, tmp_path):
     recipe.write_text(yaml.safe_dump({"eval": {"splt": "voc"}}))
     r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--config", str(recipe)])
     assert r.exit_code == 2 and f"{recipe}: unknown config key 'eval.splt'" in r.output
+
+
+def test_the_default_recipe_is_the_detector_runs_for_library_callers_too(tmp_path):
+    """Evaluation reads the eval: section of the detector run's recipe.yaml unless a recipe is named."""
+    det_dir = tmp_path / "det"
+    det_dir.mkdir()
+    (det_dir / "recipe.yaml").write_text("eval: {score_thresh: 0.3, split: voc}\n")
+    (det_dir / "model_final.pth").write_bytes(b"")
+    for run in (det_dir, det_dir / "model_final.pth"):
+        cfg = load_eval_config(None, run, [{"max_images": 2}])
+        assert (cfg.score_thresh, cfg.split, cfg.max_images) == (0.3, "voc", 2)
+    assert load_eval_config("synthetic", det_dir) == load_config(EvalConfig, "synthetic")
+    assert load_eval_config(None, None) == EvalConfig()

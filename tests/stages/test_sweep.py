@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
+from pipelines.config import EvalConfig, load_config
+from pipelines.data.coco import collate
+from pipelines.engine.run_dir import load_detector_run
+from pipelines.evaluation.inference import load_validation
+from pipelines.evaluation.results import to_coco_results
+from pipelines.evaluation.scoring import score
 from pipelines.stages.sweep_spec import SPEC_DIR, load_spec
 from pipelines.errors import MaskxError
 from pipelines.evaluation.report import timing_text
 from pipelines.stages.sweep import TIMED, run_sweep
+from pipelines.stages.sweep_rows import ROW_KINDS, RowKind
 
 runner = CliRunner()
 TINY_STAGE2 = ["solver.iterations=2", "solver.warmup_iters=1", "solver.batch_size=16", "head.mask_dim=8", "head.mlp_hidden=16"]
@@ -168,3 +179,95 @@ def test_table_3_5_baselines_have_no_mlp_branch():
     assert {name: _mlp_of(r) for name, r in rows.items()} == {
         "class-agnostic": False, "Mask R-CNN trained w/ GrabCut": False, "Mask^X R-CNN (transfer+MLP)": True,
         "fully supervised (oracle)": False}
+
+
+def test_set_means_every_stage_and_stage2_every_mask_side_run(tmp_path, monkeypatch):
+    """``--set`` is what the spec's ``overrides:`` are (every stage), as in ``maskx quickstart``;
+    ``--stage2`` what its ``stage2:`` are (every mask-side run)."""
+    import pipelines.stages.sweep as sweep_module
+
+    seen = {}
+
+    def fake_run_sweep(spec, out, detector=None, stage2=(), glove=None, progress=None, overrides=(), keep_images=0):
+        seen.update(stage2=[o.label for o in stage2], overrides=[o.label for o in overrides])
+        raise MaskxError("stopped before stage 1")
+
+    monkeypatch.setattr(sweep_module, "run_sweep", fake_run_sweep)
+    r = runner.invoke(app, ["sweep", "table_3_1", "--out", str(tmp_path / "o"), "--set", "solver.amp=off",
+                            "--stage2", "solver.iterations=7"])
+    assert r.exit_code == 2 and "stopped before stage 1" in r.output
+    assert seen == {"overrides": ["--set solver.amp=off"], "stage2": ["--stage2 solver.iterations=7"]}
+
+
+@dataclass
+class BoxMaskPredictions:
+    """The worked example of docs/architecture.md ("How to add a baseline row to a sweep"): the
+    detector's boxes, each filled as its own mask."""
+
+    detector: object
+    name: str = "boxes"
+    batch_images: int = 4
+    iou_types: tuple = ("segm", "bbox")
+    source: object = None
+
+    @torch.no_grad()
+    def predict(self, data, progress=None):
+        model = self.detector.model.eval()
+        cat_ids = torch.tensor([c["id"] for c in self.detector.categories])
+        results = []
+        loader = torch.utils.data.DataLoader(data.dataset, batch_size=self.batch_images, collate_fn=collate)
+        for images, targets in loader:
+            for im, d, t in zip(images, model(list(images)), targets):
+                boxes = d["boxes"].numpy()
+                masks = np.zeros((len(boxes), *im.shape[1:]), np.uint8)
+                for m, (x1, y1, x2, y2) in zip(masks, boxes.round().astype(int)):
+                    m[y1:y2, x1:x2] = 1
+                results.extend(to_coco_results(int(t["image_id"]), boxes, d["scores"].numpy(), cat_ids[d["labels"] - 1].numpy(), masks))
+        return {self.name: results}
+
+
+class BoxesAtTest(RowKind):
+    """"Faster R-CNN tested w/ filled boxes": every detected box filled as its mask; nothing trained."""
+
+    name = "boxes-test"
+
+    def evaluation_key(self, job):
+        return "boxes at test"
+
+    def producer(self, ctx, jobs):
+        producer = BoxMaskPredictions(ctx.det)
+        return producer, {j.result: producer.name for j in jobs}
+
+
+def test_a_new_baseline_row_is_one_class(tiny_pipeline, tiny_world, tmp_path, monkeypatch):
+    spec = _spec(tmp_path, rows=[{"name": "boxes at test", "train": "boxes-test"}])
+    with pytest.raises(MaskxError, match=re.escape("train must be one of stagewise | e2e | grabcut-test, got 'boxes-test'")):
+        load_spec(spec)
+    monkeypatch.setitem(ROW_KINDS, BoxesAtTest.name, BoxesAtTest)  # what registering it in the table does
+    r = run_sweep(load_spec(spec), tmp_path / "boxes", tiny_pipeline["detector"])
+    rec = r.records[0]
+    assert (rec["row"], rec["train"], rec["run"], r.ran) == ("boxes at test", "boxes-test", None, 1)
+    # scored through the one evaluation path: the same numbers as scoring the producer's predictions by hand
+    det = load_detector_run(tiny_pipeline["detector"])
+    data = load_validation(det, tiny_world.val_json, tiny_world.val_dir, 3)
+    det.model.roi_heads.score_thresh = load_config(EvalConfig, "synthetic").score_thresh
+    by_hand = score(data.gt, BoxMaskPredictions(det).predict(data)["boxes"], {"B": rec["set_b"], "A": rec["set_a"]},
+                    image_ids=data.image_ids).metrics
+    assert rec["metrics"] == by_hand and by_hand["segm"]["B"]["AP"] is not None
+
+
+def test_end_to_end_row_trained_on_grabcut_masks(tiny_pipeline, tmp_path):
+    """Table 3.5's "Mask R-CNN trained w/ GrabCut": its training file (set B's masks by GrabCut) is made
+    for an end-to-end row too, and the run reads it."""
+    detector_keys = [o for o in tiny_pipeline["overrides"] if o.startswith("detector.")]
+    spec = _spec(tmp_path, overrides=detector_keys, e2e={"init": "stage1", "iterations": 1},
+                 stage2=TINY_STAGE2 + ["solver.batch_size=2"],
+                 rows=[{"name": "trained w/ GrabCut", "train": "e2e", "masks": "grabcut", "set": ["head.mlp=false"]}])
+    out = tmp_path / "gc"
+    r = run_sweep(load_spec(spec), out, tiny_pipeline["detector"])
+    rec = r.records[0]
+    assert (rec["train"], rec["masks"], r.ran) == ("e2e", "grabcut", 1)
+    made = out / "grabcut" / "train_grabcut_voc.json"
+    config = yaml.safe_load((out / "runs" / "trained-w-grabcut__voc__s0" / "config.yaml").read_text())
+    assert made.is_file() and config["data"]["train_json"] == str(made) and config["head"]["head"] == "oracle"
+    assert set(rec["metrics"]["segm"]) == {"B", "A"}
