@@ -1,9 +1,10 @@
 """Typed configs, and the one way to load them.
 
-Every root config -- what one stage or command reads -- is a dataclass of this module:
-``DetectTrainConfig``, ``MaskTrainConfig``, ``TrainE2EConfig`` and ``EvalConfig`` are the sections of a
-recipe (``pipelines/configs/<name>.yaml``: ``data:``, ``detect_train:``, ``mask_train:``,
-``train_e2e:``, ``eval:``), ``SweepSpec`` is a sweep spec file (``pipelines/configs/sweeps/``).
+Every recipe config -- what one stage or command reads -- is a dataclass of this module:
+``DetectTrainConfig``, ``DetectImportConfig``, ``MaskTrainConfig``, ``TrainE2EConfig`` and ``EvalConfig`` are
+the sections of a recipe (``pipelines/configs/<name>.yaml``: ``data:``, ``detect_train:``,
+``detect_import:``, ``mask_train:``, ``train_e2e:``, ``eval:``); a sweep spec file
+(``pipelines/configs/sweeps/``) is a ``SweepSpec`` of :mod:`pipelines.stages.sweep_spec`, read by the same loader.
 
 ``load_config(cls, path, overrides)`` reads the file (for a recipe: the section of ``cls``, with the
 top-level ``data:`` merged under it), applies the overrides in order and returns the dataclass, with
@@ -540,7 +541,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
     """Load a typed config: a YAML file (optional), then ``overrides`` in order, every key and type checked.
 
     ``path``: a recipe (a file or the name of a shipped one) or, for a config that is not a recipe
-    section (:class:`SweepSpec`), its file. ``section``: the recipe section to read (default: the one
+    section (a sweep spec, ``pipelines.stages.sweep_spec.SweepSpec``), its file. ``section``: the recipe section to read (default: the one
     of ``cls``, e.g. ``mask_train`` for :class:`MaskTrainConfig`); the whole recipe is checked.
     ``overrides``: mappings of typed values and ``section.key=value`` strings (``source`` names the
     strings in errors, e.g. ``"--set"``). A bad key or value raises MaskxError naming the file or the

@@ -31,7 +31,7 @@ def export_embeddings(run: str | Path, out: str | Path, mask_classes: str | None
     """Write the detector's class weights to ``out`` (HDF5). ``mask_classes`` defaults to the run's;
     ``annotated`` reads the run's training file for the classes with masks."""
     det = load_detector_run(run)
-    spec = mask_classes or det.config.get("data", {}).get("mask_classes", "annotated")
+    spec = mask_classes or det.data.mask_classes
     data = None
     if spec.strip() == "annotated":
         train_json = det.data_paths().get("train_json", "")
