@@ -13,6 +13,7 @@ from PIL import Image
 from pipelines import api
 from pipelines.errors import MaskxError
 from pipelines.evaluation.predictions import load_predictor
+from pipelines.visualize import add_legend
 from tests.engine.tiny_runs import train_detector_and_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,8 @@ def test_readme_example_runs_as_written(trained, tmp_path, monkeypatch, capsys):
     assert mine["names"] == [model.classes[0]] and mine["scores"].tolist() == [1.0]
     assert mine["masks"].shape == (1, 64, 64)
     assert mine["boxes"][0].tolist() == pytest.approx([10, 10, 50, 60])
-    with Image.open(tmp_path / "predicted.png") as im:
-        assert im.size == (128, 128)
+    with Image.open(tmp_path / "predicted.png") as im:  # 2 x the 64-px image, the legend strip below
+        assert im.size == add_legend(Image.new("RGB", (128, 128)), 0)[0].size and im.height > 128
 
 
 def test_inputs_and_segment_agree(trained):

@@ -41,8 +41,14 @@ def test_quickstart_tiny(tmp_path):
     assert list(t) == [*TIMED, "report and picture"] and t["world"] > 0 and t["evaluation"] > 0
     assert sum(t.values()) <= report["seconds"] + 0.5
     assert md.splitlines()[-1] == f"Total time: {report['seconds']:.0f} s ({timing_text(t)})."
-    with Image.open(out / "predictions.png") as im:
-        assert im.width > 96 * 3 and im.height > 2 * 96 * 3  # two rows (agnostic, transfer) at 3x scale
+    picture = report["picture"]  # the images drawn: voc split, seed 0, those showing both sets first
+    assert (picture["split"], picture["seed"], picture["score_thresh"]) == ("voc", 0, 0.5)
+    assert len(picture["images"]) == 3 and picture["searched"] == 6
+    assert all((out / "world" / "val" / name).is_file() for name in picture["images"])
+    tile = 3 * world["image_size"] + 4  # 3x scale, 4 px apart
+    with Image.open(out / "predictions.png") as im:  # two columns (agnostic, transfer), three rows, a legend below
+        assert im.width == 2 * tile + 4 and im.height > 3 * tile
+    assert "Left class-agnostic+MLP, right transfer+MLP: the same 3 validation images (voc→nonvoc, stage-2 seed 0)" in md
     assert "transfer+MLP" in r.output
 
     # a rerun reuses every finished piece
