@@ -114,7 +114,7 @@ def add_legend(picture: Image.Image, left_out: int = 0) -> tuple[Image.Image, Re
 def check_picture_settings(scale: int, max_drawn: int) -> None:
     """Refuse picture settings that cannot be drawn: ``scale`` and ``max_drawn`` must be at least 1."""
     if scale < 1:
-        raise MaskxError(f"picture scale must be >= 1, got {scale}", key="scale")
+        raise MaskxError(f"scale must be >= 1 (picture enlargement), got {scale}", key="scale")
     if max_drawn < 1:
         raise MaskxError(f"max_drawn must be >= 1 (detections drawn per picture), got {max_drawn}", key="max_drawn")
 

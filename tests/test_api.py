@@ -76,8 +76,9 @@ def test_inputs_and_segment_agree(trained):
     assert torch.equal(again["masks"], by_path["masks"]) and torch.equal(again["scores"], by_path["scores"])
     by_name = model.segment(path, by_path["boxes"].numpy(), by_path["names"])
     assert torch.equal(by_name["masks"], by_path["masks"]) and by_name["scores"].tolist() == [1.0] * len(by_path["boxes"])
-    drawn = np.asarray(model.draw(array, by_path))
-    assert drawn.shape == array.shape and not np.array_equal(drawn, array)
+    drawn = np.asarray(model.draw(array, by_path))  # the image with detections drawn, a legend strip below
+    h, w = array.shape[:2]
+    assert drawn.shape[:2] == add_legend(Image.new("RGB", (w, h)), 0)[0].size[::-1] and not np.array_equal(drawn[:h, :w], array)
     with pytest.raises(MaskxError, match="unknown class 'unicorn'"):
         model.segment(array, [[0, 0, 5, 5]], ["unicorn"])
     with pytest.raises(MaskxError, match=r"a uint8 array \[H, W, 3\], got a float64 array of shape \(4, 4\)"):

@@ -111,7 +111,7 @@ def test_bad_picture_settings_are_refused():
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(MaskxError, match=r"max_drawn must be >= 1 \(detections drawn per picture\), got 0"):
         draw_predictions(image, np.zeros((0, 4)), [], np.zeros(0), None, [], max_drawn=0)
-    with pytest.raises(MaskxError, match="picture scale must be >= 1, got 0"):
+    with pytest.raises(MaskxError, match=r"scale must be >= 1 \(picture enlargement\), got 0"):
         draw_predictions(image, np.zeros((0, 4)), [], np.zeros(0), None, [], scale=0)
 
 
@@ -127,6 +127,11 @@ def test_cli_max_drawn_default_and_error(tmp_path):
                                  "--max-drawn", "0"])
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1] == "error: --max-drawn must be >= 1 (detections drawn per picture), got 0"
+    assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(app, ["segment", str(tmp_path / "boxes.json"), "--images", str(tmp_path), "--mask", str(tmp_path),
+                                 "--out", str(tmp_path / "o"), "--scale", "0"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == "error: --scale must be >= 1 (picture enlargement), got 0"
     assert not (tmp_path / "o").exists()
 
 
