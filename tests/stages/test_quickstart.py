@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
+from tests.test_api import README, readme_block
 from pipelines.stages.sweep import TIMED, timing_text
 
 runner = CliRunner()
@@ -19,7 +20,7 @@ TINY = ["--train-images", "32", "--val-images", "6", "--detector-iterations", "2
         "--set", "solver.warmup_iters=1"]
 
 
-def test_quickstart_tiny(tmp_path):
+def test_quickstart_tiny(tmp_path, monkeypatch, capsys):
     out = tmp_path / "qs"
     r = runner.invoke(app, ["quickstart", "--out", str(out), *TINY])
     assert r.exit_code == 0, r.output
@@ -44,6 +45,21 @@ def test_quickstart_tiny(tmp_path):
     with Image.open(out / "predictions.png") as im:
         assert im.width > 96 * 3 and im.height > 2 * 96 * 3  # two rows (agnostic, transfer) at 3x scale
     assert "transfer+MLP" in r.output
+
+    # the README's first Python example, on this quick start's folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(out)
+    code = readme_block(README, "quickstart-api")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 10
+    scope: dict = {}
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), scope)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" ", 2)[0] for line in printed] == [f"{n} {s:.2f}" for n, s in zip(scope["out"]["names"], scope["out"]["scores"].tolist())]
+    assert all(line.endswith("set A" if n in scope["model"].set_a else "set B") for line, n in zip(printed, scope["out"]["names"]))
+    with Image.open(tmp_path / "predicted.png") as im:
+        assert im.size == (128 * 3, 128 * 3)  # the world's 128-px images at scale 3
 
     # a rerun reuses every finished piece
     r2 = runner.invoke(app, ["quickstart", "--out", str(out), *TINY])
