@@ -20,10 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+README = ROOT / "README.md"
+
+
+def readme_block(path: Path, marker: str) -> str:
+    """The python block that follows ``<!-- marker -->`` in ``path``."""
+    text = path.read_text()
+    return text.split(f"<!-- {marker} -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
 def readme_example() -> str:
-    """The python block that follows ``<!-- api-example -->`` in the README."""
-    text = (ROOT / "README.md").read_text()
-    return text.split("<!-- api-example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    return readme_block(README, "api-example")
 
 
 @pytest.fixture(scope="module")
