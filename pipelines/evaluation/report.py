@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from pipelines.data.world_config import SynthConfig
 from pipelines.evaluation.coco_eval import IOU_TYPES, METRICS
 from pipelines.io import atomic_path
-from pipelines.visualize import draw_predictions, grid
+from pipelines.visualize import add_legend, draw_predictions, grid
 
 UNDEFINED = "n/a"
 
@@ -156,8 +156,9 @@ def stage1_text(applied: dict) -> str:
     return ", ".join(parts) or "no setting left to choose"
 
 
-def render_report(summary: dict, world: SynthConfig, seeds: Sequence[int]) -> str:
-    """``report.md``: mask AP per head and split, the transfer / baseline ratio on B, box AP, the picture, the time."""
+def render_report(summary: dict, world: SynthConfig, seeds: Sequence[int], picture_columns: Sequence[str]) -> str:
+    """``report.md``: mask AP per head and split, the transfer / baseline ratio on B, box AP, the picture
+    (its two columns: ``picture_columns``), the time."""
     rows = summary_rows(summary)
     columns = list(next(iter(rows.values())).keys())
     lines = [
@@ -183,30 +184,38 @@ def render_report(summary: dict, world: SynthConfig, seeds: Sequence[int]) -> st
     box_rows = {f"{direction_name(d)} {s_}": summary["splits"][d]["heads"][box_head]["mean"]["bbox"][s_]
                 for d in summary["splits"] for s_ in ("B", "A")}
     lines += [markdown_table(box_rows), "", "![predictions](predictions.png)", "",
+              *picture_caption(summary.get("picture"), picture_columns),
               f"Total time: {summary['seconds']:.0f} s ({timing_text(summary.get('timings', {}))}).", ""]
     return "\n".join(lines)
 
 
-def prediction_sheet(images: Sequence[np.ndarray], image_ids: Sequence[int], results: dict[str, list[dict]], names: dict[int, str],
-                     set_a: set[int], path: Path, per_image: int = 6, min_score: float = 0.5) -> None:
-    """A PNG with one row per entry of ``results`` (row title -> COCO results) and one column per image
-    (``images`` uint8 [H, W, 3] with ids ``image_ids``): the best ``per_image`` detections scoring
-    ``min_score`` or more, set-A classes (``set_a``: category ids) green, set B red (Figure 3.2's style)."""
-    rows = []
-    for head_results in results.values():
-        by_image: dict[int, list[dict]] = {}
-        for res in head_results:
-            by_image.setdefault(res["image_id"], []).append(res)
-        row = []
-        for img, image_id in zip(images, image_ids):
-            dets = [d for d in sorted(by_image.get(image_id, []), key=lambda d: -d["score"]) if d["score"] >= min_score][:per_image]
+def picture_caption(picture: dict | None, columns: Sequence[str]) -> list[str]:
+    """The report's line under ``predictions.png`` (the quick start's picture record; ``columns``: the
+    two rows drawn, left and right), and a blank line."""
+    if not picture:
+        return []
+    return [f"Left {columns[0]}, right {columns[1]}: the same {len(picture['images'])} validation images "
+            f"({direction_name(picture['split'])}, stage-2 seed {picture['seed']}), detections scoring "
+            f"{picture['score_thresh']} or more; set-A classes green, set-B red.", ""]
+
+
+def prediction_sheet(images: Sequence[np.ndarray], image_ids: Sequence[int], detections: dict[str, dict[int, list[dict]]],
+                     names: dict[int, str], set_a: set[int], direction: str, path: Path) -> None:
+    """A PNG (Figure 3.2's style) with one row per image (``images`` uint8 [H, W, 3], ids ``image_ids``)
+    and one column per entry of ``detections`` (column title -> image id -> COCO result rows, highest
+    score first), at 3x scale, set-A classes (``set_a``: category ids) green, set B red, a legend below
+    (counting the detections left out of one column); ``direction`` is named in the column titles."""
+    tiles, left_out = [], 0
+    for img, image_id in zip(images, image_ids):
+        for by_image in detections.values():
+            dets = by_image.get(image_id, [])
             boxes = np.array([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]] for d in dets]).reshape(-1, 4)
             masks = np.stack([mask_utils.decode(d["segmentation"]) for d in dets]) if dets else None
-            row.append(draw_predictions(img, boxes, [names[d["category_id"]] for d in dets], np.array([d["score"] for d in dets]),
-                                        masks, [d["category_id"] in set_a for d in dets], scale=3))
-        rows.append(row)
-    n = len(images)
-    titles = [t for title in results for t in [title] + [""] * (n - 1)]
-    sheet = grid([im for row in rows for im in row], columns=n, titles=titles)
+            drawing = draw_predictions(img, boxes, [names[d["category_id"]] for d in dets], np.array([d["score"] for d in dets]),
+                                       masks, [d["category_id"] in set_a for d in dets], scale=3, legend=False)
+            tiles.append(drawing.image)
+        left_out += drawing.left_out  # the same detections in every column: counted once
+    name = direction_name(direction).replace("→", " -> ")  # the bitmap font has no arrow
+    sheet, _ = add_legend(grid(tiles, columns=len(detections), column_titles=[f"{title} ({name})" for title in detections]), left_out)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

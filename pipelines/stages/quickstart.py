@@ -17,19 +17,24 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from torch.utils.data import Subset
 
 from pipelines.config import DetectTrainConfig, Override, load_config, parse_overrides, stage_overrides, to_dict
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import load_mask_run
-from pipelines.evaluation.inference import HeadPredictions, inference_on_dataset
-from pipelines.evaluation.report import direction_name, mean, prediction_sheet, render_report
+from pipelines.data.coco import CocoDataset
+from pipelines.evaluation.inference import EvalData, HeadPredictions, inference_on_dataset
+from pipelines.evaluation.report import mean, prediction_sheet, render_report
 from pipelines.io import write_json, write_text
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.stages.sweep import SweepResult, run_sweep
 from pipelines.stages.sweep_spec import SweepSpec
 
 TRANSFER, AGNOSTIC = "transfer+MLP", "class-agnostic+MLP"  # the rows the ratio and the picture compare
-PICTURE_IMAGES, BATCH = 6, 4  # the picture's validation images, predicted in batches of the evaluation's size
+PICTURE_IMAGES = 3  # images (rows) in predictions.png
+PICTURE_POOL = 64  # at most this many of the first validation images are searched for them
+PICTURE_CHUNK = 8  # images predicted at a time while searching (a multiple of the evaluation's 4 images a batch)
+PICTURE_SCORE = 0.5  # detections drawn score at least this
 
 # Stage 1 where the device makes it cheap (CUDA): the stronger detector, 1,500 iterations with the full
 # RPN / box-head sampling (the quick start's stage 1 until 2026-12-02; on a 2-core CPU it took 628 s
@@ -55,20 +60,20 @@ def quickstart(spec: SweepSpec, out: str | Path, progress: Progress = NULL_PROGR
     out = Path(out)
     t0 = time.perf_counter()
     spec, overrides, stage1 = stage1_by_device(spec, overrides)
-    r = run_sweep(spec, out, progress=progress, overrides=overrides, keep_images=PICTURE_IMAGES + (-PICTURE_IMAGES) % BATCH)
+    r = run_sweep(spec, out, progress=progress, overrides=overrides, keep_images=PICTURE_POOL)
     summary = summarize(spec, r.records)
     if stage1:
         summary["stage1_by_device"] = stage1
     picture = out / "predictions.png"
     t1 = time.perf_counter()
-    _picture(spec, r, picture)
+    summary["picture"] = _picture(spec, r, picture)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["timings"] = {**r.timings, "report and picture": round(time.perf_counter() - t1, 1)}
     summary["config"] = to_dict(spec)
     summary["detector_config"] = r.det.config
     report_json, report_md = out / "report.json", out / "report.md"
     write_json(report_json, summary)
-    write_text(report_md, render_report(summary, spec.world, spec.seeds))
+    write_text(report_md, render_report(summary, spec.world, spec.seeds, (AGNOSTIC, TRANSFER)))
     return QuickstartResult(out, report_md, report_json, picture, summary, summary["seconds"])
 
 
@@ -115,24 +120,74 @@ def summarize(spec: SweepSpec, records: list[dict]) -> dict:
     return summary
 
 
-def _picture(spec: SweepSpec, r: SweepResult, path: Path) -> None:
-    """Figure 3.2 style: top row class-agnostic+MLP, bottom row transfer+MLP, first seed, first split.
+def shows_both(dets: list[dict], set_a: set[int]) -> bool:
+    """Whether the COCO result rows ``dets`` hold both a set-A class and a set-B class."""
+    ids = {d["category_id"] for d in dets}
+    return bool(ids & set_a) and bool(ids - set_a)
 
-    The first :data:`PICTURE_IMAGES` validation images with the predictions the sweep scored (made
-    again, in the evaluation's batches and so on the same detections, only when the sweep reused
-    every result); at most 6 detections scoring 0.5 or more per image.
+
+def choose_images(dets: dict[int, list[dict]], image_ids: list[int], set_a: set[int], count: int) -> list[int]:
+    """The ``count`` images of ``image_ids`` that show the method best, from their detections ``dets``
+    (image id -> COCO result rows): those with both a set-A and a set-B class first (:func:`shows_both`),
+    then more classes, then fewer detections (less clutter); ties keep ``image_ids``' order."""
+    def key(i: int) -> tuple[bool, int, int]:
+        mine = dets.get(i, [])
+        return not shows_both(mine, set_a), -len({d["category_id"] for d in mine}), len(mine)
+
+    return sorted(image_ids, key=key)[:count]
+
+
+def _picture_detections(r: SweepResult, runs: dict[str, str], pool: CocoDataset, set_a: set[int],
+                        count: int) -> tuple[dict[str, dict[int, list[dict]]], list[int]]:
+    """Each head's detections scoring :data:`PICTURE_SCORE` or more (head -> image id -> rows, highest
+    score first) on the images of ``pool``, :data:`PICTURE_CHUNK` images at a time until ``count``
+    images show both sets (:func:`shows_both`) or ``pool`` ends; and the ids of the images looked at.
+
+    The detections are the ones the sweep scored (``r.shown``); only when the sweep reused every result
+    are they predicted here, in the evaluation's batches and so on the same detections.
     """
-    direction, seed = spec.all_directions()[0], min(spec.seeds)
+    names = {name: str(runs[name]) for name in (AGNOSTIC, TRANSFER)}
+    scored = all(n in r.shown for n in names.values()) and len(r.val.dataset) >= len(pool)
+    heads = None if scored else HeadPredictions.of_runs(r.det, {name: load_mask_run(runs[name], r.det) for name in names},
+                                                        r.eval_cfg.gt_boxes)
+    by_head: dict[str, dict[int, list[dict]]] = {name: {} for name in names}
+    seen: list[int] = []
+    for start in range(0, len(pool), PICTURE_CHUNK):
+        part = range(start, min(start + PICTURE_CHUNK, len(pool)))
+        ids = {pool.images[i]["id"] for i in part}
+        if scored:
+            results = {name: [d for d in r.shown[n] if d["image_id"] in ids] for name, n in names.items()}
+        else:
+            results = inference_on_dataset(heads, EvalData(r.val.gt, Subset(pool, part)), {}, r.eval_cfg).predictions
+        seen += [pool.images[i]["id"] for i in part]
+        for name, rows in results.items():
+            for d in sorted(rows, key=lambda d: -d["score"]):
+                if d["score"] >= PICTURE_SCORE:
+                    by_head[name].setdefault(d["image_id"], []).append(d)
+        if sum(shows_both(v, set_a) for v in by_head[TRANSFER].values()) >= count:
+            break
+    return by_head, seen
+
+
+def _picture(spec: SweepSpec, r: SweepResult, path: Path, count: int = PICTURE_IMAGES) -> dict:
+    """Figure 3.2 style: the same images side by side, class-agnostic+MLP on the left, transfer+MLP on
+    the right (the split ``voc`` if the sweep has it, else its first; the lowest stage-2 seed), a legend below.
+
+    The ``count`` images that :func:`choose_images` picks among the first validation images (at most
+    :data:`PICTURE_POOL`, :func:`_picture_detections`). Both heads share the detector, so the boxes
+    are the same; the masks differ. Returns the split, seed and file names drawn (for report.json).
+    """
+    directions = spec.all_directions()
+    direction, seed = ("voc" if "voc" in directions else directions[0]), min(spec.seeds)
     runs = {rec["row"]: rec["run"] for rec in r.records if rec["direction"] == direction and rec["seed"] == seed}
-    shown = {name: r.shown.get(str(runs[name])) for name in (AGNOSTIC, TRANSFER)}
-    if any(v is None for v in shown.values()):
-        heads = HeadPredictions.of_runs(r.det, {name: load_mask_run(runs[name], r.det) for name in (AGNOSTIC, TRANSFER)},
-                                        r.eval_cfg.gt_boxes)
-        shown = inference_on_dataset(heads, r.val.first(PICTURE_IMAGES + (-PICTURE_IMAGES) % BATCH), {}, r.eval_cfg).predictions
-    n = min(PICTURE_IMAGES, len(r.val.dataset))
-    images = [(r.val.dataset[i][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for i in range(n)]
-    image_ids = [im["id"] for im in r.val.dataset.images[:n]]
     set_a = set(next(rec["set_a"] for rec in r.records if rec["direction"] == direction))
-    name = direction_name(direction).replace("→", " -> ")  # the bitmap font has no arrow
-    prediction_sheet(images, image_ids, {f"{head} ({name})": shown[head] for head in (AGNOSTIC, TRANSFER)},
-                     {c["id"]: c["name"] for c in r.val.gt["categories"]}, set_a, path)
+    gt = r.val.gt
+    pool = CocoDataset(gt, r.val.dataset.image_root, max_images=min(PICTURE_POOL, len(gt["images"])))
+    by_head, seen = _picture_detections(r, runs, pool, set_a, count)
+    index = {im["id"]: i for i, im in enumerate(pool.images)}
+    chosen = choose_images(by_head[TRANSFER], seen, set_a, count)
+    images = [(pool[index[i]][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8) for i in chosen]
+    prediction_sheet(images, chosen, {name: by_head[name] for name in (AGNOSTIC, TRANSFER)},
+                     {c["id"]: c["name"] for c in gt["categories"]}, set_a, direction, path)
+    return {"split": direction, "seed": seed, "score_thresh": PICTURE_SCORE, "searched": len(seen),
+            "images": [pool.images[index[i]]["file_name"] for i in chosen]}
