@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.utils.data import Subset
 
 from pipelines.config import EvalConfig
 from pipelines.data.coco import CocoDataset, check_same_categories, collate, load_split
@@ -43,19 +44,19 @@ from pipelines.progress import NULL_PROGRESS, Progress
 class EvalData:
     """What predictions are scored on: the ground truth (a COCO or LVIS dict, named ``gt_path`` in
     errors) and, for a producer that runs a model, the images it predicts on (``dataset``: the
-    first ``max_images`` of the ground truth); without ``dataset`` every ground-truth image counts."""
+    first ``max_images`` of the ground truth, a :class:`~pipelines.data.coco.CocoDataset` or a
+    ``Subset`` of one); without ``dataset`` every ground-truth image counts."""
 
     gt: dict
-    dataset: CocoDataset | None = None
+    dataset: CocoDataset | Subset | None = None
     gt_path: str | Path | None = None
 
     @property
     def image_ids(self) -> list[int] | None:
+        """The ids of ``dataset``'s images, in order (None without ``dataset``)."""
+        if isinstance(self.dataset, Subset):
+            return [self.dataset.dataset.images[i]["id"] for i in self.dataset.indices]
         return None if self.dataset is None else [im["id"] for im in self.dataset.images]
-
-    def first(self, count: int) -> EvalData:
-        """The same ground truth with the first ``count`` images of ``dataset`` (for a picture)."""
-        return replace(self, dataset=CocoDataset(self.gt, self.dataset.image_root, with_masks=False, max_images=count))
 
 
 def load_validation(det: DetectorRun, val_json: str | Path | None, val_images: str | Path | None,
