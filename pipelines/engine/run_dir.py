@@ -349,22 +349,33 @@ def save_mask(path: str | Path, side: MaskSide, config: dict, head: HeadConfig, 
                     detector_sha256=detector_sha256, embed_dim=embed_dim, in_channels=in_channels, iteration=iteration, **extra)
 
 
-def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> tuple[MaskSide, dict]:
-    """(mask side in eval mode, checkpoint dict) of a mask run (folder or ``mask_final.pth``); checks it fits ``det``."""
+def mask_checkpoint_path(run: str | Path) -> Path:
+    """The ``mask_final.pth`` of a mask run folder (or the file itself), or one error naming the folder."""
     run = Path(run)
     path = run if run.is_file() else run / MASK_CKPT
     if not path.is_file():
         raise MaskxError(f"no {MASK_CKPT} here: not a finished mask run (train it with 'maskx mask-train')", run)
+    return path
+
+
+def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> tuple[MaskSide, dict]:
+    """(mask side in eval mode, checkpoint dict) of a mask run (folder or ``mask_final.pth``); checks it fits ``det``."""
+    path = mask_checkpoint_path(run)
     ckpt = load_checkpoint(path, "mask")
     if det is not None and ckpt["detector_sha256"] != det.sha256:
         raise MaskxError(f"this mask head was trained on another detector (sha256 {ckpt['detector_sha256'][:12]}…, "
                          f"given detector {det.sha256[:12]}…)", path)
-    # heads saved before the 1-layer MLP branch existed have no mlp_layers key: theirs had 2 layers
-    head = from_dict(HeadConfig, {"mlp_layers": 2, **ckpt["head"]})
+    head = mask_head_config(ckpt)
     side = build_mask_side(head, len(ckpt["categories"]), ckpt["in_channels"], embed_dim=ckpt["embed_dim"])
     load_state(side, ckpt["model"], path)
     side.eval().requires_grad_(False)
     return side, ckpt
+
+
+def mask_head_config(ckpt: dict) -> HeadConfig:
+    """The :class:`HeadConfig` of a mask checkpoint (``ckpt["head"]``)."""
+    # heads saved before the 1-layer MLP branch existed have no mlp_layers key: theirs had 2 layers
+    return from_dict(HeadConfig, {"mlp_layers": 2, **ckpt["head"]})
 
 
 def detector_of_mask_run(mask_run: str | Path) -> Path:
