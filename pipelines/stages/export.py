@@ -168,6 +168,7 @@ def export(mask_run: str | Path, out: str | Path, detector: str | Path | None = 
     model = torchvision_mask_rcnn(det_cfg, head, k, ckpt["in_channels"], score_thresh)
     model.load_state_dict(baked_state_dict(det.model, side, k, checkpoint), assign=True)
     model.eval()
+    created = not Path(out).exists()
     out = make_output_dir(out)
     spec = export_spec(det_cfg, head, pred, ckpt["in_channels"], score_thresh, mask_threshold, checkpoint)
     written: list[Path] = []
@@ -189,6 +190,8 @@ def export(mask_run: str | Path, out: str | Path, detector: str | Path | None = 
     except BaseException:
         for path in written:
             discard(path)
+        if created and not any(out.iterdir()):
+            out.rmdir()
         raise
     sizes = {n: spec["files"][n]["bytes"] for n in files}
     return ExportResult(out, out / SPEC, files, sizes, head.mlp, (spec["torchvision_builder"] or {}).get("name"),
