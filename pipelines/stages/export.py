@@ -20,7 +20,7 @@ T's output baked into the class-specific mask predictor; with the MLP branch, th
 Every output is a torchvision detection dict: boxes above ``score_thresh`` (``maskx predict``'s
 default, 0.5), masks as probabilities. ``check`` images are predicted by maskx and by every written
 file; the differences are in ``model.json`` and must stay within :data:`TOLERANCE`. A failed export
-leaves none of its files behind.
+leaves none of its files behind, nor an earlier export's ``model.json`` (which would describe them wrongly).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def export(mask_run: str | Path, out: str | Path, detector: str | Path | None = 
     created = not Path(out).exists()
     out = make_output_dir(out)
     spec = export_spec(det_cfg, head, pred, ckpt["in_channels"], score_thresh, mask_threshold, checkpoint)
-    written: list[Path] = []
+    written: list[Path] = [out / SPEC]  # an earlier export's description no longer describes the folder
     try:
         task = progress.task("export", len(names))
         example = torch.rand(3, det_cfg.min_size, det_cfg.min_size, generator=torch.Generator().manual_seed(0))
