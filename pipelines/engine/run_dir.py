@@ -38,7 +38,7 @@ from pipelines import __version__
 from pipelines.config import (DATA_PATH_KEYS, DataConfig, DetectorConfig, EvalConfig, HeadConfig, from_dict, load_config,
                               resolve_config_path, to_dict)
 from pipelines.engine import distributed as dist
-from pipelines.checkpoint import SCHEMAS, TRAINING, load_checkpoint, load_state, save_checkpoint
+from pipelines.checkpoint import SCHEMAS, TRAINING, half_precision, load_checkpoint, load_state, save_checkpoint
 from pipelines.errors import MaskxError
 from pipelines.io import (discard, file_lock, os_error_reason, read_json, read_yaml, remove_stale_temporaries, sha256_file,
                           write_json, write_problem, write_text, write_yaml)
@@ -339,6 +339,7 @@ class MaskRun:
     detector_sha256: str
     iteration: int
     end_to_end: bool = False
+    in_channels: int = 256  # channels of the RoI features it reads (the detector's FPN width)
 
     @property
     def run_dir(self) -> Path:
@@ -422,23 +423,27 @@ def save_mask(path: str | Path, side: MaskSide, config: dict, head: HeadConfig, 
                     detector_sha256=detector_sha256, embed_dim=embed_dim, in_channels=in_channels, iteration=iteration, **extra)
 
 
-def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> MaskRun:
-    """The mask run of a folder (or its ``mask_final.pth``), its mask side in eval mode; checks that it fits ``det``."""
+def mask_checkpoint_path(run: str | Path) -> Path:
+    """The ``mask_final.pth`` of a mask run folder (or the file itself), or one error naming the folder."""
     run = Path(run)
     path = run if run.is_file() else run / MASK_CKPT
     if not path.is_file():
         raise MaskxError(f"no {MASK_CKPT} here: not a finished mask run (train it with 'maskx mask-train')", run)
+    return path
+
+
+def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> MaskRun:
+    """The mask run of a folder (or its ``mask_final.pth``), its mask side in eval mode; checks that it fits ``det``."""
+    path = mask_checkpoint_path(run)
     ckpt = load_checkpoint(path, "mask")
-    if det is not None and ckpt["detector_sha256"] != det.sha256:
-        raise MaskxError(f"this mask head was trained on another detector (sha256 {ckpt['detector_sha256'][:12]}…, "
-                         f"given detector {det.sha256[:12]}…)", path)
-    # heads saved before the 1-layer MLP branch existed have no mlp_layers key: theirs had 2 layers
-    head = from_dict(HeadConfig, {"mlp_layers": 2, **ckpt["head"]})
+    if det is not None:
+        _check_mask_fits(ckpt, det.sha256, path)
+    head = _mask_head_config(ckpt)
     side = build_mask_side(head, len(ckpt["categories"]), ckpt["in_channels"], embed_dim=ckpt["embed_dim"])
     load_state(side, ckpt["model"], path)
     side.eval().requires_grad_(False)
     return MaskRun(path, side, head, list(ckpt["set_a"]), ckpt["categories"], _typed(DataConfig, ckpt["config"]["data"]),
-                   ckpt["detector_sha256"], ckpt["iteration"], bool(ckpt.get("end_to_end", False)))
+                   ckpt["detector_sha256"], ckpt["iteration"], bool(ckpt.get("end_to_end", False)), ckpt["in_channels"])
 
 
 @dataclass
@@ -468,11 +473,69 @@ def read_training_state(run: str | Path, kind: str) -> TrainingState | None:
                          ckpt.get("rng_ranks") or [ckpt["rng"]])
 
 
+def _check_mask_fits(ckpt: dict, detector_sha256: str, path: str | Path) -> None:
+    """Raise unless the mask checkpoint ``ckpt`` (at ``path``) was trained on the detector of that SHA-256."""
+    if ckpt["detector_sha256"] != detector_sha256:
+        raise MaskxError(f"this mask head was trained on another detector (sha256 {ckpt['detector_sha256'][:12]}…, "
+                         f"given detector {detector_sha256[:12]}…)", path)
+
+
+def _mask_head_config(ckpt: dict) -> HeadConfig:
+    """The :class:`HeadConfig` of a mask checkpoint (``ckpt["head"]``)."""
+    # heads saved before the 1-layer MLP branch existed have no mlp_layers key: theirs had 2 layers
+    return from_dict(HeadConfig, {"mlp_layers": 2, **ckpt["head"]})
+
+
+@dataclass
+class RunCheckpoints:
+    """A mask run's checkpoint and its detector's, read as they are and checked to fit each other: what
+    ``maskx slim`` copies (:func:`write_float16_copy`)."""
+
+    detector: Path
+    mask: Path
+    _det: dict = dataclasses.field(repr=False)
+    _mask: dict = dataclasses.field(repr=False)
+
+    @property
+    def mask_config(self) -> dict:
+        """The resolved config saved in the mask checkpoint."""
+        return self._mask["config"]
+
+
+def read_run_checkpoints(detector: Path, mask: Path) -> RunCheckpoints:
+    """The detector checkpoint ``detector`` and the mask checkpoint ``mask``; one error naming ``mask``
+    unless it was trained on that detector."""
+    det_ckpt, mask_ckpt = load_checkpoint(detector, "detector"), load_checkpoint(mask, "mask")
+    _check_mask_fits(mask_ckpt, sha256_file(detector), mask)
+    return RunCheckpoints(Path(detector), Path(mask), det_ckpt, mask_ckpt)
+
+
+def write_float16_copy(pair: RunCheckpoints, out: Path, written: list[Path]) -> list[str]:
+    """``out/model_final.pth`` and ``out/mask_final.pth``: the checkpoints of ``pair`` with their float32
+    tensors in float16 (``precision: float16``, :func:`~pipelines.checkpoint.half_precision`), the mask's
+    ``detector_sha256`` that of the copied detector. Each path goes to ``written`` before it is written;
+    returns the names of the tensors kept in float32 (beyond float16's range)."""
+    kept: list[str] = []
+    for path, ckpt in ((out / DETECTOR_CKPT, pair._det), (out / MASK_CKPT, pair._mask)):
+        if path.name == MASK_CKPT:
+            ckpt["detector_sha256"] = sha256_file(out / DETECTOR_CKPT)
+        state, left = half_precision(ckpt["model"])
+        kept += left
+        payload = {k: v for k, v in ckpt.items() if k not in ("format", "kind")}
+        written.append(path)
+        save_checkpoint(path, ckpt["kind"], **{**payload, "model": state, "precision": "float16", "float32_kept": left})
+    return kept
+
+
 def detector_of_mask_run(mask_run: str | Path) -> Path:
-    """The detector checkpoint a mask run was trained against (from its manifest)."""
+    """The detector checkpoint a mask run was trained against (from its manifest). A run folder that
+    holds its own detector (an end-to-end run, ``maskx slim``'s copy) finds it there when the path its
+    manifest names is gone (the folder was moved, or named from elsewhere); its SHA-256 is checked on loading."""
     manifest = read_manifest(mask_run)
     try:
-        return Path(manifest["inputs"]["detector"]["path"])
+        named = Path(manifest["inputs"]["detector"]["path"])
     except KeyError:
         raise MaskxError("manifest does not name the detector run: give it as detector", Path(mask_run) / MANIFEST,
                          key="detector") from None
+    own = Path(mask_run) / DETECTOR_CKPT
+    return own if not named.exists() and own.is_file() else named

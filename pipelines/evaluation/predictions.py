@@ -20,7 +20,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from pipelines.data.coco import read_image
 from pipelines.engine.device import resolve_device
-from pipelines.engine.run_dir import detector_of_mask_run, load_detector_run, load_mask_run
+from pipelines.engine.run_dir import DetectorRun, MaskRun, detector_of_mask_run, load_detector_run, load_mask_run
 from pipelines.errors import MaskxError
 from pipelines.evaluation.results import to_coco_results
 from pipelines.io import atomic_path, write_text
@@ -61,7 +61,11 @@ def load_predictor(mask_run: str | Path, detector: str | Path | None = None, dev
     mask run trained on another detector is refused), on ``device`` (``auto``: CUDA when present).
     ``score_thresh`` replaces the detector's score threshold for its own detections."""
     det = load_detector_run(detector or detector_of_mask_run(mask_run))
-    run = load_mask_run(mask_run, det)
+    return predictor_of(det, load_mask_run(mask_run, det), device, score_thresh)
+
+
+def predictor_of(det: DetectorRun, run: MaskRun, device: str = "auto", score_thresh: float | None = None) -> Predictor:
+    """The :class:`Predictor` of a loaded detector run and mask run (trained on it), on ``device``."""
     dev = resolve_device(device)
     model = det.model.to(dev).eval()
     if score_thresh is not None:
