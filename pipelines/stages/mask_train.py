@@ -22,7 +22,7 @@ from pipelines.data.transforms import FlippedCopies
 from pipelines.engine import distributed as dist
 from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source, check_cache_config, ensure_cache
 from pipelines.engine.device import autocast
-from pipelines.engine.loop import Trainer, TrainStats, rng_state, seed_everything, set_rng_state
+from pipelines.engine.loop import Trainer, TrainStats, rng_state, set_rng_state, stage_process
 from pipelines.engine.run_dir import (MASK_CKPT, DetectorRun, check_embeddings_fit, check_not_finished, load_detector_run,
                                       prepare_run_dir, save_mask, training_run, update_manifest)
 from pipelines.engine.solver import check_solver
@@ -81,12 +81,12 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
     out = Path(out)
     if not resume:
         check_not_finished(out, MASK_CKPT, "mask head")
-    with training_run(out, resume, (MASK_CKPT,)):
-        return _mask_train(cfg, detector, embeddings, out, progress, resume, mask_side)
+    with training_run(out, resume, (MASK_CKPT,)), stage_process(cfg.solver, progress) as proc:
+        return _mask_train(cfg, detector, embeddings, out, proc.progress, resume, mask_side, proc.device)
 
 
 def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Path, out: Path, progress: Progress,
-                resume: bool, mask_side: MaskSide | None) -> MaskTrainResult:
+                resume: bool, mask_side: MaskSide | None, device: torch.device) -> MaskTrainResult:
     det = load_detector_run(detector)
     emb = read_embeddings(embeddings)
     check_embeddings_fit(emb, det)
@@ -96,10 +96,6 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     categories = det.categories
     sets = training_sets(cfg.data.mask_classes, cfg.head.head, categories, data, cfg.data.train_json)
     set_a, train_classes = sets.set_a, sets.train_classes
-    device = dist.setup(cfg.solver.device, cfg.solver.batch_size)
-    if not dist.is_main():
-        progress = NULL_PROGRESS  # one set of progress bars, from rank 0
-    seed_everything(cfg.solver.seed + dist.rank())
 
     w_det, missing = class_embedding_table(cfg.head, emb.w_cls, emb.w_box, emb.class_names, cfg.solver.seed)
     fpn_channels = det.model.backbone.out_channels

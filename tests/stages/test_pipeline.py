@@ -16,7 +16,7 @@ from maskx_cli.main import app
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
-from pipelines.engine.run_dir import load_detector_run, load_mask_run
+from pipelines.engine.run_dir import load_detector_run, load_mask_run, record_checkpoint
 from pipelines.modeling.embeddings import read_embeddings
 from pipelines.stages.evaluate import evaluate_heads
 from pipelines.stages.export_embeddings import export_embeddings
@@ -105,8 +105,9 @@ def test_embeddings_from_another_detector(tiny_pipeline, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_pipeline["detector"], other)
     ckpt = torch.load(other / "model_final.pth", weights_only=True)
-    ckpt["iteration"] = 999  # another checkpoint: another hash
+    ckpt["iteration"] = 999  # another checkpoint: another hash, recorded in its run's manifest as a run writes it
     torch.save(ckpt, other / "model_final.pth")
+    record_checkpoint(other / "model_final.pth", sha256_file(other / "model_final.pth"))
     with pytest.raises(MaskxError, match="another detector"):
         mask_train(_mask_cfg(tiny_pipeline), other, tiny_pipeline["embeddings"], tmp_path / "m")
     assert not (tmp_path / "m").exists(), "nothing written before the inputs were checked"
