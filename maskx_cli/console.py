@@ -181,6 +181,17 @@ def _with_flag(exc: MaskxError, command: Callable) -> MaskxError:
     return MaskxError(head + flag + tail, exc.path)
 
 
+def start_threads() -> None:
+    """Apply maskx's thread rule (``pipelines/threads.py``) before a command imports torch; a bad
+    ``MASKX_THREADS`` is one error line."""
+    from pipelines.threads import configure_threads
+
+    try:
+        configure_threads()
+    except MaskxError as exc:
+        fail(exc.line())
+
+
 def metrics_table(title: str, rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> Table:
     """A table with one row per entry of ``rows`` (name -> {column: value}); values shown x100."""
     columns = columns or sorted({k for r in rows.values() for k in r})

@@ -39,6 +39,7 @@ def _root(
                                           is_eager=True)] = False,
 ) -> None:
     _console.STATE["verbose"] = verbose
+    _console.start_threads()
 
 
 data_app = typer.Typer(help="Make or prepare data sets (COCO-format annotations + images).", no_args_is_help=True)

@@ -142,7 +142,13 @@ def all_or_nothing(out: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise MaskxError(f"cannot write here: {os_error_reason(exc)}", out) from exc
     try:
-        yield staging
+        try:
+            yield staging
+        except MaskxError as exc:  # name the file where it was to go, not its staging place
+            inside = exc.path is not None and Path(exc.path).is_relative_to(staging)
+            if not inside:
+                raise
+            raise MaskxError(exc.message, staged_path(staging, out, Path(exc.path)), exc.key) from None
         for item in sorted(staging.iterdir()):
             try:
                 os.replace(item, out / item.name)

@@ -14,7 +14,7 @@ def draw_predictions(image: np.ndarray, boxes: np.ndarray, names: list[str], sco
     """Overlay masks, boxes and ``name score`` labels on ``image``.
 
     ``image`` uint8 [H, W, 3]; ``boxes`` float [N, 4] (x1, y1, x2, y2); ``masks`` bool/uint8 [N, H, W]
-    or None; ``in_set_a`` [N] picks green (set A, had masks in training) or red (set B).
+    (or N such [H, W] masks one after another, drawn as they come) or None; ``in_set_a`` [N] picks green (set A, had masks in training) or red (set B).
     ``scale`` enlarges small images (nearest neighbour) so that text stays readable.
     """
     canvas = image.astype(np.float32).copy()

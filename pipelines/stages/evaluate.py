@@ -64,8 +64,10 @@ def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig, val_json: 
         heads[name], ckpts[name] = load_mask_run(run, det)
     data_cfg = ckpts[next(iter(ckpts))]["config"]["data"]
     val_json = val_json or data_cfg.get("val_json")
-    gt, dataset = load_validation(det, val_json, val_images or data_cfg.get("val_images"), cfg.max_images)
+    skipped: list[str] = []
+    gt, dataset = load_validation(det, val_json, val_images or data_cfg.get("val_images"), cfg.max_images, skipped)
     sets, warnings = run_class_sets(cfg.split, gt["categories"], {name: c["set_a"] for name, c in ckpts.items()})
+    warnings = skipped + warnings
     sizes = {c["head"]["roi_size"] for c in ckpts.values()}
     if len(sizes) > 1:
         raise MaskxError(f"these mask runs use different RoI sizes ({sorted(sizes)}); evaluate them separately")

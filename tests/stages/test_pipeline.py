@@ -230,3 +230,22 @@ def test_cli_eval_reads_the_recipes_eval_section(tiny_pipeline, tmp_path):
     recipe.write_text(yaml.safe_dump({"eval": {"splt": "voc"}}))
     r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["agnostic"]), "--config", str(recipe)])
     assert r.exit_code == 2 and f"{recipe}: unknown config key 'eval.splt'" in r.output
+
+
+def test_eval_of_a_run_warns_counted_about_zero_area_ground_truth_boxes(tiny_pipeline, tiny_world, tmp_path):
+    """Was: skipped silently by 'maskx eval RUN' (detect-train, mask-train and eval --results warn)."""
+    gt = json.loads(tiny_world.val_json.read_text())
+    zeroed = [gt["annotations"][0]["id"], gt["annotations"][3]["id"]]
+    for a in gt["annotations"]:
+        if a["id"] in zeroed:
+            a["bbox"][2] = 0.0
+    bad = tmp_path / "val_zero.json"
+    bad.write_text(json.dumps(gt))
+    out = tmp_path / "m.json"
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["transfer"]), "--gt", str(bad), "--images", str(tiny_world.val_dir),
+                            "--max-images", "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    line = (f"{bad}: skipped 2 annotation(s) with a zero-area, negative or out-of-image box (annotation id "
+            f"{zeroed[0]}, {zeroed[1]})")
+    assert [s for s in r.output.splitlines() if s.startswith("warning:")] == [f"warning: {line}"]
+    assert json.loads(out.read_text())["warnings"] == [line]
