@@ -13,6 +13,8 @@ COCO 2017 instance files, and writes to ``out``:
   most common VG name of the synset (to check the alignment by eye);
 - ``prepare_report.json``: the statistics, the inputs and the COCO-to-synset alignment used.
 
+The six files are written all or none (:func:`pipelines.io.all_or_nothing`).
+
 The rules, following the paper and its authors' release scripts:
 
 1. Objects: an object id seen again (VG repeats some) is dropped and counted. A class's
