@@ -25,7 +25,7 @@ from pipelines.errors import MaskxError
 from pipelines.evaluation.results import to_coco_results
 from pipelines.io import atomic_path, write_text
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, detect_and_segment
-from pipelines.visualize import draw_predictions
+from pipelines.visualize import MAX_DRAWN, draw_predictions
 
 PREDICTIONS = "predictions.json"
 
@@ -99,14 +99,18 @@ def picture_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def save_picture(path: Path, image: torch.Tensor, d: dict, names: list[str], in_a: list[bool], scale: int) -> None:
+def save_picture(path: Path, image: torch.Tensor, d: dict, names: list[str], in_a: list[bool], scale: int,
+                 max_drawn: int = MAX_DRAWN) -> int:
     """``image`` float32 [3, H, W] with detections ``d`` (``boxes`` [N, 4], ``scores`` [N], ``masks``
-    [N, H, W] or pasted one at a time) drawn (set A green, set B red), as a PNG written atomically."""
+    [N, H, W] or pasted one at a time) drawn (set A green, set B red, the ``max_drawn`` highest scores, a
+    legend below), as a PNG written atomically. Returns how many detections were left out of the picture."""
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     masks = d["masks"].numpy() if isinstance(d["masks"], torch.Tensor) else d["masks"]
-    drawing = draw_predictions(rgb, d["boxes"].numpy(), names, d["scores"].numpy(), masks, in_a, scale=scale)
+    drawing = draw_predictions(rgb, d["boxes"].numpy(), names, d["scores"].numpy(), masks, in_a, scale=scale,
+                               max_drawn=max_drawn)
     with atomic_path(path) as tmp:
-        drawing.save(tmp, format="PNG")
+        drawing.image.save(tmp, format="PNG")
+    return drawing.left_out
 
 
 @dataclass
@@ -114,7 +118,8 @@ class PredictionWriter:
     """COCO result rows (with ``file_name`` and ``category_name``) and pictures of each image's detections.
 
     ``categories`` / ``set_a``: the detector's (:class:`Predictor`); pictures go to ``out`` when
-    ``visualize``, ``scale`` times the image's size.
+    ``visualize``, ``scale`` times the image's size with a legend strip below, the ``max_drawn``
+    highest-scoring detections of each image drawn; ``not_drawn`` counts the others.
     """
 
     out: Path
@@ -122,8 +127,10 @@ class PredictionWriter:
     set_a: list[int]
     visualize: bool = False
     scale: int = 1
+    max_drawn: int = MAX_DRAWN
     results: list[dict] = field(default_factory=list)
     pictures: list[Path] = field(default_factory=list)
+    not_drawn: int = 0  # detections left out of the pictures (beyond max_drawn per image)
     _used: set[str] = field(default_factory=set)
 
     def add(self, image_id: int, path: Path, image: torch.Tensor, d: dict, category_ids: np.ndarray | None = None) -> list[dict]:
@@ -142,7 +149,8 @@ class PredictionWriter:
         if self.visualize:
             picture = self.out / picture_name(path, self._used)
             in_a = set(self.set_a)
-            save_picture(picture, image, d, [c["name"] for c in cats], [c["id"] in in_a for c in cats], self.scale)
+            self.not_drawn += save_picture(picture, image, d, [c["name"] for c in cats], [c["id"] in in_a for c in cats],
+                                           self.scale, self.max_drawn)
             self.pictures.append(picture)
         return rows
 

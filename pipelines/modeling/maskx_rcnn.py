@@ -231,9 +231,9 @@ class PastedMasks:
     ``probs`` float ``[N, M, M]`` (mask probabilities in each detection's box), ``boxes`` float
     ``[N, 4]`` (x1, y1, x2, y2 in the image's pixels), ``size`` the image's (H, W). Iterating gives
     each mask as uint8 ``[H, W]`` (probability >= ``threshold``), the pixels torchvision's
-    ``paste_masks_in_image`` gives, thresholded; only one full-size mask exists at a time, so
-    memory does not grow with the number of detections. :meth:`numpy` stacks them all
-    (uint8 ``[N, H, W]``).
+    ``paste_masks_in_image`` gives, thresholded; ``masks[i]`` pastes mask ``i`` alone. Only one
+    full-size mask exists at a time, so memory does not grow with the number of detections.
+    :meth:`numpy` stacks them all (uint8 ``[N, H, W]``).
     """
 
     def __init__(self, probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float):
@@ -242,9 +242,13 @@ class PastedMasks:
     def __len__(self) -> int:
         return len(self.probs)
 
+    def __getitem__(self, i: int):
+        """Mask ``i`` pasted: uint8 ``[H, W]`` (a numpy array)."""
+        return paste_mask(self.probs[i], self.boxes[i], self.size, self.threshold).cpu().numpy()
+
     def __iter__(self):
         for i in range(len(self.probs)):
-            yield paste_mask(self.probs[i], self.boxes[i], self.size, self.threshold).cpu().numpy()
+            yield self[i]
 
     def numpy(self):
         import numpy as np
