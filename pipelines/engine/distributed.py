@@ -206,7 +206,8 @@ def peers_watched() -> Iterator[None]:
         reason = _collective_failure(exc)
         if reason is None:
             raise
-        waited = f" after {os.environ.get(TIMEOUT_ENV, '60')} minutes ({TIMEOUT_ENV})" if "imed out" in reason or "imeout" in reason else ""
+        timed_out = "imed out" in reason or "imeout" in reason
+        waited = f" after {os.environ.get(TIMEOUT_ENV, '60')} minutes ({TIMEOUT_ENV})" if timed_out else ""
         raise MaskxError(f"stopped: another process of this torchrun job failed or ended ({reason}){waited}; "
                          "its error line says why") from None
     except BaseException:

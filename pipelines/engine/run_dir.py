@@ -13,7 +13,7 @@ and its final checkpoint, one plain dict (:func:`pipelines.engine.checkpoint.sav
   ``w_det``, 0 without T), ``in_channels``, ``iteration`` (+ ``end_to_end``).
 
 Each final checkpoint's SHA-256 is recorded in the manifest when it is written (``checkpoints``:
-file name -> SHA-256, :func:`record_checkpoint`) and checked before it is read
+file name -> SHA-256, :func:`record_checkpoint`) and checked when it is read
 (:func:`check_recorded_sha256`): a checkpoint damaged or replaced since is refused with one line.
 
 A training stage opens its folder with :func:`training_run`, so that a run folder is always in one

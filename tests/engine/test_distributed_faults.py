@@ -76,3 +76,16 @@ def test_torchrun_train_set_a_voc_rank0_write_failure_and_bit_identical_resume(t
     assert len(load_checkpoint(full / "mask_final.pth")["set_a"]) == 20  # voc
     metrics = [json.loads(s) for s in (broken / "metrics.jsonl").read_text().splitlines()]
     assert metrics == [json.loads(s) for s in (full / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_backend_error_about_a_lost_process_becomes_its_reason():
+    from pipelines.engine.distributed import _collective_failure
+
+    gloo = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:34010. This is typically caused by a remote worker crashing. Check the logs")
+    assert _collective_failure(gloo) == "Connection closed by peer [127.0.0.1]:34010"
+    timeout = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3600000ms for "
+                           "recv operation to complete")
+    assert _collective_failure(timeout) == "Timed out waiting 3600000ms for recv operation to complete"
+    assert _collective_failure(RuntimeError("shape mismatch")) is None
+    assert _collective_failure(ValueError("Connection closed by peer")) is None
