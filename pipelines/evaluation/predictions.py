@@ -20,7 +20,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from pipelines.data.coco import read_image
 from pipelines.engine.device import resolve_device
-from pipelines.engine.run_dir import detector_of_mask_run, load_detector_run, load_mask_run
+from pipelines.engine.run_dir import DetectorRun, detector_of_mask_run, load_detector_run, load_mask_run
 from pipelines.errors import MaskxError
 from pipelines.evaluation.results import to_coco_results
 from pipelines.io import atomic_path, write_text
@@ -63,6 +63,11 @@ def load_predictor(mask_run: str | Path, detector: str | Path | None = None, dev
     ``score_thresh`` replaces the detector's score threshold for its own detections."""
     det = load_detector_run(detector or detector_of_mask_run(mask_run))
     head, ckpt = load_mask_run(mask_run, det)
+    return predictor_of(det, head, ckpt, device, score_thresh)
+
+
+def predictor_of(det: DetectorRun, head: nn.Module, ckpt: dict, device: str = "auto", score_thresh: float | None = None) -> Predictor:
+    """The :class:`Predictor` of a loaded detector run and mask side (``ckpt``: its mask checkpoint), on ``device``."""
     dev = resolve_device(device)
     model = det.model.to(dev).eval()
     if score_thresh is not None:
