@@ -41,7 +41,9 @@ import torch
 
 from _common import ROOT, add_device_arg, machine, pick_device, print_table, sync, write_report  # noqa: E402
 from pipelines.config import CacheConfig, DetectorConfig  # noqa: E402
-from pipelines.engine.cache import CacheWriter, StreamingRoIs, build_cache, open_cache  # noqa: E402
+from pipelines.rois.build import build_cache  # noqa: E402
+from pipelines.rois.store import CacheWriter, open_cache  # noqa: E402
+from pipelines.rois.streaming import StreamingRoIs  # noqa: E402
 
 C, S = 256, 14  # COCO's FPN channels and RoIAlign size
 

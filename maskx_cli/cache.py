@@ -41,7 +41,7 @@ def build_cmd(
 @guarded
 def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (features-<key>.h5).")]) -> None:
     """Describe a cache file: RoIs, instances, classes, shapes, sizes, key."""
-    from pipelines.engine.cache import open_cache
+    from pipelines.rois.store import open_cache
     from pipelines.errors import MaskxError
 
     if not path.is_file():

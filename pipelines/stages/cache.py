@@ -1,6 +1,6 @@
 """``maskx cache build``: the stage-2 feature cache on its own, before any mask-train.
 
-It finds or builds the cache with :func:`pipelines.engine.cache.ensure_cache`, the function
+It finds or builds the cache with :func:`pipelines.rois.ensure.ensure_cache`, the function
 ``mask-train`` calls before training, with the same classes (:func:`pipelines.data.splits.mask_classes`
 of the config's head and set A), so a cache built ahead of time is the one a later mask-train with
 the same config and detector reuses.
@@ -14,10 +14,10 @@ from pathlib import Path
 from pipelines.config import MaskTrainConfig
 from pipelines.data.coco import check_same_categories, load_split
 from pipelines.data.splits import training_sets
-from pipelines.engine.cache import CacheResult, check_cache_config, ensure_cache
 from pipelines.engine.device import resolve_device
 from pipelines.engine.run_dir import load_detector_run
 from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.rois.ensure import CacheResult, check_cache_config, ensure_cache
 
 
 def cache_build(cfg: MaskTrainConfig, detector: str | Path, progress: Progress = NULL_PROGRESS) -> CacheResult:

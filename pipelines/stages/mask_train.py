@@ -20,7 +20,6 @@ from pipelines.data.coco import CocoDataset, check_same_categories, load_split
 from pipelines.data.splits import label_table, training_sets
 from pipelines.data.transforms import FlippedCopies
 from pipelines.engine import distributed as dist
-from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source, check_cache_config, ensure_cache
 from pipelines.engine.device import autocast
 from pipelines.engine.loop import Trainer, TrainStats, rng_state, seed_everything, set_rng_state
 from pipelines.engine.run_dir import (MASK_CKPT, DetectorRun, check_embeddings_fit, check_not_finished, load_detector_run,
@@ -31,6 +30,9 @@ from pipelines.modeling.embeddings import class_embedding_table, read_embeddings
 from pipelines.modeling.mask_heads import MaskSide
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, check_head, mask_loss
 from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.rois.ensure import check_cache_config, ensure_cache
+from pipelines.rois.sources import DetectorRoIs, cache_source
+from pipelines.rois.streaming import StreamingRoIs
 
 
 @dataclass

@@ -26,7 +26,19 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_iou
 
+from pipelines.config import CacheConfig
+
 SAMPLINGS = ("instance", "detectron")
+
+
+def sampling_settings(cfg: CacheConfig) -> dict:
+    """The settings that decide which RoIs are drawn (only those of the chosen sampling; ``rpn_proposals``
+    only when set, so the keys of caches built with the detector's own proposal count stay as they were)."""
+    rpn = {"rpn_proposals": cfg.rpn_proposals} if cfg.rpn_proposals else {}
+    if cfg.sampling == "detectron":
+        return {"sampling": "detectron", "rois_per_image": cfg.rois_per_image, "fg_fraction": cfg.fg_fraction, "min_iou": cfg.min_iou,
+                **rpn}
+    return {"sampling": "instance", "proposals_per_instance": cfg.proposals_per_instance, "min_iou": cfg.min_iou, **rpn}
 
 
 def image_generator(seed: int, image_id: int | str, flipped: bool = False) -> torch.Generator:

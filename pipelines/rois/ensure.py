@@ -1,0 +1,141 @@
+"""Finding or building the feature cache of a detector and its training data.
+
+:func:`ensure_cache` finds the cache of a (detector, training data, RoI settings, classes) or
+builds it. By default (``cache.classes=train``) a cache holds the RoIs of the run's mask classes
+only (:func:`pipelines.data.splits.mask_classes`: set A, every class for the oracle);
+``cache.classes=all`` caches every class, so agnostic, transfer and oracle runs of any set A share
+it, and a cache of more classes built with the same settings is always reused. Concurrent runs that
+need the same cache take a lock file beside it: the first builds, the others wait and reuse it.
+See ``docs/cache.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+
+from pipelines.config import CacheConfig, DataConfig
+from pipelines.engine.run_dir import DetectorRun
+from pipelines.errors import MaskxError
+from pipelines.io import file_lock, sha256_file, sha256_json
+from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
+from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.rois.build import build_cache
+from pipelines.rois.instances import cache_dataset
+from pipelines.rois.sampling import SAMPLINGS, sampling_settings
+from pipelines.rois.store import DTYPES, VERSION, FeatureCache, open_cache
+
+CACHE_SEED = 0  # RoI sampling of the cache: fixed, so a cache's content is a function of its key
+BUILD_BATCH_IMAGES = 8  # images per detector batch while building
+
+
+@dataclass
+class CacheResult:
+    """An opened, complete cache (``cache``; close it when done) and where it came from."""
+
+    path: Path
+    key: str
+    built: bool
+    cache: FeatureCache
+    warnings: list[str] = field(default_factory=list)  # what loading skipped (degenerate boxes) and the file lacks (set-A masks)
+
+    @property
+    def rois(self) -> int:
+        return len(self.cache)
+
+
+def settings_key(detector_sha256: str, data_sha256: str, roi_size: int, cfg: CacheConfig, images: int, hflip: bool = False) -> str:
+    """What a cache's rows are, whichever classes it holds: detector, data, RoI settings, flips."""
+    return sha256_json({"version": VERSION, "detector": detector_sha256, "data": data_sha256, "roi_size": roi_size,
+                        "dtype": cfg.dtype, "images": images, "hflip": bool(hflip), **sampling_settings(cfg)})
+
+
+def cache_key(detector_sha256: str, data_sha256: str, class_ids: list[int], roi_size: int, cfg: CacheConfig, images: int,
+              hflip: bool = False) -> str:
+    """The key of the cache of ``class_ids`` for these settings (see :func:`settings_key`)."""
+    return sha256_json({"settings": settings_key(detector_sha256, data_sha256, roi_size, cfg, images, hflip),
+                        "classes": sorted(class_ids)})
+
+
+def check_cache_config(cfg: CacheConfig) -> None:
+    def bad(key: str, message: str):
+        raise MaskxError(f"cache.{key} {message}", key=f"cache.{key}")
+
+    if cfg.dtype not in DTYPES:
+        bad("dtype", f"must be float16 or float32, got '{cfg.dtype}'")
+    if cfg.sampling not in SAMPLINGS:
+        bad("sampling", f"must be {' or '.join(SAMPLINGS)}, got '{cfg.sampling}'")
+    if cfg.classes not in ("train", "all"):
+        bad("classes", f"must be train or all, got '{cfg.classes}'")
+    if cfg.proposals_per_instance < 0:
+        bad("proposals_per_instance", f"must be 0 or more, got {cfg.proposals_per_instance}")
+    if cfg.rpn_proposals < 0:
+        bad("rpn_proposals", f"must be 0 (the detector's own) or more, got {cfg.rpn_proposals}")
+    if cfg.rois_per_image < 1:
+        bad("rois_per_image", f"must be 1 or more, got {cfg.rois_per_image}")
+    if not 0 < cfg.fg_fraction <= 1:
+        bad("fg_fraction", f"must be in (0, 1], got {cfg.fg_fraction}")
+    if not 0 < cfg.min_iou <= 1:
+        bad("min_iou", f"must be in (0, 1], got {cfg.min_iou}")
+    if cfg.ram_budget_gb < 0:
+        bad("ram_budget_gb", f"must be 0 or more, got {cfg.ram_budget_gb}")
+    for key in ("reader_threads", "shuffle_window"):
+        if getattr(cfg, key) < 1:
+            bad(key, f"must be 1 or more, got {getattr(cfg, key)}")
+    for key in ("workers", "stream_chunk_rows"):
+        if getattr(cfg, key) < 0:
+            bad(key, f"must be 0 or more, got {getattr(cfg, key)}")
+
+
+def find_superset(folder: Path, settings: str, class_ids: list[int], threads: int = 4) -> FeatureCache | None:
+    """A complete cache in ``folder`` built with ``settings`` whose classes include ``class_ids``
+    (the one with the fewest classes), or None."""
+    wanted, found = set(class_ids), []
+    for p in sorted(folder.glob("features-*.h5")):
+        try:
+            with h5py.File(p, "r") as f:
+                if str(f.attrs.get("settings_key")) == settings and f.attrs.get("complete"):
+                    classes = {int(c) for c in f.attrs["classes"]}
+                    if wanted <= classes:
+                        found.append((len(classes), p, str(f.attrs["key"])))
+        except (OSError, KeyError, ValueError, TypeError):
+            continue
+    for _, p, key in sorted(found):
+        cache = open_cache(p, key, threads)
+        if cache is not None:
+            return cache
+    return None
+
+
+def ensure_cache(det: DetectorRun, data: dict, data_cfg: DataConfig, cfg: CacheConfig, roi_size: int,
+                 progress: Progress = NULL_PROGRESS, class_ids: list[int] | None = None) -> CacheResult:
+    """The complete cache for (detector, training data, RoI settings, classes): reused if present, else built.
+
+    ``class_ids``: the run's mask classes (:func:`pipelines.data.splits.mask_classes`; every class if
+    None or ``cache.classes=all``). The cache lives in ``cfg.dir`` (default ``<detector run>/cache``)
+    as ``features-<key[:16]>.h5`` + ``.rows``; a complete cache of more classes with the same settings
+    is reused. The build holds a lock file beside it. The detector must already be on the device it
+    should run on.
+    """
+    check_cache_config(cfg)
+    all_ids = [c["id"] for c in det.categories]
+    wanted = all_ids if class_ids is None or cfg.classes == "all" else sorted(set(class_ids))
+    args = (det.sha256, sha256_file(data_cfg.train_json))
+    settings = settings_key(*args, roi_size, cfg, data_cfg.max_train_images, data_cfg.hflip)
+    key = cache_key(*args, wanted, roi_size, cfg, data_cfg.max_train_images, data_cfg.hflip)
+    folder = Path(cfg.dir) if cfg.dir else det.run_dir / "cache"
+    path = folder / f"features-{key[:16]}.h5"
+    lock = folder / f".features-{settings[:16]}.lock"
+    with file_lock(lock, on_wait=lambda: progress.log(f"another process is building this feature cache: waiting for it ({lock})")):
+        cache = open_cache(path, key, cfg.reader_threads) or find_superset(folder, settings, wanted, cfg.reader_threads)
+        if cache is not None:
+            return CacheResult(cache.path, cache.key, False, cache)
+        full = cache_dataset(data, data_cfg, wanted)
+        if not len(full):
+            raise MaskxError("no training image has a mask of the cached classes", data_cfg.train_json)
+        cache = build_cache(det.model, build_mask_roi_pool(roi_size), full, cfg, path, key, det.model.backbone.out_channels,
+                            progress, batch_images=BUILD_BATCH_IMAGES, seed=CACHE_SEED, workers=cfg.workers,
+                            attrs={"settings_key": settings})
+    return CacheResult(path, key, True, cache)
