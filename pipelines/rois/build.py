@@ -13,11 +13,10 @@ from torchvision.ops import MultiScaleRoIAlign
 from pipelines.config import CacheConfig
 from pipelines.data.coco import collate
 from pipelines.errors import MaskxError
-from pipelines.io import format_size
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.rois.extract import extract_rois, proposals_per_image
 from pipelines.rois.instances import flip_source, instance_counts
-from pipelines.rois.plan import check_room, describe_build, estimate_rows, minimum_rows
+from pipelines.rois.plan import CachePlan, check_room, plan_cache
 from pipelines.rois.sampling import image_generator, sampling_settings
 from pipelines.rois.store import CHUNK, CacheWriter, FeatureCache, layout_of, open_cache
 
@@ -47,7 +46,7 @@ def _collate_guarded(batch):
 
 def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: CacheConfig, path: Path, key: str,
                 channels: int, progress: Progress = NULL_PROGRESS, batch_images: int = 8, seed: int = 0,
-                chunk_rows: int = CHUNK, workers: int = 0, attrs: dict | None = None) -> FeatureCache:
+                chunk_rows: int = CHUNK, workers: int = 0, attrs: dict | None = None, plan: CachePlan | None = None) -> FeatureCache:
     """Compute the cache for every image of ``dataset`` and write it to ``path``; return it opened.
 
     ``dataset``: a :class:`CocoDataset` whose ``has_mask`` marks the cached classes, or
@@ -55,22 +54,22 @@ def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: C
     processes, the detector runs on batches of ``batch_images``. Rows follow the dataset's order,
     image by image; each image's RoIs are drawn from :func:`image_generator` (``seed``, image id,
     flipped), so the content does not depend on batching or workers. Row chunks hold
-    ``chunk_rows`` RoIs. Refuses to start (MaskxError) when the disk cannot hold the estimate.
+    ``chunk_rows`` RoIs. ``plan`` (default: :func:`plan_cache` of ``cfg``) decides how many RoIs are
+    kept; it is printed first and written into the description. Refuses to start (MaskxError) when
+    the disk cannot hold the plan's least size.
     """
     base, copies = flip_source(dataset)
     counts = instance_counts(dataset)
-    instances = sum(n for n, _ in counts)
-    if instances == 0:
+    if sum(n for n, _ in counts) == 0:
         raise MaskxError("no training instance of the mask classes (set A): nothing to train the mask head on", base.image_root)
     roi_size = roi_pool.output_size[0]
-    per_row = layout_of(channels, roi_size, cfg.dtype).disk_bytes
-    estimate = estimate_rows(counts, cfg, proposals_per_image(model, cfg))
-    least = minimum_rows(counts, cfg)
+    layout = layout_of(channels, roi_size, cfg.dtype)
+    plan = plan or plan_cache(counts, cfg, layout, proposals_per_image(model, cfg))
+    cfg = plan.cfg
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
-    warning = check_room(least * per_row, estimate * per_row, free, path.parent)
-    progress.log(f"building feature cache: {describe_build(instances, estimate, per_row, cfg, copies)} "
-                 f"({format_size(free)} free) -> {path}")
+    warning = check_room(plan.least_rows * plan.roi_bytes, plan.bytes, free, path.parent)
+    progress.log(f"building feature cache: {plan.describe(free)} -> {path}")
     if warning:
         progress.log(warning)
     device = next(model.parameters()).device
@@ -89,8 +88,9 @@ def build_cache(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, dataset, cfg: C
                      image_id=np.array([targets[i]["image_id"] for i in img], np.int64),
                      flipped=np.array([bool(targets[i].get("flipped", False)) for i in img], np.uint8))
             task.advance(len(images))
-        w.attrs.update({"instances": instances, "images": len(dataset), "hflip": copies == 2, "seed": seed,
-                        "classes": np.array(sorted(base.mask_cats), np.int64), **sampling_settings(cfg), **(attrs or {})})
+        w.attrs.update({"instances": plan.instances, "images": len(dataset), "hflip": copies == 2, "seed": seed,
+                        "classes": np.array(sorted(base.mask_cats), np.int64), **sampling_settings(cfg), **plan.attrs(),
+                        **(attrs or {})})
     task.close()
     cache = open_cache(path, key)
     assert cache is not None

@@ -23,9 +23,11 @@ from pipelines.io import file_lock, sha256_file, sha256_json
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.rois.build import build_cache
-from pipelines.rois.instances import cache_dataset
+from pipelines.rois.extract import proposals_per_image
+from pipelines.rois.instances import cache_dataset, instance_counts
+from pipelines.rois.plan import plan_cache
 from pipelines.rois.sampling import SAMPLINGS, sampling_settings
-from pipelines.rois.store import DTYPES, VERSION, FeatureCache, open_cache
+from pipelines.rois.store import STORAGES, VERSION, FeatureCache, inspect_cache, layout_of, open_cache
 
 CACHE_SEED = 0  # RoI sampling of the cache: fixed, so a cache's content is a function of its key
 BUILD_BATCH_IMAGES = 8  # images per detector batch while building
@@ -63,8 +65,8 @@ def check_cache_config(cfg: CacheConfig) -> None:
     def bad(key: str, message: str):
         raise MaskxError(f"cache.{key} {message}", key=f"cache.{key}")
 
-    if cfg.dtype not in DTYPES:
-        bad("dtype", f"must be float16 or float32, got '{cfg.dtype}'")
+    if cfg.dtype not in STORAGES:
+        bad("dtype", f"must be {', '.join(STORAGES)}, got '{cfg.dtype}'")
     if cfg.sampling not in SAMPLINGS:
         bad("sampling", f"must be {' or '.join(SAMPLINGS)}, got '{cfg.sampling}'")
     if cfg.classes not in ("train", "all"):
@@ -81,6 +83,10 @@ def check_cache_config(cfg: CacheConfig) -> None:
         bad("min_iou", f"must be in (0, 1], got {cfg.min_iou}")
     if cfg.ram_budget_gb < 0:
         bad("ram_budget_gb", f"must be 0 or more, got {cfg.ram_budget_gb}")
+    if cfg.max_gb < 0:
+        bad("max_gb", f"must be 0 (no budget) or more, got {cfg.max_gb:g}")
+    if cfg.fg_per_image < 0:
+        bad("fg_per_image", f"must be 0 (as many as cache.max_gb holds) or more, got {cfg.fg_per_image}")
     for key in ("reader_threads", "shuffle_window"):
         if getattr(cfg, key) < 1:
             bad(key, f"must be 1 or more, got {getattr(cfg, key)}")
@@ -110,18 +116,29 @@ def find_superset(folder: Path, settings: str, class_ids: list[int], threads: in
 
 
 def ensure_cache(det: DetectorRun, data: dict, data_cfg: DataConfig, cfg: CacheConfig, roi_size: int,
-                 progress: Progress = NULL_PROGRESS, class_ids: list[int] | None = None) -> CacheResult:
+                 progress: Progress = NULL_PROGRESS, class_ids: list[int] | None = None, visits: int = 0) -> CacheResult:
     """The complete cache for (detector, training data, RoI settings, classes): reused if present, else built.
 
     ``class_ids``: the run's mask classes (:func:`pipelines.data.splits.mask_classes`; every class if
-    None or ``cache.classes=all``). The cache lives in ``cfg.dir`` (default ``<detector run>/cache``)
+    None or ``cache.classes=all``). First the plan (:func:`plan_cache`, from the annotation file's
+    counts and ``cache.max_gb``) fixes how many RoIs are kept -- part of the key, so a cache is found
+    again whatever the free space. The cache lives in ``cfg.dir`` (default ``<detector run>/cache``)
     as ``features-<key[:16]>.h5`` + ``.rows``; a complete cache of more classes with the same settings
-    is reused. The build holds a lock file beside it. The detector must already be on the device it
-    should run on.
+    is reused. One that is there but damaged (unreadable, truncated, a sampled row failing its
+    checksum) is rebuilt, with a line saying so. The build holds a lock file beside it. ``visits``:
+    RoI visits of the training schedule, for the plan's passes per RoI. The detector must already
+    be on the device it should run on.
     """
     check_cache_config(cfg)
     all_ids = [c["id"] for c in det.categories]
     wanted = all_ids if class_ids is None or cfg.classes == "all" else sorted(set(class_ids))
+    full = cache_dataset(data, data_cfg, wanted)
+    if not len(full):
+        raise MaskxError("no training image has a mask of the cached classes", data_cfg.train_json)
+    channels = det.model.backbone.out_channels
+    plan = plan_cache(instance_counts(full), cfg, layout_of(channels, roi_size, cfg.dtype), proposals_per_image(det.model, cfg),
+                      visits)
+    cfg = plan.cfg
     args = (det.sha256, sha256_file(data_cfg.train_json))
     settings = settings_key(*args, roi_size, cfg, data_cfg.max_train_images, data_cfg.hflip)
     key = cache_key(*args, wanted, roi_size, cfg, data_cfg.max_train_images, data_cfg.hflip)
@@ -129,13 +146,13 @@ def ensure_cache(det: DetectorRun, data: dict, data_cfg: DataConfig, cfg: CacheC
     path = folder / f"features-{key[:16]}.h5"
     lock = folder / f".features-{settings[:16]}.lock"
     with file_lock(lock, on_wait=lambda: progress.log(f"another process is building this feature cache: waiting for it ({lock})")):
-        cache = open_cache(path, key, cfg.reader_threads) or find_superset(folder, settings, wanted, cfg.reader_threads)
+        cache, damage = inspect_cache(path, key, cfg.reader_threads)
+        cache = cache or find_superset(folder, settings, wanted, cfg.reader_threads)
         if cache is not None:
             return CacheResult(cache.path, cache.key, False, cache)
-        full = cache_dataset(data, data_cfg, wanted)
-        if not len(full):
-            raise MaskxError("no training image has a mask of the cached classes", data_cfg.train_json)
-        cache = build_cache(det.model, build_mask_roi_pool(roi_size), full, cfg, path, key, det.model.backbone.out_channels,
+        if damage:
+            progress.log(f"feature cache {path} {damage}: rebuilding it")
+        cache = build_cache(det.model, build_mask_roi_pool(roi_size), full, cfg, path, key, channels,
                             progress, batch_images=BUILD_BATCH_IMAGES, seed=CACHE_SEED, workers=cfg.workers,
-                            attrs={"settings_key": settings})
+                            attrs={"settings_key": settings}, plan=plan)
     return CacheResult(path, key, True, cache)

@@ -11,7 +11,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
 from pipelines.config import CacheConfig
-from pipelines.rois.sampling import sample_detectron, sample_instance
+from pipelines.rois.sampling import keep_at_most, kept_per_image, sample_detectron, sample_instance
 from pipelines.rois.store import RoIBatch
 
 
@@ -75,6 +75,9 @@ def extract_rois(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, images: list[t
         r, matched, gt_flag = _draw(cfg, t["boxes"], props, g)
         keep = hm[matched]
         r, matched, gt_flag = r[keep], matched[keep], gt_flag[keep]
+        if cfg.sampling == "detectron" and (few := keep_at_most(len(r), kept_per_image(cfg), g)) is not None:
+            few = few.to(r.device)
+            r, matched, gt_flag = r[few], matched[few], gt_flag[few]
         pos = torch.cumsum(hm.long(), 0) - 1  # position of each instance among this image's masked ones
         mi = pos[matched]
         rois.append(r)

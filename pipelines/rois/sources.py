@@ -43,7 +43,8 @@ class InMemoryRoIs:
     def __init__(self, cache: FeatureCache, rows: np.ndarray, batch_size: int, iterations: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         rows = np.sort(np.asarray(rows, dtype=np.int64))
-        self.features, self.masks = cache.read_rows(rows)
+        whole = cache.read_batch(rows)  # as stored: 8-bit features stay 8-bit in memory, with their scale
+        self.features, self.masks, self.scale = whole.features, whole.masks, whole.scale
         self.rows = torch.from_numpy(rows)
         self.labels = torch.from_numpy(cache.labels[rows])
         self.rois = len(rows)
@@ -51,7 +52,8 @@ class InMemoryRoIs:
 
     def batch(self, iteration: int) -> RoIBatch:
         idx = torch.tensor(self.batches.batch(iteration), dtype=torch.long)
-        return RoIBatch(self.features[idx], self.masks[idx], self.labels[idx], self.rows[idx])
+        return RoIBatch(self.features[idx], self.masks[idx], self.labels[idx], self.rows[idx],
+                        scale=None if self.scale is None else self.scale[idx])
 
     def close(self) -> None:
         pass

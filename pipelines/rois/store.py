@@ -13,6 +13,7 @@ incomplete, of another key or format, or whose row file has the wrong size.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +21,91 @@ import h5py
 import numpy as np
 import torch
 
+from pipelines.errors import MaskxError
 from pipelines.io import atomic_path, hdf5_file, make_parent
 from pipelines.rois.rowfile import RowFile, RowWriter
 
 FORMAT = "maskx-feature-cache"
-VERSION = 2
+VERSION = 3  # 3: per-row checksums (crc32), 8-bit storage
 CHUNK = 64  # rows per chunk: the unit a streamed cache is read and shuffled in
-DTYPES = {"float16": np.float16, "float32": np.float32}
-TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # per-RoI datasets of the HDF5 description: dtype, shape of one entry, value when not given
+# (crc32: the CRC-32 of the RoI's record, written by the writer, checked by every read)
 META = {"labels": (np.int64, (), None), "boxes": (np.float32, (4,), np.nan), "image_id": (np.int64, (), -1),
-        "instance": (np.int32, (), -1), "flipped": (np.uint8, (), 0), "is_gt": (np.uint8, (), 0)}
-META_BYTES = sum(np.dtype(d).itemsize * int(np.prod(shape)) for k, (d, shape, _) in META.items() if k != "labels")  # 30
+        "instance": (np.int32, (), -1), "flipped": (np.uint8, (), 0), "is_gt": (np.uint8, (), 0), "crc32": (np.uint32, (), 0)}
+META_BYTES = sum(np.dtype(d).itemsize * int(np.prod(shape)) for k, (d, shape, _) in META.items() if k != "labels")  # 34
 LABEL_BYTES = 8  # int64 label of a RoI, kept in memory beside its record
+SAMPLED_CHECKS = 16  # rows whose checksum is verified when a cache is opened (the first, the last, evenly between)
+
+
+class FloatStorage:
+    """Features stored as they are, in a float type (no scale)."""
+
+    name, numpy, torch, scaled = "float16", np.float16, torch.float16, False
+
+    @classmethod
+    def encode(cls, features: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """float [n, C, S, S] -> (stored [n, C, S, S], None)."""
+        return torch.from_numpy(features.detach().cpu().numpy().astype(cls.numpy, copy=False)), None
+
+
+class Float32Storage(FloatStorage):
+    name, numpy, torch = "float32", np.float32, torch.float32
+
+
+class Int8Storage:
+    """8-bit integers with one float32 scale per RoI and channel: ``x ~ q * scale``, ``q = round(x / scale)``,
+    ``scale = max|x| / 127`` over the channel's S x S values. Error: ``|x - x'| <= max|x| / 254``."""
+
+    name, numpy, torch, scaled, top = "int8", np.int8, torch.int8, True, 127.0
+
+    @classmethod
+    def scale_of(cls, features: torch.Tensor) -> torch.Tensor:
+        """float [n, C, S, S] -> float32 [n, C]: each channel's largest magnitude over ``top``."""
+        return features.float().abs().amax(dim=(2, 3)) / cls.top
+
+    @classmethod
+    def encode(cls, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float [n, C, S, S] -> (int8 [n, C, S, S], float32 scale [n, C])."""
+        scale = cls.scale_of(features)
+        q = features.float() / torch.where(scale > 0, scale, 1.0)[:, :, None, None]
+        return q.round().clamp(-cls.top, cls.top).to(cls.torch), scale
+
+
+class Float8Storage(Int8Storage):
+    """8-bit floats (``torch.float8_e4m3fn``: 4 exponent, 3 mantissa bits, largest 448) with one float32 scale
+    per RoI and channel (``max|x| / 448``). Error: ``|x - x'| <= |x| / 16 + max|x| / (448 * 1024)``
+    (half a step of a 3-bit mantissa; half the smallest subnormal). Stored as its raw bytes (uint8)."""
+
+    name, numpy, torch, top = "float8", np.uint8, torch.float8_e4m3fn, 448.0
+
+    @classmethod
+    def encode(cls, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = cls.scale_of(features)
+        y = (features.float() / torch.where(scale > 0, scale, 1.0)[:, :, None, None]).clamp(-cls.top, cls.top)
+        return y.to(cls.torch).view(torch.uint8), scale
+
+
+STORAGES = {s.name: s for s in (FloatStorage, Float32Storage, Int8Storage, Float8Storage)}
+
+
+def decode_features(stored: torch.Tensor, scale: torch.Tensor | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stored features [n, C, S, S] (and their scale [n, C] for 8-bit storage) -> float32 [n, C, S, S] on ``device``.
+
+    Moved first, converted there: on a GPU the 8-bit values cross the bus and are widened on the GPU.
+    """
+    f = stored.to(device, non_blocking=True)
+    if f.dtype == torch.uint8:  # float8 is kept as its raw bytes
+        f = f.view(torch.float8_e4m3fn)
+    f = f.to(torch.float32)
+    return f if scale is None else f * scale.to(device, torch.float32)[:, :, None, None]
+
+
+def record_checksum(slots) -> int:
+    """CRC-32 of one record given as its consecutive parts (bytes-like, in file order)."""
+    crc = 0
+    for part in slots:
+        crc = zlib.crc32(part, crc)
+    return crc
 
 
 @dataclass
@@ -55,15 +128,17 @@ class RoIBatch:
     is_gt: torch.Tensor | None = None
     instance: torch.Tensor | None = None
     image: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # float32 [R, C] of 8-bit stored features (``features`` then holds the codes)
 
     def features_on(self, device: torch.device | str) -> torch.Tensor:
-        """The features as float32 [R, C, S, S] on ``device``."""
-        return self.features.to(device, torch.float32)
+        """The features as float32 [R, C, S, S] on ``device`` (8-bit storage converted back there)."""
+        return decode_features(self.features, self.scale, device)
 
 
 @dataclass(frozen=True)
 class RecordLayout:
-    """What one record of the row file holds: features ``[C, S, S]`` of ``dtype``, then the mask ``uint8[2S, 2S]``.
+    """What one record of the row file holds: features ``[C, S, S]`` stored as ``dtype`` (:data:`STORAGES`),
+    for 8-bit storage their scale ``float32[C]``, then the mask ``uint8[2S, 2S]``.
 
     Little-endian, C-ordered, back to back. Every reader and writer of records goes through this
     type: :meth:`pack` (tensors -> records), :meth:`split` (records -> tensors), :meth:`buffers` /
@@ -76,10 +151,16 @@ class RecordLayout:
     dtype: str = "float16"
 
     @property
+    def storage(self):
+        return STORAGES[self.dtype]
+
+    @property
     def fields(self) -> tuple[tuple[str, np.dtype, tuple[int, ...]], ...]:
         """(name, numpy dtype, shape) of each part of a record, in file order."""
         c, s = self.channels, self.roi_size
-        return (("features", np.dtype(DTYPES[self.dtype]).newbyteorder("<"), (c, s, s)), ("masks", np.dtype(np.uint8), (2 * s, 2 * s)))
+        scale = (("scale", np.dtype("<f4"), (c,)),) if self.storage.scaled else ()
+        return (("features", np.dtype(self.storage.numpy).newbyteorder("<"), (c, s, s)), *scale,
+                ("masks", np.dtype(np.uint8), (2 * s, 2 * s)))
 
     @property
     def field_bytes(self) -> tuple[int, ...]:
@@ -107,7 +188,8 @@ class RecordLayout:
     def pack(self, features: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
         """features [n, C, S, S] (any float dtype), masks [n, 2S, 2S] -> records uint8[n, record_bytes]."""
         n = int(features.shape[0])
-        parts = {"features": features.detach().cpu().numpy().astype(DTYPES[self.dtype], copy=False),
+        stored, scale = self.storage.encode(features.detach().cpu())
+        parts = {"features": stored.numpy(), "scale": None if scale is None else scale.numpy(),
                  "masks": masks.detach().cpu().numpy().astype(np.uint8, copy=False)}
         rec = np.empty((n, self.record_bytes), np.uint8)
         at = 0
@@ -128,14 +210,16 @@ class RecordLayout:
         """The slots of row ``j`` in ``views`` (what :meth:`RowFile.scatter_into` reads one record into)."""
         return [v[j * nb : (j + 1) * nb] for v, nb in zip(views, self.field_bytes)]
 
-    def unpack(self, buffers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Filled slots -> (features [n, C, S, S] of ``dtype``, masks uint8[n, 2S, 2S]), views of the slots (no copy)."""
+    def unpack(self, buffers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Filled slots -> (stored features [n, C, S, S], their scale float32[n, C] or None, masks uint8[n, 2S, 2S]),
+        views of the slots (no copy). Float features come in their own dtype; float8 as its raw bytes (uint8)."""
         n, s = buffers[0].shape[0], self.roi_size
-        feats = buffers[0].view(TORCH_DTYPES[self.dtype]).view(n, self.channels, s, s)
-        return feats, buffers[1].view(n, 2 * s, 2 * s)
+        feats = buffers[0].view(self.storage.torch if self.storage.numpy != np.uint8 else torch.uint8)
+        scale = buffers[1].view(torch.float32) if self.storage.scaled else None
+        return feats.view(n, self.channels, s, s), scale, buffers[-1].view(n, 2 * s, 2 * s)
 
-    def split(self, records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8[n, record_bytes] -> (features [n, C, S, S] of ``dtype``, masks uint8[n, 2S, 2S]), new contiguous tensors."""
+    def split(self, records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """uint8[n, record_bytes] -> :meth:`unpack`'s (features, scale, masks), new contiguous tensors."""
         bounds = np.cumsum((0,) + self.field_bytes)
         return self.unpack([records[:, a:z].contiguous() for a, z in zip(bounds[:-1], bounds[1:])])
 
@@ -149,6 +233,7 @@ class CacheWriter:
 
     ``with CacheWriter(path, key, channels, roi_size, dtype) as w: w.append(...); w.attrs.update(...)``.
     On an exception neither file is left behind; the HDF5 file, written last, marks the cache complete.
+    Each record's CRC-32 goes into the description (``crc32``).
     """
 
     def __init__(self, path: Path, key: str, channels: int, roi_size: int, dtype: str, chunk_rows: int = CHUNK):
@@ -175,10 +260,12 @@ class CacheWriter:
         n = int(labels.shape[0])
         if n == 0:
             return
-        self._rows.append(self.layout.pack(features, masks))
-        if set(meta) - set(META):
+        if set(meta) - (set(META) - {"crc32"}):
             raise TypeError(f"unknown per-RoI dataset(s) {sorted(set(meta) - set(META))} (known: {', '.join(META)})")
+        records = self.layout.pack(features, masks)
+        self._rows.append(records)
         meta["labels"] = labels
+        meta["crc32"] = np.array([zlib.crc32(r) for r in records], np.uint32)
         for k, (dtype, shape, fill) in META.items():
             v = meta.get(k)
             if v is None:
@@ -220,12 +307,14 @@ class CacheWriter:
 
 
 class FeatureCache:
-    """A finished cache: ``len(cache)`` RoIs; ``read(start, stop)``, ``read_rows(rows)`` or ``load()`` them.
+    """A finished cache: ``len(cache)`` RoIs; ``read(start, stop)``, ``read_rows(rows)``, ``read_batch(rows)`` or ``load()``.
 
-    ``labels`` (int64[N], 1..K) is read into memory at once; ``features`` [N, C, S, S] and
-    ``masks`` [N, 2S, 2S] are read-only memory maps of the row file (handy for inspection);
-    ``rowfile`` reads it in parallel; ``layout`` says what a record is. ``meta(name)`` reads a
-    per-RoI metadata dataset.
+    ``labels`` (int64[N], 1..K) and ``crc32`` (uint32[N], each record's CRC-32) are read into memory at
+    once; ``features`` [N, C, S, S] (the stored values: for 8-bit storage the codes, ``scale`` [N, C]
+    beside them) and ``masks`` [N, 2S, 2S] are read-only memory maps of the row file (handy for
+    inspection); ``rowfile`` reads it in parallel; ``layout`` says what a record is. ``meta(name)``
+    reads a per-RoI metadata dataset. Every read checks the rows it returns against their checksums
+    (a mismatch is one MaskxError naming the row file).
     """
 
     def __init__(self, path: Path, threads: int = 4):
@@ -235,6 +324,7 @@ class FeatureCache:
         try:
             a = self.file.attrs
             self.labels = self.file["labels"][()]
+            self.crc32 = self.file["crc32"][()]
             self.key = str(a["key"])
             self.layout = layout_of(a["channels"], a["roi_size"], a["dtype"])
             if int(a["record_bytes"]) != self.record_bytes:
@@ -249,7 +339,7 @@ class FeatureCache:
             else:
                 self._map = None
                 empty = self.layout.split(torch.empty((0, self.record_bytes), dtype=torch.uint8))
-                self.features, self.masks = (t.numpy() for t in empty)
+                self.features, self.masks = empty[0].numpy(), empty[-1].numpy()
         except BaseException:
             self.close()
             raise
@@ -289,19 +379,36 @@ class FeatureCache:
         return len(self) * self.row_bytes
 
     def meta(self, name: str) -> np.ndarray:
-        """A per-RoI metadata dataset: ``boxes`` float32[N, 4], ``image_id``, ``instance``, ``flipped``, ``is_gt``."""
+        """A per-RoI metadata dataset: ``boxes`` float32[N, 4], ``image_id``, ``instance``, ``flipped``, ``is_gt``, ``crc32``."""
         return self.file[name][()]
 
+    def check(self, start: int, dests: list) -> None:
+        """Raise MaskxError (naming the row file) unless each row ``start + i`` read into ``dests[i]`` (its
+        parts, in file order; None: not wanted) has its checksum."""
+        for i, parts in enumerate(dests):
+            if parts is not None and record_checksum(parts) != int(self.crc32[start + i]):
+                raise MaskxError(f"feature cache row {start + i} does not match its checksum: the file is damaged; "
+                                 f"delete it ({self.path.name} and {self.rows_path.name}) and the next run rebuilds it",
+                                 self.rows_path)
+
+    def submit_scatter(self, start: int, dests: list):
+        """:meth:`RowFile.submit_scatter` whose reader thread also checks the rows it read (:meth:`check`)."""
+        return self.rowfile.submit_scatter(start, dests, after=self.check)
+
     def split(self, records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layout.split(records)
+        """Records uint8[n, record_bytes] -> (features [n, C, S, S], masks [n, 2S, 2S]); 8-bit features as float32."""
+        feats, scale, masks = self.layout.split(records)
+        return (feats if scale is None else decode_features(feats, scale)), masks
 
     def read(self, start: int, stop: int) -> RoIBatch:
-        feats, masks = self.split(self.rowfile.read(start, stop))
+        records = self.rowfile.read(start, stop)
+        self.check(start, [[r.numpy()] for r in records])
+        feats, masks = self.split(records)
         return RoIBatch(feats, masks, torch.from_numpy(self.labels[start:stop]), torch.arange(start, stop))
 
-    def read_rows(self, rows: np.ndarray, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features [n, C, S, S], masks [n, 2S, 2S]) of the sorted ``rows``: the blocks of ``block`` rows
-        that hold any are read in parallel, each row straight into its place."""
+    def read_batch(self, rows: np.ndarray, block: int | None = None) -> RoIBatch:
+        """The sorted ``rows`` as stored (8-bit features with their ``scale``), ``index`` = the rows: the
+        blocks of ``block`` rows that hold any are read in parallel, each row straight into its place."""
         rows = np.asarray(rows, dtype=np.int64)
         block = block or 4 * self.chunk_rows
         buffers = self.layout.buffers(len(rows))
@@ -313,30 +420,43 @@ class FeatureCache:
             dests: list = [None] * (z - a)
             for j in range(lo, hi):
                 dests[rows[j] - a] = self.layout.row_slot(views, j)
-            futures.append(self.rowfile.submit_scatter(a, dests))
+            futures.append(self.submit_scatter(a, dests))
         for f in futures:
             f.result()
-        return self.layout.unpack(buffers)
+        feats, scale, masks = self.layout.unpack(buffers)
+        return RoIBatch(feats, masks, torch.from_numpy(self.labels[rows]), torch.from_numpy(rows), scale=scale)
+
+    def read_rows(self, rows: np.ndarray, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [n, C, S, S], masks [n, 2S, 2S]) of the sorted ``rows`` (:meth:`read_batch`; 8-bit features as float32)."""
+        b = self.read_batch(rows, block)
+        return (b.features if b.scale is None else b.features_on("cpu")), b.masks
 
     def load(self) -> RoIBatch:
         return self.read(0, len(self))
 
     def info(self) -> dict:
-        """What ``maskx cache info`` shows: counts, shapes, dtype, settings, sizes, key."""
+        """What ``maskx cache info`` shows: counts, shapes, dtype, settings, sizes, the build's plan, key."""
         labels, counts = np.unique(self.labels, return_counts=True)
         a = self.file.attrs
         sampling = str(a.get("sampling", "instance"))
-        settings = ({"rois_per_image": int(a.get("rois_per_image", 0)), "fg_fraction": float(a.get("fg_fraction", 0))}
+        settings = ({"rois_per_image": int(a.get("rois_per_image", 0)), "fg_fraction": float(a.get("fg_fraction", 0)),
+                     "fg_per_image": int(a.get("fg_per_image", 0))}
                     if sampling == "detectron" else {"proposals_per_instance": int(a.get("proposals_per_instance", 0))})
+        plan = {k[len("plan_"):]: a[k].item() if hasattr(a[k], "item") else a[k] for k in a if k.startswith("plan_")}
         return {
             "path": str(self.path), "rows_file": str(self.rows_path), "rois": len(self),
             "instances": int(a.get("instances", -1)), "images": int(a.get("images", -1)),
             "classes": int(len(labels)), "feature_shape": [self.channels, self.roi_size, self.roi_size], "dtype": self.dtype,
             "sampling": sampling, **settings, "hflip": bool(a.get("hflip", False)),
-            "chunk_rows": self.chunk_rows, "memory_bytes": self.nbytes,
-            "file_bytes": self.path.stat().st_size + self.rows_path.stat().st_size,
+            "chunk_rows": self.chunk_rows, "memory_bytes": self.nbytes, "roi_bytes": self.roi_bytes(),
+            "file_bytes": self.path.stat().st_size + self.rows_path.stat().st_size, "plan": plan,
             "key": self.key, "rois_per_class": {int(k): int(v) for k, v in zip(labels, counts)},
         }
+
+    def roi_bytes(self) -> int:
+        """Bytes the RoIs take on disk, measured: the row file and the stored per-RoI datasets (without the
+        description's headers and attributes)."""
+        return self.rows_path.stat().st_size + sum(int(self.file[k].id.get_storage_size()) for k in META)
 
     def close(self) -> None:
         if self.rowfile is not None:
@@ -346,37 +466,46 @@ class FeatureCache:
         self.file.close()
 
 
-def open_cache(path: Path, key: str | None, threads: int = 4) -> FeatureCache | None:
-    """The cache at ``path`` if it is complete and was built for ``key`` (any key if None); None otherwise.
-
-    A truncated or otherwise unreadable file, one without the completion mark, one whose row file
-    is missing or of the wrong size, or whose key differs gives None (the caller rebuilds it).
-    Temporary ``.tmp`` files are never opened.
-    """
+def inspect_cache(path: Path, key: str | None, threads: int = 4) -> tuple[FeatureCache | None, str | None]:
+    """(the cache at ``path``, None) if it is complete, of this format, built for ``key`` (any key if None)
+    and its sampled rows (:data:`SAMPLED_CHECKS`) match their checksums; else (None, what is wrong), the
+    reason None when there is no file at all. Temporary ``.tmp`` files are never opened."""
     path = Path(path)
     if not path.is_file() or path.suffix == ".tmp":
-        return None
+        return None, None
     try:
         f = h5py.File(path, "r")
     except (OSError, KeyError, ValueError, TypeError):
-        return None
+        return None, "cannot be read (truncated or overwritten)"
     try:
-        ok = bool(f.attrs.get("format") == FORMAT and int(f.attrs.get("version", -1)) == VERSION and f.attrs.get("complete")
-                  and (key is None or str(f.attrs.get("key")) == key))
+        a = f.attrs
+        if a.get("format") != FORMAT or int(a.get("version", -1)) != VERSION:
+            why = f"is not a version-{VERSION} maskx feature cache"
+        elif not a.get("complete"):
+            why = "is incomplete"
+        elif key is not None and str(a.get("key")) != key:
+            why = "was built for other settings"
+        else:
+            why = None
     except (OSError, KeyError, ValueError, TypeError):
-        ok = False
+        why = "cannot be read (truncated or overwritten)"
     finally:
         f.close()
-    if not ok:
-        return None
+    if why:
+        return None, why
     try:
         cache = FeatureCache(path, threads)
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        return None, f"cannot be read: {exc.strerror if isinstance(exc, OSError) else exc}"
     try:
-        if len(cache):  # the last row must be readable
-            cache.rowfile.read(len(cache) - 1, len(cache))
-    except (OSError, ValueError):
+        for r in np.unique(np.linspace(0, len(cache) - 1, SAMPLED_CHECKS).round().astype(np.int64)) if len(cache) else []:
+            cache.check(int(r), [[cache.rowfile.read(int(r), int(r) + 1)[0].numpy()]])
+    except (OSError, ValueError, MaskxError) as exc:
         cache.close()
-        return None
-    return cache
+        return None, f"has damaged rows ({exc.message if isinstance(exc, MaskxError) else exc})"
+    return cache, None
+
+
+def open_cache(path: Path, key: str | None, threads: int = 4) -> FeatureCache | None:
+    """The cache at ``path`` if :func:`inspect_cache` finds nothing wrong with it; None otherwise (the caller rebuilds it)."""
+    return inspect_cache(path, key, threads)[0]

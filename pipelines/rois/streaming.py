@@ -195,7 +195,7 @@ class StreamingRoIs:
                     views.append(layout.row_slot(batches[k][2], j))
                     touched.add(k)
                 if touched:
-                    future = self.cache.rowfile.submit_scatter(lo, views)
+                    future = self.cache.submit_scatter(lo, views)  # read, then checked against the checksums
                     self.bytes_read += (hi - lo) * rec
                     for k in touched:
                         batches[k][3].append(future)
@@ -208,8 +208,8 @@ class StreamingRoIs:
                 for fut in futures:
                     fut.result()
                 self._buffers.filled(bufs)
-                feats, masks = layout.unpack(bufs)
-                batch = RoIBatch(feats, masks, torch.from_numpy(self.cache.labels[rows]), torch.from_numpy(rows))
+                feats, scale, masks = layout.unpack(bufs)
+                batch = RoIBatch(feats, masks, torch.from_numpy(self.cache.labels[rows]), torch.from_numpy(rows), scale=scale)
                 if not self._put((it, batch)):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
@@ -240,6 +240,8 @@ class StreamingRoIs:
         item = self._queue.get()
         if isinstance(item, BaseException):
             self.close()
+            if isinstance(item, MaskxError):  # (a row that fails its checksum: the message names the file)
+                raise item
             raise MaskxError(f"feature cache could not be read ({item.__class__.__name__}: {item}); delete it to rebuild",
                              self.cache.path) from item
         self._next = item[0] + 1

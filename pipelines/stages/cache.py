@@ -32,5 +32,6 @@ def cache_build(cfg: MaskTrainConfig, detector: str | Path, progress: Progress =
     check_same_categories(det.categories, data["categories"], "the detector's classes", cfg.data.train_json)
     det.model.to(resolve_device(cfg.solver.device))
     sets = training_sets(cfg.data.mask_classes, cfg.head.head, det.categories, data, cfg.data.train_json)
-    result = ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, sets.train_classes)
+    result = ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, sets.train_classes,
+                          visits=cfg.solver.iterations * cfg.solver.batch_size)
     return dataclasses.replace(result, warnings=report.warnings(cfg.data.train_json) + sets.warnings)

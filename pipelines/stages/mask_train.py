@@ -126,7 +126,7 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     def step(iteration: int) -> dict[str, torch.Tensor]:
         rois = source.batch(iteration)  # this process's share of the global batch
         with autocast(device, cfg.solver.amp):
-            logits = wrapped(rois.features.to(device, torch.float32), rois.labels.to(device))
+            logits = wrapped(rois.features_on(device), rois.labels.to(device))
             return {"loss_mask": mask_loss(logits, rois.masks.to(device))}
 
     try:
@@ -164,7 +164,8 @@ def _roi_source(cfg: MaskTrainConfig, det: DetectorRun, data: dict, dataset: Coc
     # (or finds) it, the other ranks then open the finished file. Building it must not shift the
     # random stream (dropout of T): a run gives the same weights whether the cache was built now or found.
     before = rng_state()
-    prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, train_classes))
+    prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, train_classes,
+                                                     visits=cfg.solver.iterations * cfg.solver.batch_size))
     set_rng_state(before)
     source = cache_source(prepared.cache, mask_labels, *batch_args, cfg.cache, dist.rank(), dist.world_size())
     if isinstance(source, StreamingRoIs):
