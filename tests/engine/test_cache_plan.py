@@ -4,6 +4,7 @@ storage types, damaged caches rebuilt or refused with one line naming the file."
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.config import CacheConfig
+from pipelines.data.splits import mask_classes, resolve_split
 from pipelines.errors import MaskxError
 from pipelines.progress import NullProgress
 from pipelines.rois.instances import cache_dataset, instance_counts
@@ -217,3 +219,51 @@ def test_a_damaged_row_found_while_training_is_one_error_line_naming_the_row_fil
     r.cache.close()
     with h5py.File(path, "r") as f:
         assert f["crc32"].shape == (n,) and f["crc32"].dtype == np.uint32
+
+
+# -------------------------------------------------------------------------------- maskx cache plan
+def test_cache_plan_prints_rois_bytes_and_the_times_its_rates_give(world, tmp_path):
+    from maskx_cli.main import app
+    from pipelines.config import MaskTrainConfig, load_config
+
+    rates = {"read_mb_s": 100.0, "decode_images_s": 20.0, "detect_images_s": 2.0, "train_rois_s": 50.0, "device": "cpu"}
+    (tmp_path / "rates.json").write_text(json.dumps({"rates": rates}))
+    sets = ["--set", "cache.sampling=detectron", "--set", "solver.iterations=100", "--set", "solver.batch_size=64",
+            "--set", "cache.ram_budget_gb=0"]
+    runner = CliRunner(env={"MASKX_CONSOLE_WIDTH": "300"})
+    res = runner.invoke(app, ["cache", "plan", "--config", "synthetic", "--train-data", world.data_cfg.train_json,
+                              "--rates", str(tmp_path / "rates.json"), "--json", str(tmp_path / "plan.json"), *sets])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "plan.json").read_text())
+    # the plan a build on this file would make (the synthetic recipe's detector: 64 FPN channels, 100 proposals)
+    cfg = load_config(MaskTrainConfig, "synthetic", [s for s in sets if s != "--set"] + [f"data.train_json={world.data_cfg.train_json}"])
+    counts = instance_counts(cache_dataset(world.data, cfg.data, mask_classes("transfer", resolve_split("voc", world.data["categories"]),
+                                                                            world.data["categories"])))
+    plan = plan_cache(counts, cfg.cache, layout_of(64, 14, "float16"), 100, 6400)
+    assert (out["rois"], out["bytes"], out["image_copies"], out["visits"]) == (plan.rows, plan.bytes, len(counts), 6400)
+    assert out["fg_per_image"] == 128 and out["roi_bytes"] == 64 * 14 * 14 * 2 + 28 * 28 + 8 + 34
+    x = out["projection"]
+    assert x["build_parts"] == pytest.approx({"decode": len(counts) / (20.0 * 2), "compute": len(counts) / 2.0,
+                                              "disk": plan.bytes / 100e6})
+    assert x["train_parts"] == pytest.approx({"compute": 6400 / 50.0, "disk": 6400 * plan.roi_bytes / 100e6})
+    assert x["streamed"] and x["build_bottleneck"] == "compute" and x["train_bottleneck"] == "compute"
+    assert f"up to {plan.rows} RoIs x {plan.roi_bytes} bytes" in res.output and "bottleneck compute" in res.output
+    assert f"build: ~{len(counts) / 2:.0f} s for {len(counts)} image copies" in res.output
+    assert "training: ~2 min for 6400 RoI visits" in res.output and "streamed from disk" in res.output
+    # a rates file without the rates: one line naming it
+    (tmp_path / "bad.json").write_text(json.dumps({"read_mb_s": 1.0}))
+    bad = runner.invoke(app, ["cache", "plan", "--config", "synthetic", "--train-data", world.data_cfg.train_json,
+                              "--rates", str(tmp_path / "bad.json")])
+    lines = [x for x in bad.output.splitlines() if x.strip()]
+    assert bad.exit_code == 2 and len(lines) == 1
+    assert lines[0] == (f"error: {tmp_path / 'bad.json'}: rates file lacks a positive number for decode_images_s, detect_images_s, "
+                        f"train_rois_s (write one with 'maskx cache plan --json')")
+
+
+def test_the_rates_measured_here_are_rates():
+    from pipelines.rois.projection import measure_decode, measure_read
+
+    assert measure_decode() > 1.0  # images/s: a 640 x 480 JPEG decodes in well under a second
+    assert measure_read(Path(".").resolve() / ".pytest_read_probe", 8 * 2**20) > 1.0  # MB/s
+    assert not any((Path(".") / ".pytest_read_probe").iterdir())
+    (Path(".") / ".pytest_read_probe").rmdir()
