@@ -52,8 +52,12 @@ def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (features-<
     info = cache.info()
     cache.close()
     keys = ("rois", "instances", "images", "classes", "feature_shape", "dtype", "sampling", "proposals_per_instance",
-            "rois_per_image", "fg_fraction", "hflip", "chunk_rows", "rows_file")
+            "rois_per_image", "fg_fraction", "fg_per_image", "hflip", "chunk_rows", "rows_file")
     print_paths(**{k: info[k] for k in keys if k in info})
+    plan = info["plan"]
+    if plan:
+        budget = f"budget {plan['budget_bytes'] / 1e9:g} GB" if plan.get("budget_bytes") else "no budget"
+        print_paths(plan=f"up to {plan['rois']} RoIs, {format_size(plan['bytes'])} ({budget}), {plan['passes']:.1f}+ passes per RoI")
     print_paths(size=f"{format_size(info['file_bytes'])} on disk, {format_size(info['memory_bytes'])} in memory", key=info["key"])
 
 

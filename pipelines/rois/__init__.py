@@ -8,9 +8,11 @@ instances of the cached classes only, and for each RoI: RoIAligned FPN features 
 
 - :mod:`~pipelines.rois.extract` runs the frozen detector for RoIs;
 - :mod:`~pipelines.rois.instances` says which instances are cached (the set-A rule);
-- :mod:`~pipelines.rois.plan` is the size arithmetic;
+- :mod:`~pipelines.rois.plan` is the size arithmetic (a cache sized to ``cache.max_gb``), and
+  :mod:`~pipelines.rois.projection` the build's and training's time from measured rates;
 - :mod:`~pipelines.rois.store` owns the record layout, the writer and the reader
-  (:mod:`~pipelines.rois.rowfile`: the raw record file read in parallel);
+  (:mod:`~pipelines.rois.rowfile`: the raw record file read in parallel; :mod:`~pipelines.rois.storage`:
+  float16, float32 or 8-bit features);
 - :mod:`~pipelines.rois.build` builds a cache, :mod:`~pipelines.rois.ensure` finds or builds one;
 - :mod:`~pipelines.rois.sources` and :mod:`~pipelines.rois.streaming` give stage 2 its batches.
 

@@ -13,99 +13,37 @@ incomplete, of another key or format, or whose row file has the wrong size.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
+import xxhash
 
 from pipelines.errors import MaskxError
 from pipelines.io import atomic_path, hdf5_file, make_parent
 from pipelines.rois.rowfile import RowFile, RowWriter
+from pipelines.rois.storage import STORAGES, decode_features
 
 FORMAT = "maskx-feature-cache"
-VERSION = 3  # 3: per-row checksums (crc32), 8-bit storage
+VERSION = 3  # 3: per-row checksums (xxh3), 8-bit storage
 CHUNK = 64  # rows per chunk: the unit a streamed cache is read and shuffled in
 # per-RoI datasets of the HDF5 description: dtype, shape of one entry, value when not given
-# (crc32: the CRC-32 of the RoI's record, written by the writer, checked by every read)
+# (xxh3: the 64-bit XXH3 hash of the RoI's record, written by the writer, checked by every read)
 META = {"labels": (np.int64, (), None), "boxes": (np.float32, (4,), np.nan), "image_id": (np.int64, (), -1),
-        "instance": (np.int32, (), -1), "flipped": (np.uint8, (), 0), "is_gt": (np.uint8, (), 0), "crc32": (np.uint32, (), 0)}
-META_BYTES = sum(np.dtype(d).itemsize * int(np.prod(shape)) for k, (d, shape, _) in META.items() if k != "labels")  # 34
+        "instance": (np.int32, (), -1), "flipped": (np.uint8, (), 0), "is_gt": (np.uint8, (), 0), "xxh3": (np.uint64, (), 0)}
+META_BYTES = sum(np.dtype(d).itemsize * int(np.prod(shape)) for k, (d, shape, _) in META.items() if k != "labels")  # 38
 LABEL_BYTES = 8  # int64 label of a RoI, kept in memory beside its record
 SAMPLED_CHECKS = 16  # rows whose checksum is verified when a cache is opened (the first, the last, evenly between)
 
 
-class FloatStorage:
-    """Features stored as they are, in a float type (no scale)."""
-
-    name, numpy, torch, scaled = "float16", np.float16, torch.float16, False
-
-    @classmethod
-    def encode(cls, features: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """float [n, C, S, S] -> (stored [n, C, S, S], None)."""
-        return torch.from_numpy(features.detach().cpu().numpy().astype(cls.numpy, copy=False)), None
-
-
-class Float32Storage(FloatStorage):
-    name, numpy, torch = "float32", np.float32, torch.float32
-
-
-class Int8Storage:
-    """8-bit integers with one float32 scale per RoI and channel: ``x ~ q * scale``, ``q = round(x / scale)``,
-    ``scale = max|x| / 127`` over the channel's S x S values. Error: ``|x - x'| <= max|x| / 254``."""
-
-    name, numpy, torch, scaled, top = "int8", np.int8, torch.int8, True, 127.0
-
-    @classmethod
-    def scale_of(cls, features: torch.Tensor) -> torch.Tensor:
-        """float [n, C, S, S] -> float32 [n, C]: each channel's largest magnitude over ``top``."""
-        return features.float().abs().amax(dim=(2, 3)) / cls.top
-
-    @classmethod
-    def encode(cls, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float [n, C, S, S] -> (int8 [n, C, S, S], float32 scale [n, C])."""
-        scale = cls.scale_of(features)
-        q = features.float() / torch.where(scale > 0, scale, 1.0)[:, :, None, None]
-        return q.round().clamp(-cls.top, cls.top).to(cls.torch), scale
-
-
-class Float8Storage(Int8Storage):
-    """8-bit floats (``torch.float8_e4m3fn``: 4 exponent, 3 mantissa bits, largest 448) with one float32 scale
-    per RoI and channel (``max|x| / 448``). Error: ``|x - x'| <= |x| / 16 + max|x| / (448 * 1024)``
-    (half a step of a 3-bit mantissa; half the smallest subnormal). Stored as its raw bytes (uint8)."""
-
-    name, numpy, torch, top = "float8", np.uint8, torch.float8_e4m3fn, 448.0
-
-    @classmethod
-    def encode(cls, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = cls.scale_of(features)
-        y = (features.float() / torch.where(scale > 0, scale, 1.0)[:, :, None, None]).clamp(-cls.top, cls.top)
-        return y.to(cls.torch).view(torch.uint8), scale
-
-
-STORAGES = {s.name: s for s in (FloatStorage, Float32Storage, Int8Storage, Float8Storage)}
-
-
-def decode_features(stored: torch.Tensor, scale: torch.Tensor | None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Stored features [n, C, S, S] (and their scale [n, C] for 8-bit storage) -> float32 [n, C, S, S] on ``device``.
-
-    Moved first, converted there: on a GPU the 8-bit values cross the bus and are widened on the GPU.
-    """
-    f = stored.to(device, non_blocking=True)
-    if f.dtype == torch.uint8:  # float8 is kept as its raw bytes
-        f = f.view(torch.float8_e4m3fn)
-    f = f.to(torch.float32)
-    return f if scale is None else f * scale.to(device, torch.float32)[:, :, None, None]
-
-
 def record_checksum(slots) -> int:
-    """CRC-32 of one record given as its consecutive parts (bytes-like, in file order)."""
-    crc = 0
+    """The 64-bit XXH3 hash of one record given as its consecutive parts (bytes-like, in file order)."""
+    h = xxhash.xxh3_64()
     for part in slots:
-        crc = zlib.crc32(part, crc)
-    return crc
+        h.update(part)
+    return h.intdigest()
 
 
 @dataclass
@@ -159,7 +97,7 @@ class RecordLayout:
         """(name, numpy dtype, shape) of each part of a record, in file order."""
         c, s = self.channels, self.roi_size
         scale = (("scale", np.dtype("<f4"), (c,)),) if self.storage.scaled else ()
-        return (("features", np.dtype(self.storage.numpy).newbyteorder("<"), (c, s, s)), *scale,
+        return (("features", np.dtype(self.storage.np_dtype).newbyteorder("<"), (c, s, s)), *scale,
                 ("masks", np.dtype(np.uint8), (2 * s, 2 * s)))
 
     @property
@@ -214,7 +152,7 @@ class RecordLayout:
         """Filled slots -> (stored features [n, C, S, S], their scale float32[n, C] or None, masks uint8[n, 2S, 2S]),
         views of the slots (no copy). Float features come in their own dtype; float8 as its raw bytes (uint8)."""
         n, s = buffers[0].shape[0], self.roi_size
-        feats = buffers[0].view(self.storage.torch if self.storage.numpy != np.uint8 else torch.uint8)
+        feats = buffers[0].view(torch.uint8 if self.storage.np_dtype is np.uint8 else self.storage.torch_dtype)
         scale = buffers[1].view(torch.float32) if self.storage.scaled else None
         return feats.view(n, self.channels, s, s), scale, buffers[-1].view(n, 2 * s, 2 * s)
 
@@ -233,7 +171,7 @@ class CacheWriter:
 
     ``with CacheWriter(path, key, channels, roi_size, dtype) as w: w.append(...); w.attrs.update(...)``.
     On an exception neither file is left behind; the HDF5 file, written last, marks the cache complete.
-    Each record's CRC-32 goes into the description (``crc32``).
+    Each record's XXH3 hash goes into the description (``xxh3``).
     """
 
     def __init__(self, path: Path, key: str, channels: int, roi_size: int, dtype: str, chunk_rows: int = CHUNK):
@@ -260,12 +198,12 @@ class CacheWriter:
         n = int(labels.shape[0])
         if n == 0:
             return
-        if set(meta) - (set(META) - {"crc32"}):
+        if set(meta) - (set(META) - {"xxh3"}):
             raise TypeError(f"unknown per-RoI dataset(s) {sorted(set(meta) - set(META))} (known: {', '.join(META)})")
         records = self.layout.pack(features, masks)
         self._rows.append(records)
         meta["labels"] = labels
-        meta["crc32"] = np.array([zlib.crc32(r) for r in records], np.uint32)
+        meta["xxh3"] = np.array([xxhash.xxh3_64_intdigest(r) for r in records], np.uint64)
         for k, (dtype, shape, fill) in META.items():
             v = meta.get(k)
             if v is None:
@@ -309,7 +247,7 @@ class CacheWriter:
 class FeatureCache:
     """A finished cache: ``len(cache)`` RoIs; ``read(start, stop)``, ``read_rows(rows)``, ``read_batch(rows)`` or ``load()``.
 
-    ``labels`` (int64[N], 1..K) and ``crc32`` (uint32[N], each record's CRC-32) are read into memory at
+    ``labels`` (int64[N], 1..K) and ``checksums`` (uint64[N], each record's XXH3) are read into memory at
     once; ``features`` [N, C, S, S] (the stored values: for 8-bit storage the codes, ``scale`` [N, C]
     beside them) and ``masks`` [N, 2S, 2S] are read-only memory maps of the row file (handy for
     inspection); ``rowfile`` reads it in parallel; ``layout`` says what a record is. ``meta(name)``
@@ -324,7 +262,7 @@ class FeatureCache:
         try:
             a = self.file.attrs
             self.labels = self.file["labels"][()]
-            self.crc32 = self.file["crc32"][()]
+            self.checksums = self.file["xxh3"][()]
             self.key = str(a["key"])
             self.layout = layout_of(a["channels"], a["roi_size"], a["dtype"])
             if int(a["record_bytes"]) != self.record_bytes:
@@ -379,14 +317,14 @@ class FeatureCache:
         return len(self) * self.row_bytes
 
     def meta(self, name: str) -> np.ndarray:
-        """A per-RoI metadata dataset: ``boxes`` float32[N, 4], ``image_id``, ``instance``, ``flipped``, ``is_gt``, ``crc32``."""
+        """A per-RoI metadata dataset: ``boxes`` float32[N, 4], ``image_id``, ``instance``, ``flipped``, ``is_gt``, ``xxh3``."""
         return self.file[name][()]
 
     def check(self, start: int, dests: list) -> None:
         """Raise MaskxError (naming the row file) unless each row ``start + i`` read into ``dests[i]`` (its
         parts, in file order; None: not wanted) has its checksum."""
         for i, parts in enumerate(dests):
-            if parts is not None and record_checksum(parts) != int(self.crc32[start + i]):
+            if parts is not None and record_checksum(parts) != int(self.checksums[start + i]):
                 raise MaskxError(f"feature cache row {start + i} does not match its checksum: the file is damaged; "
                                  f"delete it ({self.path.name} and {self.rows_path.name}) and the next run rebuilds it",
                                  self.rows_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_record_sizes_of_each_storage_type_at_cocos_shape():
     """R-50-FPN at roi_size 14: 256 x 14 x 14 features + a 28 x 28 mask (+ 256 float32 scales for 8-bit)."""
     sizes = {d: RecordLayout(256, 14, d).record_bytes for d in STORAGES}
     assert sizes == {"float16": 101_136, "float32": 201_488, "int8": 51_984, "float8": 51_984}
-    assert RecordLayout(256, 14, "int8").disk_bytes == 51_984 + 8 + 34  # label, metadata and checksum in the description
+    assert RecordLayout(256, 14, "int8").disk_bytes == 51_984 + 8 + 38  # label, metadata and checksum in the description
     assert sizes["int8"] / sizes["float16"] < 0.52
 
 
@@ -170,6 +171,10 @@ def test_cache_build_prints_the_plan_and_a_too_small_budget_is_one_error_line(wo
     ok = runner.invoke(app, ["cache", "build", "--detector", str(world.det_dir), "--device", "cpu", *sets])
     assert ok.exit_code == 0, ok.output
     assert "budget cache.max_gb=250" in ok.output and "passes per RoI over 80 RoI visits" in ok.output
+    (path,) = (tmp_path / "cache").glob("features-*.h5")
+    info = runner.invoke(app, ["cache", "info", str(path)])
+    assert info.exit_code == 0 and "fg_per_image: 128" in info.output
+    assert re.search(r"plan: up to \d+ RoIs, \d+\.\d (KiB|MiB) \(budget 250 GB\), \d+\.\d\+ passes per RoI", info.output), info.output
 
 
 # -------------------------------------------------------------------------------- checksums
@@ -218,7 +223,7 @@ def test_a_damaged_row_found_while_training_is_one_error_line_naming_the_row_fil
         assert e.value.message.startswith(f"feature cache row {victim} does not match its checksum: the file is damaged; delete it")
     r.cache.close()
     with h5py.File(path, "r") as f:
-        assert f["crc32"].shape == (n,) and f["crc32"].dtype == np.uint32
+        assert f["xxh3"].shape == (n,) and f["xxh3"].dtype == np.uint64
 
 
 # -------------------------------------------------------------------------------- maskx cache plan
@@ -241,7 +246,7 @@ def test_cache_plan_prints_rois_bytes_and_the_times_its_rates_give(world, tmp_pa
                                                                             world.data["categories"])))
     plan = plan_cache(counts, cfg.cache, layout_of(64, 14, "float16"), 100, 6400)
     assert (out["rois"], out["bytes"], out["image_copies"], out["visits"]) == (plan.rows, plan.bytes, len(counts), 6400)
-    assert out["fg_per_image"] == 128 and out["roi_bytes"] == 64 * 14 * 14 * 2 + 28 * 28 + 8 + 34
+    assert out["fg_per_image"] == 128 and out["roi_bytes"] == 64 * 14 * 14 * 2 + 28 * 28 + 8 + 38
     x = out["projection"]
     assert x["build_parts"] == pytest.approx({"decode": len(counts) / (20.0 * 2), "compute": len(counts) / 2.0,
                                               "disk": plan.bytes / 100e6})
