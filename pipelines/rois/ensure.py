@@ -61,7 +61,14 @@ def cache_key(detector_sha256: str, data_sha256: str, class_ids: list[int], roi_
                         "classes": sorted(class_ids)})
 
 
+# the least value of each numeric cache setting, and what that least value means when it is special
+AT_LEAST = {"proposals_per_instance": (0, ""), "rpn_proposals": (0, " (the detector's own)"), "rois_per_image": (1, ""),
+            "ram_budget_gb": (0, ""), "max_gb": (0, " (no budget)"), "fg_per_image": (0, " (as many as cache.max_gb holds)"),
+            "reader_threads": (1, ""), "shuffle_window": (1, ""), "workers": (0, ""), "stream_chunk_rows": (0, "")}
+
+
 def check_cache_config(cfg: CacheConfig) -> None:
+    """Refuse impossible ``cache.*`` settings with one line naming the key."""
     def bad(key: str, message: str):
         raise MaskxError(f"cache.{key} {message}", key=f"cache.{key}")
 
@@ -71,28 +78,12 @@ def check_cache_config(cfg: CacheConfig) -> None:
         bad("sampling", f"must be {' or '.join(SAMPLINGS)}, got '{cfg.sampling}'")
     if cfg.classes not in ("train", "all"):
         bad("classes", f"must be train or all, got '{cfg.classes}'")
-    if cfg.proposals_per_instance < 0:
-        bad("proposals_per_instance", f"must be 0 or more, got {cfg.proposals_per_instance}")
-    if cfg.rpn_proposals < 0:
-        bad("rpn_proposals", f"must be 0 (the detector's own) or more, got {cfg.rpn_proposals}")
-    if cfg.rois_per_image < 1:
-        bad("rois_per_image", f"must be 1 or more, got {cfg.rois_per_image}")
-    if not 0 < cfg.fg_fraction <= 1:
-        bad("fg_fraction", f"must be in (0, 1], got {cfg.fg_fraction}")
-    if not 0 < cfg.min_iou <= 1:
-        bad("min_iou", f"must be in (0, 1], got {cfg.min_iou}")
-    if cfg.ram_budget_gb < 0:
-        bad("ram_budget_gb", f"must be 0 or more, got {cfg.ram_budget_gb}")
-    if cfg.max_gb < 0:
-        bad("max_gb", f"must be 0 (no budget) or more, got {cfg.max_gb:g}")
-    if cfg.fg_per_image < 0:
-        bad("fg_per_image", f"must be 0 (as many as cache.max_gb holds) or more, got {cfg.fg_per_image}")
-    for key in ("reader_threads", "shuffle_window"):
-        if getattr(cfg, key) < 1:
-            bad(key, f"must be 1 or more, got {getattr(cfg, key)}")
-    for key in ("workers", "stream_chunk_rows"):
-        if getattr(cfg, key) < 0:
-            bad(key, f"must be 0 or more, got {getattr(cfg, key)}")
+    for key, (least, meaning) in AT_LEAST.items():
+        if getattr(cfg, key) < least:
+            bad(key, f"must be {least}{meaning} or more, got {getattr(cfg, key):g}")
+    for key in ("fg_fraction", "min_iou"):
+        if not 0 < getattr(cfg, key) <= 1:
+            bad(key, f"must be in (0, 1], got {getattr(cfg, key):g}")
 
 
 def find_superset(folder: Path, settings: str, class_ids: list[int], threads: int = 4) -> FeatureCache | None:

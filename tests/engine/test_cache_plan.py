@@ -272,3 +272,14 @@ def test_the_rates_measured_here_are_rates():
     assert measure_read(Path(".").resolve() / ".pytest_read_probe", 8 * 2**20) > 1.0  # MB/s
     assert not any((Path(".") / ".pytest_read_probe").iterdir())
     (Path(".") / ".pytest_read_probe").rmdir()
+
+
+def test_budget_settings_out_of_range_are_one_line_naming_the_key():
+    from pipelines.rois.ensure import check_cache_config
+
+    for kw, line in [({"max_gb": -1.0}, "cache.max_gb must be 0 (no budget) or more, got -1"),
+                     ({"fg_per_image": -2}, "cache.fg_per_image must be 0 (as many as cache.max_gb holds) or more, got -2"),
+                     ({"dtype": "int4"}, "cache.dtype must be float16, float32, int8, float8, got 'int4'")]:
+        with pytest.raises(MaskxError) as e:
+            check_cache_config(CacheConfig(**kw))
+        assert e.value.message == line and e.value.key == line.split(" ")[0]
