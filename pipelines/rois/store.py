@@ -14,6 +14,7 @@ incomplete, of another key or format, or whose row file has the wrong size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -88,11 +89,11 @@ class RecordLayout:
     roi_size: int
     dtype: str = "float16"
 
-    @property
+    @cached_property
     def storage(self):
         return STORAGES[self.dtype]
 
-    @property
+    @cached_property
     def fields(self) -> tuple[tuple[str, np.dtype, tuple[int, ...]], ...]:
         """(name, numpy dtype, shape) of each part of a record, in file order."""
         c, s = self.channels, self.roi_size
@@ -100,21 +101,21 @@ class RecordLayout:
         return (("features", np.dtype(self.storage.np_dtype).newbyteorder("<"), (c, s, s)), *scale,
                 ("masks", np.dtype(np.uint8), (2 * s, 2 * s)))
 
-    @property
+    @cached_property
     def field_bytes(self) -> tuple[int, ...]:
         return tuple(d.itemsize * int(np.prod(shape)) for _, d, shape in self.fields)
 
-    @property
+    @cached_property
     def record_bytes(self) -> int:
         """Bytes of one record of the row file."""
         return sum(self.field_bytes)
 
-    @property
+    @cached_property
     def memory_bytes(self) -> int:
         """Bytes of one RoI once read into memory: its record and its int64 label."""
         return self.record_bytes + LABEL_BYTES
 
-    @property
+    @cached_property
     def disk_bytes(self) -> int:
         """Bytes of one RoI on disk: its record, its label and its metadata in the description."""
         return self.memory_bytes + META_BYTES
