@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from maskx_cli import cache, data, data_grabcut, data_real, predict, quickstart, stages, sweep, train
+from maskx_cli import cache, data, data_grabcut, data_real, export, predict, quickstart, stages, sweep, train
 from maskx_cli import console as _console
 from pipelines import __version__
 
@@ -64,6 +64,8 @@ app.command("eval")(stages.eval_cmd)
 app.command("eval-grabcut")(data_grabcut.eval_grabcut_cmd)
 app.command("predict")(predict.predict_cmd)
 app.command("segment")(predict.segment_cmd)
+app.command("export")(export.export_cmd)
+app.command("slim")(export.slim_cmd)
 app.command("sweep")(sweep.sweep_cmd)
 app.command("quickstart")(quickstart.quickstart_cmd)
 

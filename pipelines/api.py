@@ -26,7 +26,7 @@ from PIL import Image
 from pipelines.data.coco import read_image
 from pipelines.errors import MaskxError
 from pipelines.evaluation.predictions import Predictor, load_predictor
-from pipelines.visualize import draw_predictions
+from pipelines.visualize import MAX_DRAWN, draw_predictions
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -85,13 +85,15 @@ class Model:
             given["scores"] = torch.as_tensor(np.asarray(scores, dtype=np.float32).reshape(-1))
         return self._output(self.predictor.run([as_image(image)], self.mask_threshold, given=[given])[0])
 
-    def draw(self, image: ImageLike, output: dict, scale: int = 1) -> Image.Image:
-        """``image`` with ``output``'s masks, boxes and ``name score`` labels drawn (set A green, set B red)."""
+    def draw(self, image: ImageLike, output: dict, scale: int = 1, max_drawn: int = MAX_DRAWN) -> Image.Image:
+        """``image`` with ``output``'s masks, boxes and ``name score`` labels drawn (set A green, set B red;
+        the ``max_drawn`` highest scores), ``scale`` times its size, a legend strip below."""
         rgb = (as_image(image).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         in_a = set(self.set_a)
         names = output.get("names") or [self.classes[i - 1] for i in output["labels"].tolist()]
         return draw_predictions(rgb, np.asarray(output["boxes"]), names, np.asarray(output["scores"]),
-                                np.asarray(output["masks"]), [n in in_a for n in names], scale=scale)
+                                np.asarray(output["masks"]), [n in in_a for n in names], scale=scale,
+                                max_drawn=max_drawn).image
 
 
 def load(mask_run: str | Path, detector: str | Path | None = None, device: str = "auto", score_thresh: float = 0.5,

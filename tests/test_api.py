@@ -13,16 +13,24 @@ from PIL import Image
 from pipelines import api
 from pipelines.errors import MaskxError
 from pipelines.evaluation.predictions import load_predictor
+from pipelines.visualize import add_legend
 from tests.engine.tiny_runs import train_detector_and_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+README = ROOT / "README.md"
+
+
+def readme_block(path: Path, marker: str) -> str:
+    """The python block that follows ``<!-- marker -->`` in ``path``."""
+    text = path.read_text()
+    return text.split(f"<!-- {marker} -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
 def readme_example() -> str:
-    """The python block that follows ``<!-- api-example -->`` in the README."""
-    text = (ROOT / "README.md").read_text()
-    return text.split("<!-- api-example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    return readme_block(README, "api-example")
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +65,8 @@ def test_readme_example_runs_as_written(trained, tmp_path, monkeypatch, capsys):
     assert mine["names"] == [model.classes[0]] and mine["scores"].tolist() == [1.0]
     assert mine["masks"].shape == (1, 64, 64)
     assert mine["boxes"][0].tolist() == pytest.approx([10, 10, 50, 60])
-    with Image.open(tmp_path / "predicted.png") as im:
-        assert im.size == (128, 128)
+    with Image.open(tmp_path / "predicted.png") as im:  # 2 x the 64-px image, the legend strip below
+        assert im.size == add_legend(Image.new("RGB", (128, 128)), 0)[0].size and im.height > 128
 
 
 def test_inputs_and_segment_agree(trained):
@@ -75,8 +83,9 @@ def test_inputs_and_segment_agree(trained):
     assert torch.equal(again["masks"], by_path["masks"]) and torch.equal(again["scores"], by_path["scores"])
     by_name = model.segment(path, by_path["boxes"].numpy(), by_path["names"])
     assert torch.equal(by_name["masks"], by_path["masks"]) and by_name["scores"].tolist() == [1.0] * len(by_path["boxes"])
-    drawn = np.asarray(model.draw(array, by_path))
-    assert drawn.shape == array.shape and not np.array_equal(drawn, array)
+    drawn = np.asarray(model.draw(array, by_path))  # the image with detections drawn, a legend strip below
+    h, w = array.shape[:2]
+    assert drawn.shape[:2] == add_legend(Image.new("RGB", (w, h)), 0)[0].size[::-1] and not np.array_equal(drawn[:h, :w], array)
     with pytest.raises(MaskxError, match="unknown class 'unicorn'"):
         model.segment(array, [[0, 0, 5, 5]], ["unicorn"])
     with pytest.raises(MaskxError, match=r"a uint8 array \[H, W, 3\], got a float64 array of shape \(4, 4\)"):

@@ -85,8 +85,11 @@ TRAINING: dict[str, Field] = {
     "scaler": DICT.optional(), "rng_ranks": RNG_RANKS.optional(), "world_size": INT.optional(),
 }
 # What a finished model holds; dotted keys are nested (``config.detector`` is ``ckpt["config"]["detector"]``).
+# ``precision``: absent or ``float32`` (as trained), ``float16`` (an inference-only copy, ``maskx slim``).
+PRECISIONS = ("float32", "float16")
 _FINISHED: dict[str, Field] = {"model": STATE, "config": DICT, "categories": CATEGORIES, "iteration": INT,
-                               "end_to_end": BOOL.optional()}
+                               "end_to_end": BOOL.optional(),
+                               "precision": Field(f"one of {', '.join(PRECISIONS)}", lambda v: v in PRECISIONS).optional()}
 
 # One table of every kind maskx writes: file, then required keys and their types.
 SCHEMAS: dict[str, dict[str, Field]] = {
@@ -177,7 +180,30 @@ def load_checkpoint(path: str | Path, kind: str | None = None, schema: dict[str,
     schema = schema if schema is not None else SCHEMAS.get(str(ckpt.get("kind")))
     if schema:
         check_schema(ckpt, schema, path)
+    if ckpt.get("precision") == "float16":
+        ckpt["model"] = full_precision(ckpt["model"])
     return ckpt
+
+
+def half_precision(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` with its float32 tensors in float16, and the names of those kept in float32: a tensor
+    with a finite value beyond float16's range (65504) stays as it is, so nothing turns infinite."""
+    limit = torch.finfo(torch.float16).max
+    half, kept = {}, []
+    for name, t in state.items():
+        finite = t[torch.isfinite(t)] if t.dtype == torch.float32 else t.new_zeros(0)
+        if finite.numel() and float(finite.abs().max()) > limit:
+            kept.append(name)
+            half[name] = t
+        else:
+            half[name] = t.half() if t.dtype == torch.float32 else t
+    return half, kept
+
+
+def full_precision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its float16 tensors in float32: what a model built in float32 takes (:func:`half_precision` undone,
+    but for the rounding)."""
+    return {name: t.float() if t.dtype == torch.float16 else t for name, t in state.items()}
 
 
 def load_state(module: Any, state: dict, path: str | Path, strict: bool = True, what: str = "the weights", assign: bool = False):

@@ -349,29 +349,50 @@ def save_mask(path: str | Path, side: MaskSide, config: dict, head: HeadConfig, 
                     detector_sha256=detector_sha256, embed_dim=embed_dim, in_channels=in_channels, iteration=iteration, **extra)
 
 
-def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> tuple[MaskSide, dict]:
-    """(mask side in eval mode, checkpoint dict) of a mask run (folder or ``mask_final.pth``); checks it fits ``det``."""
+def mask_checkpoint_path(run: str | Path) -> Path:
+    """The ``mask_final.pth`` of a mask run folder (or the file itself), or one error naming the folder."""
     run = Path(run)
     path = run if run.is_file() else run / MASK_CKPT
     if not path.is_file():
         raise MaskxError(f"no {MASK_CKPT} here: not a finished mask run (train it with 'maskx mask-train')", run)
+    return path
+
+
+def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> tuple[MaskSide, dict]:
+    """(mask side in eval mode, checkpoint dict) of a mask run (folder or ``mask_final.pth``); checks it fits ``det``."""
+    path = mask_checkpoint_path(run)
     ckpt = load_checkpoint(path, "mask")
-    if det is not None and ckpt["detector_sha256"] != det.sha256:
-        raise MaskxError(f"this mask head was trained on another detector (sha256 {ckpt['detector_sha256'][:12]}…, "
-                         f"given detector {det.sha256[:12]}…)", path)
-    # heads saved before the 1-layer MLP branch existed have no mlp_layers key: theirs had 2 layers
-    head = from_dict(HeadConfig, {"mlp_layers": 2, **ckpt["head"]})
+    if det is not None:
+        check_mask_fits(ckpt, det.sha256, path)
+    head = mask_head_config(ckpt)
     side = build_mask_side(head, len(ckpt["categories"]), ckpt["in_channels"], embed_dim=ckpt["embed_dim"])
     load_state(side, ckpt["model"], path)
     side.eval().requires_grad_(False)
     return side, ckpt
 
 
+def check_mask_fits(ckpt: dict, detector_sha256: str, path: str | Path) -> None:
+    """Raise unless the mask checkpoint ``ckpt`` (at ``path``) was trained on the detector of that SHA-256."""
+    if ckpt["detector_sha256"] != detector_sha256:
+        raise MaskxError(f"this mask head was trained on another detector (sha256 {ckpt['detector_sha256'][:12]}…, "
+                         f"given detector {detector_sha256[:12]}…)", path)
+
+
+def mask_head_config(ckpt: dict) -> HeadConfig:
+    """The :class:`HeadConfig` of a mask checkpoint (``ckpt["head"]``)."""
+    # heads saved before the 1-layer MLP branch existed have no mlp_layers key: theirs had 2 layers
+    return from_dict(HeadConfig, {"mlp_layers": 2, **ckpt["head"]})
+
+
 def detector_of_mask_run(mask_run: str | Path) -> Path:
-    """The detector checkpoint a mask run was trained against (from its manifest)."""
+    """The detector checkpoint a mask run was trained against (from its manifest). A run folder that
+    holds its own detector (an end-to-end run, ``maskx slim``'s copy) finds it there when the path its
+    manifest names is gone (the folder was moved, or named from elsewhere); its SHA-256 is checked on loading."""
     manifest = read_manifest(mask_run)
     try:
-        return Path(manifest["inputs"]["detector"]["path"])
+        named = Path(manifest["inputs"]["detector"]["path"])
     except KeyError:
         raise MaskxError("manifest does not name the detector run: give it as detector", Path(mask_run) / MANIFEST,
                          key="detector") from None
+    own = Path(mask_run) / DETECTOR_CKPT
+    return own if not named.exists() and own.is_file() else named

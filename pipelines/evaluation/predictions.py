@@ -20,12 +20,12 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from pipelines.data.coco import read_image
 from pipelines.engine.device import resolve_device
-from pipelines.engine.run_dir import detector_of_mask_run, load_detector_run, load_mask_run
+from pipelines.engine.run_dir import DetectorRun, detector_of_mask_run, load_detector_run, load_mask_run
 from pipelines.errors import MaskxError
 from pipelines.evaluation.results import to_coco_results
 from pipelines.io import atomic_path, write_text
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, detect_and_segment
-from pipelines.visualize import draw_predictions
+from pipelines.visualize import MAX_DRAWN, draw_predictions
 
 PREDICTIONS = "predictions.json"
 
@@ -62,6 +62,11 @@ def load_predictor(mask_run: str | Path, detector: str | Path | None = None, dev
     ``score_thresh`` replaces the detector's score threshold for its own detections."""
     det = load_detector_run(detector or detector_of_mask_run(mask_run))
     head, ckpt = load_mask_run(mask_run, det)
+    return predictor_of(det, head, ckpt, device, score_thresh)
+
+
+def predictor_of(det: DetectorRun, head: nn.Module, ckpt: dict, device: str = "auto", score_thresh: float | None = None) -> Predictor:
+    """The :class:`Predictor` of a loaded detector run and mask side (``ckpt``: its mask checkpoint), on ``device``."""
     dev = resolve_device(device)
     model = det.model.to(dev).eval()
     if score_thresh is not None:
@@ -98,13 +103,17 @@ def picture_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def save_picture(path: Path, image: torch.Tensor, d: dict, names: list[str], in_a: list[bool], scale: int) -> None:
+def save_picture(path: Path, image: torch.Tensor, d: dict, names: list[str], in_a: list[bool], scale: int,
+                 max_drawn: int = MAX_DRAWN) -> int:
     """``image`` float32 [3, H, W] with detections ``d`` (``boxes`` [N, 4], ``scores`` [N], ``masks``
-    [N, H, W]) drawn (set A green, set B red), as a PNG written atomically."""
+    [N, H, W]) drawn (set A green, set B red, the ``max_drawn`` highest scores, a legend below), as a PNG
+    written atomically. Returns how many detections were left out of the picture."""
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    drawing = draw_predictions(rgb, d["boxes"].numpy(), names, d["scores"].numpy(), d["masks"].numpy(), in_a, scale=scale)
+    drawing = draw_predictions(rgb, d["boxes"].numpy(), names, d["scores"].numpy(), d["masks"].numpy(), in_a, scale=scale,
+                               max_drawn=max_drawn)
     with atomic_path(path) as tmp:
-        drawing.save(tmp, format="PNG")
+        drawing.image.save(tmp, format="PNG")
+    return drawing.left_out
 
 
 @dataclass
@@ -112,7 +121,8 @@ class PredictionWriter:
     """COCO result rows (with ``file_name`` and ``category_name``) and pictures of each image's detections.
 
     ``categories`` / ``set_a``: the detector's (:class:`Predictor`); pictures go to ``out`` when
-    ``visualize``, ``scale`` times the image's size.
+    ``visualize``, ``scale`` times the image's size with a legend strip below, the ``max_drawn``
+    highest-scoring detections of each image drawn; ``not_drawn`` counts the others.
     """
 
     out: Path
@@ -120,8 +130,10 @@ class PredictionWriter:
     set_a: list[int]
     visualize: bool = False
     scale: int = 1
+    max_drawn: int = MAX_DRAWN
     results: list[dict] = field(default_factory=list)
     pictures: list[Path] = field(default_factory=list)
+    not_drawn: int = 0  # detections left out of the pictures (beyond max_drawn per image)
     _used: set[str] = field(default_factory=set)
 
     def add(self, image_id: int, path: Path, image: torch.Tensor, d: dict, category_ids: np.ndarray | None = None) -> list[dict]:
@@ -140,7 +152,8 @@ class PredictionWriter:
         if self.visualize:
             picture = self.out / picture_name(path, self._used)
             in_a = set(self.set_a)
-            save_picture(picture, image, d, [c["name"] for c in cats], [c["id"] in in_a for c in cats], self.scale)
+            self.not_drawn += save_picture(picture, image, d, [c["name"] for c in cats], [c["id"] in in_a for c in cats],
+                                           self.scale, self.max_drawn)
             self.pictures.append(picture)
         return rows
 

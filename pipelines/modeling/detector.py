@@ -201,11 +201,12 @@ def box_roi_heads(box: RoIHeads, box_loss_beta: float) -> BoxRoIHeads:
         box.score_thresh, box.nms_thresh, box.detections_per_img, box_loss_beta=box_loss_beta)
 
 
-def build_detector(cfg: DetectorConfig, num_classes: int, pretrained: bool = True, progress: Progress = NULL_PROGRESS) -> FasterRCNN:
-    """Faster R-CNN for ``num_classes`` object classes (plus background).
+def detector_arguments(cfg: DetectorConfig, num_classes: int, pretrained: bool = True,
+                       progress: Progress = NULL_PROGRESS) -> dict:
+    """The parts and settings of the detector of ``cfg``: keyword arguments of torchvision's ``FasterRCNN``
+    (and so of its ``MaskRCNN``, which takes the same ones plus the mask parts).
 
-    ``pretrained=False`` skips reading ``cfg.pretrained_backbone`` (the caller loads a whole
-    detector checkpoint next).
+    Made in the order that fixes a seeded detector's random initialisation: backbone, box parts, RPN head.
     """
     if num_classes < 1:
         raise MaskxError("the detector needs at least one class")
@@ -220,8 +221,8 @@ def build_detector(cfg: DetectorConfig, num_classes: int, pretrained: bool = Tru
     box_predictor = build_box_predictor(cfg, num_classes)
     # after the box parts, where FasterRCNN makes its own RPN head: a seeded run initialises as it always did
     rpn_head = RPNHead(cfg.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=cfg.rpn_head_convs)
-    model = FasterRCNN(
-        backbone,
+    return dict(
+        backbone=backbone,
         num_classes=None,
         min_size=cfg.min_size,
         max_size=cfg.max_size,
@@ -240,6 +241,15 @@ def build_detector(cfg: DetectorConfig, num_classes: int, pretrained: bool = Tru
         box_score_thresh=cfg.box_score_thresh,
         box_nms_thresh=cfg.box_nms_thresh,
     )
+
+
+def build_detector(cfg: DetectorConfig, num_classes: int, pretrained: bool = True, progress: Progress = NULL_PROGRESS) -> FasterRCNN:
+    """Faster R-CNN for ``num_classes`` object classes (plus background), from :func:`detector_arguments`.
+
+    ``pretrained=False`` skips reading ``cfg.pretrained_backbone`` (the caller loads a whole
+    detector checkpoint next).
+    """
+    model = FasterRCNN(**detector_arguments(cfg, num_classes, pretrained, progress))
     model.roi_heads = box_roi_heads(model.roi_heads, cfg.box_loss_beta)
     return model
 

@@ -13,7 +13,8 @@ Outputs in ``out``:
 - ``images.json``: the images read (``id``, ``file_name``, ``width``, ``height``, and
   ``exif_orientation`` where the file has one other than 1) and those skipped with the reason.
 - with ``visualize``: ``<image stem>.png`` per image, the input's size times ``scale``, set-A
-  classes green, set-B classes red, ``name score`` labels (the paper's figures).
+  classes green, set-B classes red, ``name score`` labels (the paper's figures), the ``max_drawn``
+  highest-scoring detections of the image, and a legend strip below (``pipelines.visualize``).
 
 Images that cannot be read are reported and skipped; the others are written. With ``gt`` (a COCO
 file of the same classes) an image is matched to its record by file name and takes its id, so
@@ -38,6 +39,7 @@ from pipelines.errors import MaskxError
 from pipelines.evaluation.predictions import PredictionWriter, load_predictor, read_listed_image
 from pipelines.io import write_json
 from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.visualize import MAX_DRAWN, check_picture_settings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGES = "images.json"
@@ -53,6 +55,7 @@ class PredictResult:
     pictures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     exif_turned: list[str] = field(default_factory=list)  # images with an EXIF orientation (not applied: the stored grid)
+    not_drawn: int = 0  # detections left out of the pictures (beyond max_drawn per image)
 
 
 def find_images(inputs: list[str | Path]) -> list[Path]:
@@ -146,20 +149,20 @@ def _readable_images(files: list[Path], known: GroundTruthImages | None, gt, ski
 def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, detector: str | Path | None = None,
             score_thresh: float = 0.5, classes: list[str] | None = None, only: str | None = None,
             visualize: bool = False, scale: int = 1, device: str = "auto", batch_images: int = 4,
-            mask_threshold: float = 0.5, progress: Progress = NULL_PROGRESS, gt: str | Path | None = None) -> PredictResult:
+            mask_threshold: float = 0.5, progress: Progress = NULL_PROGRESS, gt: str | Path | None = None,
+            max_drawn: int = MAX_DRAWN) -> PredictResult:
     """Detect and segment every image of ``inputs`` (files or folders) with a detector + mask run.
 
     ``detector`` defaults to the one named in the mask run's manifest; a mask run trained on another
     detector is refused. ``score_thresh`` drops weaker detections before masks are computed;
     ``classes`` / ``only`` filter classes (see :func:`class_filter`). ``gt``: a COCO file whose image
-    ids the results take (matched by file name, :class:`GroundTruthImages`). See the module
-    docstring for the files written to ``out``.
+    ids the results take (matched by file name, :class:`GroundTruthImages`). ``max_drawn``: detections
+    drawn per picture. See the module docstring for the files written to ``out``.
     """
     t0 = time.perf_counter()
     if not 0.0 <= score_thresh <= 1.0:
         raise MaskxError(f"score_thresh must be in [0, 1], got {score_thresh}", key="score_thresh")
-    if scale < 1:
-        raise MaskxError(f"picture scale must be >= 1, got {scale}", key="scale")
+    check_picture_settings(scale, max_drawn)
     files = find_images(inputs)
     pred = load_predictor(mask_run, detector, device, score_thresh)
     categories = pred.categories
@@ -170,7 +173,7 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
         known = GroundTruthImages(gt_data)
     keep = class_filter(categories, pred.set_a, classes, only)
     out = make_output_dir(out)
-    writer = PredictionWriter(out, categories, pred.set_a, visualize, scale)
+    writer = PredictionWriter(out, categories, pred.set_a, visualize, scale, max_drawn)
 
     image_records: list[dict] = []
     skipped: list[tuple[str, str]] = []
@@ -204,4 +207,4 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
                               "detector": str(pred.detector), "mask": str(mask_run), "score_thresh": score_thresh})
     turned = [r["file_name"] for r in image_records if "exif_orientation" in r]
     return PredictResult(out, predictions, len(image_records), len(writer.results), skipped, writer.pictures,
-                         time.perf_counter() - t0, turned)
+                         time.perf_counter() - t0, turned, writer.not_drawn)

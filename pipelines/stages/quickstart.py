@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from torch.utils.data import Subset
 
 from pipelines.config import (DetectTrainConfig, EvalConfig, Override, SweepSpec, load_config, parse_overrides, stage_overrides,
                               to_dict)
@@ -29,9 +30,13 @@ from pipelines.evaluation.report import markdown_table
 from pipelines.io import atomic_path, write_json, write_text
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.stages.sweep import direction_name, mean, run_sweep, timing_text
-from pipelines.visualize import draw_predictions, grid
+from pipelines.visualize import add_legend, draw_predictions, grid
 
 TRANSFER, AGNOSTIC = "transfer+MLP", "class-agnostic+MLP"  # the rows the ratio and the picture compare
+PICTURE_IMAGES = 3  # images (rows) in predictions.png
+PICTURE_POOL = 64  # at most this many of the first validation images are searched for them
+PICTURE_CHUNK = 8  # images predicted at a time while searching
+PICTURE_SCORE = 0.5  # detections drawn score at least this
 
 # Stage 1 where the device makes it cheap (CUDA): the stronger detector, 1,500 iterations with the full
 # RPN / box-head sampling (the quick start's stage 1 until 2026-12-02; on a 2-core CPU it took 628 s
@@ -65,7 +70,7 @@ def quickstart(spec: SweepSpec, out: str | Path, progress: Progress = NULL_PROGR
     picture = out / "predictions.png"
     eval_cfg = load_config(EvalConfig, spec.recipe, stage_overrides(EvalConfig, parse_overrides(spec.overrides) + parse_overrides(overrides)))
     t1 = time.perf_counter()
-    _picture(spec, r, det, eval_cfg, picture)
+    summary["picture"] = _picture(spec, r, det, eval_cfg, picture)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     summary["timings"] = {**r.timings, "report and picture": round(time.perf_counter() - t1, 1)}
     summary["config"] = to_dict(spec)
@@ -163,44 +168,94 @@ def render_report(summary: dict, spec: SweepSpec) -> str:
     lines += ["", "Box AP (mean over seeds; the same detector for every head):", ""]
     box_rows = {f"{direction_name(d)} {s_}": summary["splits"][d]["heads"][box_head]["mean"]["bbox"][s_]
                 for d in summary["splits"] for s_ in ("B", "A")}
-    lines += [markdown_table(box_rows), "", "![predictions](predictions.png)", "",
+    lines += [markdown_table(box_rows), "", "![predictions](predictions.png)", "", *picture_caption(summary.get("picture")),
               f"Total time: {summary['seconds']:.0f} s ({timing_text(summary.get('timings', {}))}).", ""]
     return "\n".join(lines)
 
 
-def _picture(spec: SweepSpec, r, det, eval_cfg: EvalConfig, path: Path, count: int = 6, batch_images: int = 4) -> None:
-    """Figure 3.2 style: top row class-agnostic+MLP, bottom row transfer+MLP, first seed, first split.
+def shows_both(dets: list[dict], set_a: set[int]) -> bool:
+    """Whether the COCO result rows ``dets`` hold both a set-A class and a set-B class."""
+    ids = {d["category_id"] for d in dets}
+    return bool(ids & set_a) and bool(ids - set_a)
 
-    The first ``count`` validation images, predicted in the evaluation's batches (so the same
-    detections); at most 6 detections scoring 0.5 or more per image.
+
+def choose_images(dets: dict[int, list[dict]], image_ids: list[int], set_a: set[int], count: int) -> list[int]:
+    """The ``count`` images of ``image_ids`` that show the method best, from their detections ``dets``
+    (image id -> COCO result rows): those with both a set-A and a set-B class first (:func:`shows_both`),
+    then more classes, then fewer detections (less clutter); ties keep ``image_ids``' order."""
+    def key(i: int) -> tuple[bool, int, int]:
+        mine = dets.get(i, [])
+        return not shows_both(mine, set_a), -len({d["category_id"] for d in mine}), len(mine)
+
+    return sorted(image_ids, key=key)[:count]
+
+
+def picture_caption(picture: dict | None) -> list[str]:
+    """The report's line under ``predictions.png`` (:func:`_picture`'s record), and a blank line."""
+    if not picture:
+        return []
+    return [f"Left {AGNOSTIC}, right {TRANSFER}: the same {len(picture['images'])} validation images "
+            f"({direction_name(picture['split'])}, stage-2 seed {picture['seed']}), detections scoring "
+            f"{picture['score_thresh']} or more; set-A classes green, set-B red.", ""]
+
+
+def _picture_detections(det, heads: dict, roi_size: int, dataset: CocoDataset, set_a: set[int], count: int,
+                        batch_images: int) -> tuple[dict[str, dict[int, list[dict]]], list[int]]:
+    """Each head's detections scoring :data:`PICTURE_SCORE` or more (head -> image id -> rows, highest
+    score first) on the first validation images, :data:`PICTURE_CHUNK` images at a time until ``count``
+    images show both sets (:func:`shows_both`) or ``dataset`` ends; and the ids of the images predicted."""
+    by_head: dict[str, dict[int, list[dict]]] = {name: {} for name in heads}
+    seen: list[int] = []
+    device = resolve_device("auto")
+    for start in range(0, len(dataset), PICTURE_CHUNK):
+        part = range(start, min(start + PICTURE_CHUNK, len(dataset)))
+        results = predict_dataset(det, heads, Subset(dataset, part), roi_size, device, batch_images=batch_images)
+        seen += [dataset.images[i]["id"] for i in part]
+        for name, rows in results.items():
+            for d in sorted(rows, key=lambda d: -d["score"]):
+                if d["score"] >= PICTURE_SCORE:
+                    by_head[name].setdefault(d["image_id"], []).append(d)
+        if sum(shows_both(v, set_a) for v in by_head[TRANSFER].values()) >= count:
+            break
+    return by_head, seen
+
+
+def _picture(spec: SweepSpec, r, det, eval_cfg: EvalConfig, path: Path, count: int = PICTURE_IMAGES,
+             batch_images: int = 4) -> dict:
+    """Figure 3.2 style: the same images side by side, class-agnostic+MLP on the left, transfer+MLP on
+    the right (the split ``voc`` if the sweep has it, else its first; the lowest stage-2 seed), a legend below.
+
+    The ``count`` images that :func:`choose_images` picks among the first validation images (at most
+    :data:`PICTURE_POOL`, :func:`_picture_detections`). Both heads share the detector, so the boxes
+    are the same; the masks differ. Returns the split, seed and file names drawn (for report.json).
     """
-    direction, seed = spec.all_directions()[0], min(spec.seeds)
+    directions = spec.all_directions()
+    direction, seed = ("voc" if "voc" in directions else directions[0]), min(spec.seeds)
     runs = {rec["row"]: rec["run"] for rec in r.records if rec["direction"] == direction and rec["seed"] == seed}
-    heads = {name: load_mask_run(runs[name], det)[0] for name in (AGNOSTIC, TRANSFER)}
-    roi_size = load_mask_run(runs[TRANSFER], det)[1]["head"]["roi_size"]
+    loaded = {name: load_mask_run(runs[name], det) for name in (AGNOSTIC, TRANSFER)}
     gt, _ = load_validation(det, r.data["val_json"], r.data["val_images"])
-    n = min(count, len(gt["images"]))
-    dataset = CocoDataset(gt, r.data["val_images"], max_images=n + (-n) % batch_images)
+    dataset = CocoDataset(gt, r.data["val_images"], max_images=min(PICTURE_POOL, len(gt["images"])))
     set_inference_limits(det.model, gt, eval_cfg)
-    results = predict_dataset(det, heads, dataset, roi_size, resolve_device("auto"), batch_images=batch_images)
     set_a = set(next(rec["set_a"] for rec in r.records if rec["direction"] == direction))
+    by_head, seen = _picture_detections(det, {n: h for n, (h, _) in loaded.items()}, loaded[TRANSFER][1]["head"]["roi_size"],
+                                        dataset, set_a, count, batch_images)
     names = {c["id"]: c["name"] for c in gt["categories"]}
-    rows = []
-    for head_name in (AGNOSTIC, TRANSFER):
-        by_image: dict[int, list[dict]] = {}
-        for res in results[head_name]:
-            by_image.setdefault(res["image_id"], []).append(res)
-        row = []
-        for i in range(n):
-            dets = [d for d in sorted(by_image.get(dataset.images[i]["id"], []), key=lambda d: -d["score"]) if d["score"] >= 0.5][:6]
-            img = (dataset[i][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    index = {im["id"]: i for i, im in enumerate(dataset.images)}
+    chosen = choose_images(by_head[TRANSFER], seen, set_a, count)
+    tiles, left_out = [], 0
+    for image_id in chosen:
+        img = (dataset[index[image_id]][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        for head_name in (AGNOSTIC, TRANSFER):
+            dets = by_head[head_name].get(image_id, [])
             boxes = np.array([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]] for d in dets]).reshape(-1, 4)
             masks = np.stack([mask_utils.decode(d["segmentation"]) for d in dets]) if dets else None
-            row.append(draw_predictions(img, boxes, [names[d["category_id"]] for d in dets], np.array([d["score"] for d in dets]),
-                                        masks, [d["category_id"] in set_a for d in dets], scale=3))
-        rows.append(row)
+            drawing = draw_predictions(img, boxes, [names[d["category_id"]] for d in dets], np.array([d["score"] for d in dets]),
+                                       masks, [d["category_id"] in set_a for d in dets], scale=3, legend=False)
+            tiles.append(drawing.image)
+        left_out += drawing.left_out  # the same detections in both columns: counted once
     name = direction_name(direction).replace("→", " -> ")  # the bitmap font has no arrow
-    titles = [f"{AGNOSTIC} ({name})"] + [""] * (n - 1) + [f"{TRANSFER} ({name})"] + [""] * (n - 1)
-    sheet = grid(rows[0] + rows[1], columns=n, titles=titles)
+    sheet, _ = add_legend(grid(tiles, columns=2, column_titles=[f"{AGNOSTIC} ({name})", f"{TRANSFER} ({name})"]), left_out)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
+    return {"split": direction, "seed": seed, "score_thresh": PICTURE_SCORE, "searched": len(seen),
+            "images": [dataset.images[index[i]]["file_name"] for i in chosen]}

@@ -37,6 +37,7 @@ from pipelines.errors import MaskxError
 from pipelines.evaluation.predictions import PredictionWriter, load_predictor, read_listed_image
 from pipelines.io import read_json, write_json
 from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.visualize import MAX_DRAWN, check_picture_settings
 
 MATCHES = ("id", "name")
 IMAGES = "images.json"
@@ -68,6 +69,7 @@ class SegmentResult:
     filled: int = 0  # box-only annotations that got a mask in ``annotations``
     pictures: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    not_drawn: int = 0  # boxes left out of the pictures (beyond max_drawn per image)
 
 
 def _results_entry(i: int, r: object, path: Path) -> dict:
@@ -192,23 +194,23 @@ def _to_segment(source: BoxSource, known: dict[int, int], images: Path, skipped:
 @torch.no_grad()
 def segment(mask_run: str | Path, boxes: str | Path, images: str | Path, out: str | Path, detector: str | Path | None = None,
             gt: str | Path | None = None, match: str = "id", visualize: bool = False, scale: int = 1, device: str = "auto",
-            batch_images: int = 4, mask_threshold: float = 0.5, progress: Progress = NULL_PROGRESS) -> SegmentResult:
+            batch_images: int = 4, mask_threshold: float = 0.5, progress: Progress = NULL_PROGRESS,
+            max_drawn: int = MAX_DRAWN) -> SegmentResult:
     """Masks for the boxes of ``boxes`` (a results or ground-truth file) on the images under ``images``.
 
     ``detector`` defaults to the mask run's own; ``gt`` gives a results file's image file names;
-    ``match`` pairs the input's classes with the detector's (``id`` or ``name``). See the module
-    docstring for the inputs and the files written to ``out``.
+    ``match`` pairs the input's classes with the detector's (``id`` or ``name``); ``max_drawn``: boxes
+    drawn per picture. See the module docstring for the inputs and the files written to ``out``.
     """
     t0 = time.perf_counter()
-    if scale < 1:
-        raise MaskxError(f"picture scale must be >= 1, got {scale}", key="scale")
+    check_picture_settings(scale, max_drawn)
     if not Path(images).is_dir():
         raise MaskxError("image folder not found", images, key="images")
     source = read_boxes(boxes, gt)
     pred = load_predictor(mask_run, detector, device)
     known = match_classes(pred.categories, source, match)
     out = make_output_dir(out)
-    writer = PredictionWriter(out, pred.categories, pred.set_a, visualize, scale)
+    writer = PredictionWriter(out, pred.categories, pred.set_a, visualize, scale, max_drawn)
     skipped: list[tuple[str, str]] = []
     records: list[dict] = []
     filled = 0
@@ -249,4 +251,4 @@ def segment(mask_run: str | Path, boxes: str | Path, images: str | Path, out: st
                               "unknown_classes": unknown, "boxes": str(boxes), "match": match,
                               "detector": str(pred.detector), "mask": str(mask_run)})
     return SegmentResult(out, writer.write(), len(records), len(writer.results), unknown, skipped, annotations, filled,
-                         writer.pictures, time.perf_counter() - t0)
+                         writer.pictures, time.perf_counter() - t0, writer.not_drawn)

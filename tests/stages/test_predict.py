@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from pipelines.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
 from pipelines.stages.predict import class_filter, find_images, predict
+from pipelines.visualize import add_legend
 from tests.engine.tiny_runs import train_detector_and_mask
 
 pytestmark = pytest.mark.slow
@@ -62,9 +64,11 @@ def test_predict_writes_coco_results_and_pictures(trained):
     for picture, source in zip(r.pictures, good):
         assert picture.name == source.stem + ".png"
         with Image.open(picture) as im, Image.open(source) as src:
-            assert im.format == "PNG" and im.size == src.size
+            assert im.format == "PNG" and im.size == add_legend(src, 0)[0].size  # the input's size, a legend strip below
             # detections were drawn: the picture is not the input image
-            assert not np.array_equal(np.asarray(im.convert("RGB")), np.asarray(src.convert("RGB")))
+            drawn = np.asarray(im.convert("RGB"))[:src.height, :src.width]
+            assert not np.array_equal(drawn, np.asarray(src.convert("RGB")))
+    assert r.not_drawn == 0  # at most 10 detections per image (detector.box_detections_per_img), all drawn
 
 
 def test_score_threshold_and_class_filters(trained):
@@ -97,14 +101,23 @@ def test_cli_predict_visualize_scaled_and_counts_skipped(trained):
     root, inputs = trained
     out = root / "cli"
     result = CliRunner().invoke(app, ["predict", str(inputs), "--mask", str(root / "mask"), "--detector", str(root / "det"),
-                                      "--out", str(out), "--visualize", "--scale", "2", "--score-thresh", "0.0"])
+                                      "--out", str(out), "--visualize", "--scale", "2", "--score-thresh", "0.0",
+                                      "--max-drawn", "2"])
     assert result.exit_code == 0, result.output
     assert "predicted 3 images" in result.output and "1 unreadable skipped" in result.output
     assert f"warning: {inputs / 'broken.png'}: skipped: image cannot be read" in result.output
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3
-    with Image.open(pngs[0]) as im:
-        assert im.size == (128, 128)
+    per_image: dict[str, int] = {}
+    for d in json.loads((out / "predictions.json").read_text()):
+        per_image[Path(d["file_name"]).stem] = per_image.get(Path(d["file_name"]).stem, 0) + 1
+    left_out = {stem: max(0, n - 2) for stem, n in per_image.items()}
+    assert sum(left_out.values()) > 0
+    assert f"pictures: 3 PNG files in {out}; {sum(left_out.values())} more left out (--max-drawn 2)" in result.output
+    for png in pngs:  # 2 x the 64-px input, and the legend strip below (one more line when detections were left out)
+        with Image.open(png) as im:
+            assert im.size == add_legend(Image.new("RGB", (128, 128)), left_out.get(png.stem, 0))[0].size
+            assert im.height > 128
 
 
 def test_predict_notes_exif_orientation_it_does_not_apply(trained, tmp_path):

@@ -8,7 +8,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from maskx_cli.main import app
+from tests.test_api import README, readme_block
 from pipelines.stages.sweep import TIMED, timing_text
+from pipelines.visualize import MAX_DRAWN, add_legend
 
 runner = CliRunner()
 
@@ -19,7 +21,7 @@ TINY = ["--train-images", "32", "--val-images", "6", "--detector-iterations", "2
         "--set", "solver.warmup_iters=1"]
 
 
-def test_quickstart_tiny(tmp_path):
+def test_quickstart_tiny(tmp_path, monkeypatch, capsys):
     out = tmp_path / "qs"
     r = runner.invoke(app, ["quickstart", "--out", str(out), *TINY])
     assert r.exit_code == 0, r.output
@@ -41,9 +43,31 @@ def test_quickstart_tiny(tmp_path):
     assert list(t) == [*TIMED, "report and picture"] and t["world"] > 0 and t["evaluation"] > 0
     assert sum(t.values()) <= report["seconds"] + 0.5
     assert md.splitlines()[-1] == f"Total time: {report['seconds']:.0f} s ({timing_text(t)})."
-    with Image.open(out / "predictions.png") as im:
-        assert im.width > 96 * 3 and im.height > 2 * 96 * 3  # two rows (agnostic, transfer) at 3x scale
+    picture = report["picture"]  # the images drawn: voc split, seed 0, those showing both sets first
+    assert (picture["split"], picture["seed"], picture["score_thresh"]) == ("voc", 0, 0.5)
+    assert len(picture["images"]) == 3 and picture["searched"] == 6
+    assert all((out / "world" / "val" / name).is_file() for name in picture["images"])
+    tile = 3 * world["image_size"] + 4  # 3x scale, 4 px apart
+    with Image.open(out / "predictions.png") as im:  # two columns (agnostic, transfer), three rows, a legend below
+        assert im.width == 2 * tile + 4 and im.height > 3 * tile
+    assert "Left class-agnostic+MLP, right transfer+MLP: the same 3 validation images (voc→nonvoc, stage-2 seed 0)" in md
     assert "transfer+MLP" in r.output
+
+    # the README's first Python example, on this quick start's folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(out)
+    code = readme_block(README, "quickstart-api")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 10
+    scope: dict = {}
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), scope)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" ", 2)[0] for line in printed] == [f"{n} {s:.2f}" for n, s in zip(scope["out"]["names"], scope["out"]["scores"].tolist())]
+    assert all(line.endswith("set A" if n in scope["model"].set_a else "set B") for line, n in zip(printed, scope["out"]["names"]))
+    left_out = max(0, len(scope["out"]["names"]) - MAX_DRAWN)
+    with Image.open(tmp_path / "predicted.png") as im:  # the world's 128-px images at scale 3, the legend strip below
+        assert im.size == add_legend(Image.new("RGB", (128 * 3, 128 * 3)), left_out)[0].size and im.height > 128 * 3
 
     # a rerun reuses every finished piece
     r2 = runner.invoke(app, ["quickstart", "--out", str(out), *TINY])

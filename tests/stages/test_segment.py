@@ -18,6 +18,7 @@ from pipelines.errors import MaskxError
 from pipelines.evaluation.predictions import load_predictor
 from pipelines.modeling.maskx_rcnn import detect_and_segment
 from pipelines.stages.segment import segment
+from pipelines.visualize import add_legend
 from tests.engine.tiny_runs import train_detector_and_mask
 
 pytestmark = pytest.mark.slow
@@ -138,8 +139,8 @@ def test_cli_segment_warns_once_and_draws(trained, tmp_path):
     assert f"segmented {n} boxes on 3 images" in result.output
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3
-    with Image.open(pngs[0]) as im:
-        assert im.size == (64, 64)
+    with Image.open(pngs[0]) as im:  # the 64-px image and the legend strip below it
+        assert im.size == add_legend(Image.new("RGB", (64, 64)), 0)[0].size and im.height > 64
 
     no_names = CliRunner().invoke(app, args[:4] + ["--mask", str(root / "mask"), "--out", str(tmp_path / "x")])
     assert no_names.exit_code == 2
