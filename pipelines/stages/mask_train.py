@@ -20,7 +20,6 @@ from pipelines.data.coco import CocoDataset, check_same_categories, load_split
 from pipelines.data.splits import label_table, training_sets
 from pipelines.data.transforms import FlippedCopies
 from pipelines.engine import distributed as dist
-from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source, check_cache_config, ensure_cache
 from pipelines.engine.device import autocast
 from pipelines.engine.loop import Trainer, TrainStats, rng_state, set_rng_state, stage_process
 from pipelines.engine.run_dir import (MASK_CKPT, DetectorRun, check_embeddings_fit, check_not_finished, load_detector_run,
@@ -31,6 +30,9 @@ from pipelines.modeling.embeddings import class_embedding_table, read_embeddings
 from pipelines.modeling.mask_heads import MaskSide
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, check_head, mask_loss
 from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.rois.ensure import check_cache_config, ensure_cache
+from pipelines.rois.sources import DetectorRoIs, cache_source
+from pipelines.rois.streaming import StreamingRoIs
 
 
 @dataclass
@@ -120,7 +122,7 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     def step(iteration: int) -> dict[str, torch.Tensor]:
         rois = source.batch(iteration)  # this process's share of the global batch
         with autocast(device, cfg.solver.amp):
-            logits = wrapped(rois.features.to(device, torch.float32), rois.labels.to(device))
+            logits = wrapped(rois.features_on(device), rois.labels.to(device))
             return {"loss_mask": mask_loss(logits, rois.masks.to(device))}
 
     try:
@@ -158,7 +160,8 @@ def _roi_source(cfg: MaskTrainConfig, det: DetectorRun, data: dict, dataset: Coc
     # (or finds) it, the other ranks then open the finished file. Building it must not shift the
     # random stream (dropout of T): a run gives the same weights whether the cache was built now or found.
     before = rng_state()
-    prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, train_classes))
+    prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, train_classes,
+                                                     visits=cfg.solver.iterations * cfg.solver.batch_size))
     set_rng_state(before)
     source = cache_source(prepared.cache, mask_labels, *batch_args, cfg.cache, dist.rank(), dist.world_size())
     if isinstance(source, StreamingRoIs):

@@ -15,7 +15,6 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -115,9 +114,15 @@ class RowFile:
                     group = [group[0][got:]] + group[1:]
         return total
 
-    def submit_scatter(self, start: int, dests: list[list[memoryview] | None]) -> Future:
-        """:meth:`scatter_into` on the reader threads."""
-        return self._executor().submit(self.scatter_into, start, dests)
+    def submit_scatter(self, start: int, dests: list[list[memoryview] | None], after=None) -> Future:
+        """:meth:`scatter_into` on the reader threads, then ``after(start, dests)`` there (e.g. a check of the rows)."""
+        return self._executor().submit(self._scatter_then, start, dests, after)
+
+    def _scatter_then(self, start: int, dests: list[list[memoryview] | None], after) -> int:
+        done = self.scatter_into(start, dests)
+        if after is not None:
+            after(start, dests)
+        return done
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start .. stop`` as a new uint8[stop - start, record_bytes] tensor."""
@@ -135,27 +140,6 @@ class RowFile:
     def submit(self, start: int, out: torch.Tensor) -> Future:
         """:meth:`read_into` on the reader threads."""
         return self._executor().submit(self.read_into, start, out)
-
-    def read_runs(self, runs: list[tuple[int, int]], ahead: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(start, rows)`` for each ``(start, stop)`` of ``runs``, in order, with up to ``ahead`` reads in flight."""
-        ahead = max(1, ahead or 2 * self.threads)
-        pending: list[tuple[int, torch.Tensor, Future]] = []
-        it = iter(runs)
-        try:
-            for start, stop in it:
-                out = torch.empty((stop - start, self.record_bytes), dtype=torch.uint8)
-                pending.append((start, out, self.submit(start, out)))
-                if len(pending) >= ahead:
-                    s, o, f = pending.pop(0)
-                    f.result()
-                    yield s, o
-            while pending:
-                s, o, f = pending.pop(0)
-                f.result()
-                yield s, o
-        finally:
-            for _, _, f in pending:
-                f.cancel()
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
