@@ -1,6 +1,8 @@
 """Feature-cache speed: reading a cache against the disk, and building one against the detector.
 
-Reader (``--gb`` of COCO-shaped RoIs: 256x14x14 float16 features + 28x28 mask = 101,136 bytes a record):
+Reader (``--gb`` of COCO-shaped RoIs: 256x14x14 features stored as ``--dtype`` + 28x28 mask: 101,136 bytes a
+record in float16, 51,984 in int8 or float8 with their per-channel scales; every row read is checked
+against its checksum (XXH3), as training reads it):
 
   dd cold        ``dd`` of the row file with the page cache dropped: the disk's sequential bandwidth;
   stream cold    one epoch of :class:`StreamingRoIs` (batches of ``--batch`` RoIs, random chunk order,
@@ -21,7 +23,10 @@ random weights, ``--build-batch`` images per detector batch):
   build          ``build_cache`` end to end: decoding in ``--workers`` DataLoader workers, backbone +
                  RPN in batches, RoI sampling, RoIAlign, mask targets, writing. Target >= 0.8 x inference.
 
+The machine's load average (``os.getloadavg``) before and after is in the report.
+
     uv run python benchmarks/bench_cache.py --out bench_cache.json
+    uv run python benchmarks/bench_cache.py --dtype int8 --out bench_cache_int8.json
     PYTHONPATH=. python3 benchmarks/bench_cache.py --device cuda --out bench_cache_gpu.json
 """
 
@@ -41,17 +46,19 @@ import torch
 
 from _common import ROOT, add_device_arg, machine, pick_device, print_table, sync, write_report  # noqa: E402
 from pipelines.config import CacheConfig, DetectorConfig  # noqa: E402
-from pipelines.engine.cache import CacheWriter, StreamingRoIs, build_cache, open_cache  # noqa: E402
+from pipelines.rois.build import build_cache  # noqa: E402
+from pipelines.rois.store import CacheWriter, layout_of, open_cache  # noqa: E402
+from pipelines.rois.streaming import StreamingRoIs  # noqa: E402
 
 C, S = 256, 14  # COCO's FPN channels and RoIAlign size
 
 
-def write_rows(path: Path, rows: int, block: int = 512) -> None:
-    """A cache of ``rows`` COCO-shaped RoIs; feature bytes are random (as incompressible as real ones)."""
+def write_rows(path: Path, rows: int, dtype: str = "float16", block: int = 512) -> None:
+    """A cache of ``rows`` COCO-shaped RoIs stored as ``dtype``; feature bytes are random (as incompressible as real ones)."""
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(block, C, S, S, generator=g).relu().half()
     masks = (torch.rand(block, 2 * S, 2 * S, generator=g) > 0.5).to(torch.uint8)
-    with CacheWriter(path, "bench", C, S, "float16") as w:
+    with CacheWriter(path, "bench", C, S, dtype) as w:
         for a in range(0, rows, block):
             n = min(block, rows - a)
             w.append(feats[:n], masks[:n], torch.randint(1, 81, (n,), generator=g))
@@ -125,15 +132,15 @@ def stream_two(cache_path: Path, batch: int, threads: int) -> dict:
 
 
 def reader(args, work: Path) -> dict:
-    rec = C * S * S * 2 + (2 * S) ** 2
+    rec = layout_of(C, S, args.dtype).record_bytes
     rows = int(args.gb * 1e9 / rec)
     path = work / "features-bench.h5"
     t0 = time.perf_counter()
-    write_rows(path, rows)
+    write_rows(path, rows, args.dtype)
     write_s = time.perf_counter() - t0
     rows_file = path.with_suffix(".rows")
     size = rows_file.stat().st_size
-    report = {"rows": rows, "record_bytes": rec, "file_bytes": size, "write_seconds": write_s, "threads": args.threads,
+    report = {"dtype": args.dtype, "rows": rows, "record_bytes": rec, "file_bytes": size, "write_seconds": write_s, "threads": args.threads,
               "batch": args.batch}
     how = drop_page_cache(rows_file)
     report["page_cache"] = how
@@ -184,7 +191,7 @@ def builder(args, work: Path, device: torch.device) -> dict:
         sync(device)
         return time.perf_counter() - t0
 
-    cfg = CacheConfig(sampling=args.sampling, dtype="float16")
+    cfg = CacheConfig(sampling=args.sampling, dtype=args.dtype, max_gb=0.0)
 
     def build(k: int) -> float:
         sync(device)
@@ -207,7 +214,7 @@ def builder(args, work: Path, device: torch.device) -> dict:
         times["build"].append(build(k))
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     n = len(images)
-    return {"images": n, "size": args.size, "backbone": det_cfg.backbone, "batch_images": b, "workers": args.workers,
+    return {"images": n, "dtype": args.dtype, "record_bytes": layout_of(C, S, args.dtype).record_bytes, "size": args.size, "backbone": det_cfg.backbone, "batch_images": b, "workers": args.workers,
             "sampling": args.sampling, "rounds": args.build_rounds, "rois_per_build": rows[-1], "seconds": times,
             "inference_images_per_s": n / med["inference"], "build_images_per_s": n / med["build"],
             "ratio_build_to_inference": med["inference"] / med["build"]}
@@ -226,6 +233,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--workers", type=int, default=CacheConfig().workers, help="DataLoader workers of the build")
     ap.add_argument("--sampling", default="detectron", choices=["instance", "detectron"])
+    ap.add_argument("--dtype", default="float16", choices=["float16", "int8", "float8"], help="how the RoI features are stored")
     ap.add_argument("--drop", default="auto", choices=["auto", "fadvise"],
                     help="auto: drop the whole page cache when permitted (root); fadvise: evict only the file's pages")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: reader, build")
@@ -244,14 +252,15 @@ def main() -> None:
     DROP["how"] = args.drop
     args.build_batch = args.build_batch or (8 if device.type == "cuda" else 2)
     skip = set(filter(None, args.skip.split(",")))
-    report = {"benchmark": "cache", "machine": machine(device), "uptime": _uptime()}
+    report = {"benchmark": "cache", "machine": machine(device), "uptime": _uptime(), "load_average": os.getloadavg()}
     args.dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_cache_") as tmp:
         if "reader" not in skip:
             r = reader(args, Path(tmp))
             report["reader"] = r
             one = lambda x: [x["rows_per_s"], x["mb_per_s"]]  # noqa: E731
-            print_table(f"cache reader: {r['file_bytes'] / 1e9:.1f} GB, {r['rows']} RoIs, {args.threads} threads, "
+            print_table(f"cache reader: {r['file_bytes'] / 1e9:.1f} GB, {r['rows']} RoIs of {r['record_bytes']} bytes ({args.dtype}), "
+                        f"{args.threads} threads, "
                         f"page cache emptied by {r['page_cache']}",
                         ["route", "RoIs/s", "MB/s", "x dd cold"],
                         [["dd, cold", r["dd_cold"]["mb_per_s"] * 1e6 / r["record_bytes"], r["dd_cold"]["mb_per_s"], 1.0],
@@ -272,6 +281,7 @@ def main() -> None:
                         [["frozen detector inference", b["inference_images_per_s"], 1.0],
                          ["cache build (decode + detector + RoIs + write)", b["build_images_per_s"], b["ratio_build_to_inference"]]])
     report["uptime_after"] = _uptime()
+    report["load_average_after"] = os.getloadavg()
     write_report(args.out, report)
 
 

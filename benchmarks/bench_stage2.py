@@ -32,7 +32,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 
 from _common import add_device_arg, interleaved, machine, pick_device, print_table, timed, write_report  # noqa: E402  (puts the repo on sys.path)
 from pipelines.config import CacheConfig, DetectorConfig, HeadConfig  # noqa: E402
-from pipelines.engine.cache import CacheWriter, InMemoryRoIs, StreamingRoIs, extract_rois, open_cache  # noqa: E402
+from pipelines.rois.extract import extract_rois  # noqa: E402
+from pipelines.rois.sources import InMemoryRoIs  # noqa: E402
+from pipelines.rois.store import CacheWriter, open_cache  # noqa: E402
+from pipelines.rois.streaming import StreamingRoIs  # noqa: E402
 from pipelines.modeling.detector import build_backbone, build_detector  # noqa: E402
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, mask_loss  # noqa: E402
 

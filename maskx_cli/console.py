@@ -33,11 +33,14 @@ from rich.text import Text
 from maskx_cli.options import command_flags
 from pipelines.errors import MaskxError
 
-# Under torchrun only rank 0 prints (every rank runs the same command).
-_QUIET = int(os.environ.get("RANK", "0")) != 0
+# Under torchrun only rank 0 prints results, progress and warnings (every rank runs the same
+# command); every rank prints its own error line, the other ranks' as "error: rank N: ...".
+_RANK = int(os.environ.get("RANK", "0"))
+_QUIET = _RANK != 0
 _WIDTH = int(os.environ["MASKX_CONSOLE_WIDTH"]) if "MASKX_CONSOLE_WIDTH" in os.environ else None
 console = Console(width=_WIDTH, quiet=_QUIET, emoji=False)
 err_console = Console(stderr=True, width=_WIDTH, quiet=_QUIET, emoji=False)
+error_console = Console(stderr=True, width=_WIDTH, emoji=False)
 
 STATE = {"verbose": False}
 
@@ -148,19 +151,25 @@ def guarded(fn: Callable) -> Callable:
         except MaskxError as exc:
             if STATE["verbose"]:
                 raise
-            err_console.print(labelled("error:", "bold red", _with_flag(exc, fn).line()), highlight=False, soft_wrap=True)
+            _print_error(_with_flag(exc, fn).line())
             raise typer.Exit(2) from None
         except OSError as exc:
             if STATE["verbose"] or not (isinstance(exc, _FILE_ERRORS) or exc.errno in _DISK_ERRNOS):
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
-            err_console.print(labelled("error:", "bold red", f"{where}{exc.strerror}"), highlight=False, soft_wrap=True)
+            _print_error(f"{where}{exc.strerror}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _print_error(line: str) -> None:
+    """``error: line`` on stderr, by every process (under torchrun ranks other than 0 say which they are)."""
+    error_console.print(labelled("error:", "bold red", f"rank {_RANK}: {line}" if _RANK else line), highlight=False,
+                        soft_wrap=True)
 
 
 def _with_flag(exc: MaskxError, command: Callable) -> MaskxError:
@@ -170,6 +179,17 @@ def _with_flag(exc: MaskxError, command: Callable) -> MaskxError:
         return exc
     head, _, tail = exc.message.rpartition(exc.key)
     return MaskxError(head + flag + tail, exc.path)
+
+
+def start_threads() -> None:
+    """Apply maskx's thread rule (``pipelines/threads.py``) before a command imports torch; a bad
+    ``MASKX_THREADS`` is one error line."""
+    from pipelines.threads import configure_threads
+
+    try:
+        configure_threads()
+    except MaskxError as exc:
+        fail(exc.line())
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, float]], columns: list[str] | None = None) -> Table:
@@ -215,7 +235,7 @@ def print_paths(**paths: Any) -> None:
 
 def fail(message: str) -> None:
     """Exit with one error line (for checks the CLI itself makes)."""
-    err_console.print(labelled("error:", "bold red", message), highlight=False, soft_wrap=True)
+    _print_error(message)
     raise typer.Exit(2)
 
 

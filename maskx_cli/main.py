@@ -39,6 +39,7 @@ def _root(
                                           is_eager=True)] = False,
 ) -> None:
     _console.STATE["verbose"] = verbose
+    _console.start_threads()
 
 
 data_app = typer.Typer(help="Make or prepare data sets (COCO-format annotations + images).", no_args_is_help=True)
@@ -53,6 +54,7 @@ app.command("detect-import")(stages.detect_import_cmd)
 app.command("export-embeddings")(stages.export_embeddings_cmd)
 
 cache_app = typer.Typer(help="The stage-2 feature cache (frozen-detector RoI features + mask targets).", no_args_is_help=True)
+cache_app.command("plan")(cache.plan_cmd)
 cache_app.command("build")(cache.build_cmd)
 cache_app.command("info")(cache.info_cmd)
 app.add_typer(cache_app, name="cache")

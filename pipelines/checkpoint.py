@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipelines.errors import MaskxError
-from pipelines.io import KeepWriteError, atomic_path
+from pipelines.io import KeepWriteError, atomic_path, sha256_file
 
 FORMAT = "maskx-checkpoint"
 
@@ -124,19 +124,22 @@ _MISSING = object()
 
 
 # -- reading and writing ------------------------------------------------------------------------
-def save_checkpoint(path: str | Path, kind: str, **payload: Any) -> None:
-    """Write ``{"format", "kind", **payload}`` to ``path`` via a temporary file and a rename.
+def save_checkpoint(path: str | Path, kind: str, **payload: Any) -> str:
+    """Write ``{"format", "kind", **payload}`` to ``path`` via a temporary file and a rename; return
+    the SHA-256 of the bytes written (read back from the temporary file before the rename).
 
     A failed write (a full disk) is one MaskxError naming ``path``; the file there before is intact.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
-        writer = KeepWriteError(f, drop_after_error=False)
-        try:
-            torch.save({"format": FORMAT, "kind": kind, **payload}, writer)
-        except RuntimeError:
-            if writer.error is not None:  # torch reports a failed write as "unexpected pos": say why it failed
-                raise writer.error from None
-            raise
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb", buffering=0) as f:
+            writer = KeepWriteError(f, drop_after_error=False)
+            try:
+                torch.save({"format": FORMAT, "kind": kind, **payload}, writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch reports a failed write as "unexpected pos": say why it failed
+                    raise writer.error from None
+                raise
+        return sha256_file(tmp)
 
 
 def load_weights(path: str | Path, what: str = "checkpoint") -> Any:

@@ -219,7 +219,17 @@ class CacheConfig:
     # detector's own rpn_post_nms_top_n_test (maskx's before) | 2000 (as many as the original stage-wise
     # configs' proposal files: TEST.RPN_POST_NMS_TOP_N of rpn_R-50-FPN_1x.yaml; the real-data recipes')
     rpn_proposals: int = 0
-    dtype: str = "float16"  # float16 | float32
+    # How RoI features are stored: float16 | float32 | int8 | float8 (8-bit: one scale per RoI and channel,
+    # converted back to float32 as batches are used; about half float16's bytes; docs/cache.md)
+    dtype: str = "float16"
+    # A budget for the cache on disk, in GB (10^9 bytes), from which the build derives, before it starts and
+    # from the annotation file's instance counts, how many RoIs it keeps (detectron: foreground RoIs per image
+    # copy; instance: proposals per instance) so that the cache surely fits; the free space is checked too.
+    # 0 = no budget (the official draw, refused only when the disk cannot hold its least size).
+    max_gb: float = 250.0
+    # detectron sampling: foreground RoIs kept per image copy at most; 0 = as many as cache.max_gb holds, up
+    # to round(fg_fraction x rois_per_image) (128: the official draw)
+    fg_per_image: int = 0
     # Caches up to this size are read into memory once; larger ones stream from disk (docs/cache.md).
     ram_budget_gb: float = 4.0
     # Streaming shuffle: random order of chunks per epoch, RoIs shuffled within this many chunks.

@@ -124,6 +124,45 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def all_or_nothing(out: str | Path) -> Iterator[Path]:
+    """Yield a hidden staging folder inside the existing folder ``out`` for a command's several output
+    files; when the block succeeds, move each of them into ``out`` (replacing files of the same name)
+    and remove the staging folder; when it fails, remove the staging folder and what it holds.
+
+    So a command that writes several files (``predict``'s pictures, ``predictions.json`` and
+    ``images.json``; ``prepare-vg``'s six) leaves all of them or none: a full disk met on the third
+    file leaves neither the first two nor a temporary. The moves are renames within one folder,
+    which need no space. A failed write is one MaskxError naming the file (see :func:`atomic_path`,
+    which writes inside the staging folder as anywhere).
+    """
+    out = Path(out)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".staging.", suffix=TMP_SUFFIX, dir=out))
+    except OSError as exc:
+        raise MaskxError(f"cannot write here: {os_error_reason(exc)}", out) from exc
+    try:
+        try:
+            yield staging
+        except MaskxError as exc:  # name the file where it was to go, not its staging place
+            inside = exc.path is not None and Path(exc.path).is_relative_to(staging)
+            if not inside:
+                raise
+            raise MaskxError(exc.message, staged_path(staging, out, Path(exc.path)), exc.key) from None
+        for item in sorted(staging.iterdir()):
+            try:
+                os.replace(item, out / item.name)
+            except OSError as exc:
+                raise MaskxError(f"could not be written: {os_error_reason(exc)}", out / item.name) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def staged_path(staging: Path, out: Path, path: Path) -> Path:
+    """Where ``path``, written in ``staging`` (:func:`all_or_nothing`), lies once moved into ``out``."""
+    return out / Path(path).relative_to(staging)
+
+
 def discard(path: str | Path) -> None:
     """Remove ``path`` if it is there, cleaning up after a failure: a disk that has turned read-only
     cannot remove it, and then the failure's own error is the one to report, not this one."""

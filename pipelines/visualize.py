@@ -125,8 +125,9 @@ def draw_predictions(image: np.ndarray, boxes: np.ndarray, names: list[str], sco
     """Overlay masks, boxes and ``name score`` labels on ``image``; a legend strip below it.
 
     ``image`` uint8 [H, W, 3]; ``boxes`` float [N, 4] (x1, y1, x2, y2); ``scores`` [N]; ``masks``
-    bool/uint8 [N, H, W] or None; ``in_set_a`` [N] picks green (set A, had masks in training) or red
-    (set B). Only the ``max_drawn`` highest-scoring detections are drawn (None: all); a label is
+    bool/uint8 [N, H, W], or anything that gives mask ``i`` as ``masks[i]`` (a
+    :class:`~pipelines.modeling.maskx_rcnn.PastedMasks`: only the drawn ones are pasted), or None;
+    ``in_set_a`` [N] picks green (set A, had masks in training) or red (set B). Only the ``max_drawn`` highest-scoring detections are drawn (None: all); a label is
     left out where it would cover another (:func:`place_label`, highest scores placed first).
     ``scale`` enlarges small images (nearest neighbour) so that text stays readable; the picture is
     ``[H * scale, W * scale]`` plus, with ``legend``, the strip of :func:`add_legend` below.

@@ -8,9 +8,11 @@ file and the key.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -231,3 +233,34 @@ def test_numpy_arrays_other_than_uint32_are_not_allowed(tmp_path):
     with pytest.raises(MaskxError, match="not a maskx checkpoint, or one that carries code"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+# -- checksums of final checkpoints ------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mask", "detector"])
+def test_a_final_checkpoint_with_100_kb_zeroed_inside_is_refused_by_its_recorded_sha256(tiny_pipeline, tmp_path, kind):
+    """Was: a mask checkpoint with 100 KB zeroed inside loaded silently and changed predictions."""
+    from pipelines.engine.run_dir import load_detector_run, load_mask_run
+    from pipelines.io import sha256_file
+
+    source, name = (tiny_pipeline["runs"]["transfer"], "mask_final.pth") if kind == "mask" else \
+        (tiny_pipeline["detector"], "model_final.pth")
+    run = tmp_path / "run"
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("cache"))
+    path = run / name
+    assert json.loads((run / "manifest.json").read_text())["checkpoints"][name] == sha256_file(path)  # recorded when written
+    load = (lambda: load_mask_run(run)) if kind == "mask" else (lambda: load_detector_run(run))
+    load()  # the intact file loads
+    data = bytearray(path.read_bytes())
+    assert len(data) > 300_000
+    middle = len(data) // 2 - 50_000
+    data[middle:middle + 100_000] = bytes(100_000)
+    path.write_bytes(bytes(data))
+    load_checkpoint(path, kind)  # the damage itself still reads as a checkpoint of its kind: only the checksum sees it
+    with pytest.raises(MaskxError) as exc:
+        load()
+    assert exc.value.path == str(path)
+    assert re.fullmatch(r"damaged or replaced since it was written: its SHA-256 is [0-9a-f]{12}…, manifest.json recorded "
+                        r"[0-9a-f]{12}… \(train or import it again, or restore the file\)", exc.value.message), exc.value.message
+    if kind == "mask":  # what a command shows: one line naming the file
+        line = one_error_line(runner.invoke(app, ["eval", str(run), "--detector", str(tiny_pipeline["detector"])]))
+        assert line.startswith(f"error: {path}: damaged or replaced since it was written")

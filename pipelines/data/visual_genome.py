@@ -13,6 +13,8 @@ COCO 2017 instance files, and writes to ``out``:
   most common VG name of the synset (to check the alignment by eye);
 - ``prepare_report.json``: the statistics, the inputs and the COCO-to-synset alignment used.
 
+The six files are written all or none (:func:`pipelines.io.all_or_nothing`).
+
 The rules, following the paper and its authors' release scripts:
 
 1. Objects: an object id seen again (VG repeats some) is dropped and counted. A class's
@@ -49,7 +51,7 @@ from typing import Any
 
 from pipelines.data.coco import check_same_categories, load_coco
 from pipelines.errors import MaskxError
-from pipelines.io import atomic_path, file_name_from_url, read_json, write_json, write_text
+from pipelines.io import all_or_nothing, atomic_path, file_name_from_url, make_parent, read_json, write_json, write_text
 from pipelines.progress import NULL_PROGRESS, Progress
 
 # COCO class name -> VG synsets that stand for it, tried in order; for the COCO classes whose name
@@ -414,15 +416,13 @@ def _coco_masks(coco: dict[str, dict], vg_of_coco: dict[int, int], categories: l
     return coco_out
 
 
+OUTPUT_FILES = {"vg_train": "vg_train.json", "vg_val": "vg_val.json", "coco_masks_train": "coco_masks_train.json",
+                "coco_masks_val": "coco_masks_val.json", "classes": "classes.tsv", "report": "prepare_report.json"}
+
+
 def _write_files(out: Path, split_images: dict, anns: dict, coco_out: dict, categories: list[dict], task) -> dict[str, Path]:
-    files = {
-        "vg_train": out / "vg_train.json",
-        "vg_val": out / "vg_val.json",
-        "coco_masks_train": out / "coco_masks_train.json",
-        "coco_masks_val": out / "coco_masks_val.json",
-        "classes": out / "classes.tsv",
-        "report": out / "prepare_report.json",
-    }
+    """Write five of the files into ``out`` (all but the report); return the path of each of the six."""
+    files = {k: out / name for k, name in OUTPUT_FILES.items()}
     for k in ("train", "val"):
         _write_compact_json(files[f"vg_{k}"], {"images": split_images[k], "annotations": anns[k], "categories": categories})
         task.advance()
@@ -519,7 +519,8 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
     coco_out = _coco_masks({"train": coco_train, "val": coco_val}, vg_of_coco, categories, stats)
 
     task = progress.task("write", 6)
-    files = _write_files(out, split_images, anns, coco_out, categories, task)
+    files = {k: out / name for k, name in OUTPUT_FILES.items()}
+    make_parent(files["report"])
     result = VGPrepareResult(
         out=str(out),
         layout=f"image_data: '{img_key}'; objects: '{layout.get('image', '?')}', objects by '{layout.get('object', '?')}'",
@@ -530,12 +531,14 @@ def prepare_vg(cfg: VGPrepareConfig, progress: Progress = NULL_PROGRESS) -> VGPr
         files={k: str(v) for k, v in files.items()}, warnings=warnings,
     )
     coco_name = {c["id"]: c["name"] for c in coco_cats}
-    write_json(files["report"], {
-        "inputs": {k: v for k, v in asdict(cfg).items()},
-        "result": result.to_dict(),
-        "coco_alignment": {coco_name[cid]: {"coco_id": cid, "synset": s, "match": how} for cid, (s, how) in sorted(matched.items())},
-        "hand_map": hand_map,
-    })
+    with all_or_nothing(out) as staging:  # the six files, or none of them
+        staged = _write_files(staging, split_images, anns, coco_out, categories, task)
+        write_json(staged["report"], {
+            "inputs": {k: v for k, v in asdict(cfg).items()},
+            "result": result.to_dict(),
+            "coco_alignment": {coco_name[cid]: {"coco_id": cid, "synset": s, "match": how} for cid, (s, how) in sorted(matched.items())},
+            "hand_map": hand_map,
+        })
     task.advance()
     task.close()
     return result

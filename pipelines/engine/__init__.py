@@ -1,1 +1,1 @@
-"""Training loop, checkpoints, run folders, devices and the stage-2 feature cache."""
+"""Training machinery: the loop, checkpoints, run folders, devices, processes, samplers and solvers."""

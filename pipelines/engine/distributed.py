@@ -3,16 +3,25 @@
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything degrades to one process.
 NCCL on GPUs, gloo on CPU. The contract every stage follows under ``torchrun``: each process
 computes its share of the global batch, DDP averages gradients, only rank 0 writes files (run
-folder, checkpoints, metrics, caches) while the others wait at :func:`barrier`, and logged
-metrics are means over all processes (:func:`mean_dict`).
+folder, checkpoints, metrics, caches) inside :func:`main_first`, which tells the others whether
+the writing succeeded, and logged metrics are means over all processes (:func:`mean_dict`).
+
+A failing process ends the others within seconds, each with one error line: a failure inside
+:func:`main_first` is agreed by all processes (the others raise "stopped because rank 0 failed");
+a process that dies anywhere else breaks the next collective of the others, which
+:func:`peers_watched` turns into one :class:`MaskxError` (as it does a collective that waited
+``MASKX_DIST_TIMEOUT_MINUTES``), and a stop signal from ``torchrun`` ends them with one line too.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
-from typing import Callable, TypeVar
+import re
+import signal
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -148,10 +157,73 @@ def main_first(fn: Callable[[], T], others: bool = True) -> T | None:
     if error is not None:
         raise error
     if failed:
-        raise MaskxError(f"stopped: rank 0 failed (its error is above); this is rank {rank()}")
+        raise MaskxError(RANK0_FAILED)
     if others and not is_main():
         result = fn()
     return result
+
+
+RANK0_FAILED = "stopped because rank 0 failed: its error line says why"
+# What gloo and NCCL say when another process of the group has gone (or a collective waited too long).
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Timed out|timed out|Timeout|NCCL (error|communicator)")
+
+
+def _collective_failure(exc: BaseException) -> str | None:
+    """The reason in a backend's error about a lost process or an expired collective, else None."""
+    if not isinstance(exc, RuntimeError) or not _PEER_LOST.search(str(exc)):
+        return None
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[.../pair.cc:561] " source prefix
+    return first.split(". ")[0].rstrip(".")[:160]
+
+
+@contextlib.contextmanager
+def peers_watched() -> Iterator[None]:
+    """Run a stage's block so that, under ``torchrun``, losing another process ends this one with one
+    :class:`MaskxError` line instead of a backend traceback or a silent kill.
+
+    A collective broken by a process that died (gloo: "Connection closed by peer"), or that waited
+    ``MASKX_DIST_TIMEOUT_MINUTES``, becomes one line saying so; the SIGTERM that ``torchrun`` sends
+    the remaining processes when one has failed becomes one line too (the training loop has its own
+    handler, which saves a checkpoint first). Once the block has failed, this process ignores
+    SIGTERM for the little it has left to do (record the failure, print its line, exit): ``torchrun``
+    stops the others as soon as one has exited, and would otherwise cut that short. In one process the
+    block runs unchanged.
+    """
+    if not is_dist():
+        yield
+        return
+
+    def on_term(signum, _frame):
+        raise MaskxError(f"stopped by {signal.Signals(signum).name}: torchrun stops every process when one has failed "
+                         "(its error line says why) or when it is stopped itself")
+
+    previous = _set_sigterm(on_term)
+    try:
+        yield
+    except RuntimeError as exc:
+        _set_sigterm(signal.SIG_IGN)
+        reason = _collective_failure(exc)
+        if reason is None:
+            raise
+        timed_out = "imed out" in reason or "imeout" in reason
+        waited = f" after {os.environ.get(TIMEOUT_ENV, '60')} minutes ({TIMEOUT_ENV})" if timed_out else ""
+        raise MaskxError(f"stopped: another process of this torchrun job failed or ended ({reason}){waited}; "
+                         "its error line says why") from None
+    except BaseException:
+        _set_sigterm(signal.SIG_IGN)
+        raise
+    _set_sigterm(previous)
+
+
+def _set_sigterm(handler):
+    """Install ``handler`` for SIGTERM; return the one it replaces (None outside the main thread, where it cannot)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        return None
 
 
 def cleanup() -> None:

@@ -60,6 +60,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class StageProcess:
+    """This process's part in a training stage (see :func:`stage_process`)."""
+
+    device: torch.device  # cpu, cuda, or cuda:LOCAL_RANK under torchrun
+    progress: Progress  # the caller's on rank 0, NULL_PROGRESS on the others: one set of progress bars
+
+
+@contextmanager
+def stage_process(solver: SolverConfig, progress: Progress = NULL_PROGRESS) -> Iterator[StageProcess]:
+    """The process setup of every training stage (``detect-train``, ``mask-train``, ``train``), in one place.
+
+    Joins ``torchrun``'s process group (when launched by it) and checks that ``solver.batch_size``
+    splits over the processes; seeds every generator with ``solver.seed + rank``; gives rank 0 the
+    progress bars; and runs the stage's block under :func:`pipelines.engine.distributed.peers_watched`,
+    so that a process that fails ends the others with one error line each. Whatever rank 0 alone
+    writes (run folder, checkpoints, logs, caches) goes through
+    :func:`pipelines.engine.distributed.main_first`, which tells the others whether it succeeded.
+    """
+    device = dist.setup(solver.device, solver.batch_size)
+    seed_everything(solver.seed + dist.rank())
+    with dist.peers_watched():
+        yield StageProcess(device, progress if dist.is_main() else NULL_PROGRESS)
+
+
 def rng_state() -> dict:
     """Every random generator's state as plain data (tensors, numbers, lists): loadable weights-only.
 
@@ -163,17 +188,7 @@ class Trainer:
     def save(self, iteration: int, name: str = LAST) -> None:
         """Write ``name`` atomically on rank 0; every rank raises if that write failed."""
         payload = self.state(iteration)
-        error: MaskxError | None = None
-        if dist.is_main():
-            try:
-                save_checkpoint(self.run_dir / name, self.kind, **payload)
-            except MaskxError as exc:
-                error = exc
-        failed = dist.all_reduce_sum([0.0 if error is None else 1.0])[0]
-        if error is not None:
-            raise error
-        if failed:
-            raise MaskxError("rank 0 could not write the checkpoint", self.run_dir / name)
+        dist.main_first(lambda: save_checkpoint(self.run_dir / name, self.kind, **payload), others=False)
 
     def resume(self) -> bool:
         """Load ``last.pth`` of the run folder if there is one (:func:`~pipelines.engine.run_dir.read_training_state`);
@@ -190,9 +205,7 @@ class Trainer:
         # the same world size: every process continues its own random stream; otherwise rank 0's
         set_rng_state(state.rng(dist.rank(), dist.world_size()))
         self.start_iter = state.iteration
-        if dist.is_main():
-            self._truncate_metrics(self.start_iter)
-        dist.barrier()
+        dist.main_first(lambda: self._truncate_metrics(self.start_iter), others=False)
         return True
 
     def _truncate_metrics(self, iteration: int) -> None:
@@ -217,12 +230,8 @@ class Trainer:
 
         A failed write of the events (a full disk) is one MaskxError naming ``tb/``: the writer's
         background thread hands its OSError to this thread, and is kept from printing it too.
+        Opening and closing are rank 0's writes (:func:`~pipelines.engine.distributed.main_first`).
         """
-        if not dist.is_main():
-            yield None
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
         path = self.run_dir / TENSORBOARD
         previous_hook = threading.excepthook
 
@@ -232,34 +241,30 @@ class Trainer:
 
         threading.excepthook = hook
         try:
-            try:
-                # the checkpoint's own step was logged before it was saved: purge only the steps after it
-                writer = SummaryWriter(str(path), purge_step=self.start_iter + 1 if self.start_iter else None)
-            except OSError as exc:
-                raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", path) from None
+            writer = dist.main_first(lambda: _open_tensorboard(path, self.start_iter), others=False)
             try:
                 yield writer
             except BaseException:
-                with suppress(OSError):  # the error that stopped the run is the one to report
-                    writer.close()
+                if writer is not None:
+                    with suppress(OSError):  # the error that stopped the run is the one to report
+                        writer.close()
                 raise
-            try:
-                writer.close()
-            except OSError as exc:
-                raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", path) from None
+            dist.main_first(lambda: _close_tensorboard(writer, path), others=False)
         finally:
             threading.excepthook = previous_hook
 
     def _log(self, tb, iteration: int, **scalars: float) -> None:
-        self.log.write(iteration=iteration, **scalars)
-        if tb is None:
-            return
-        try:
-            for key, value in scalars.items():
-                tb.add_scalar(key, value, iteration)
-            tb.flush()
-        except OSError as exc:
-            raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", self.run_dir / TENSORBOARD) from None
+        """``metrics.jsonl`` and TensorBoard: rank 0's writes (every rank calls this, and raises if they failed)."""
+        def write() -> None:
+            self.log.write(iteration=iteration, **scalars)
+            try:
+                for key, value in scalars.items():
+                    tb.add_scalar(key, value, iteration)
+                tb.flush()
+            except OSError as exc:
+                raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", self.run_dir / TENSORBOARD) from None
+
+        dist.main_first(write, others=False)
 
     # -- loop --------------------------------------------------------------------------------
     def run(self, step: Callable[[int], dict[str, torch.Tensor]]) -> TrainStats:
@@ -316,6 +321,23 @@ class Trainer:
         stats.mean_loss_last_window = sum(window) / len(window) if window else float("nan")
         stats.loss_window = len(window)
         return stats
+
+
+def _open_tensorboard(path: Path, start_iter: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    try:
+        # the checkpoint's own step was logged before it was saved: purge only the steps after it
+        return SummaryWriter(str(path), purge_step=start_iter + 1 if start_iter else None)
+    except OSError as exc:
+        raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", path) from None
+
+
+def _close_tensorboard(writer, path: Path) -> None:
+    try:
+        writer.close()
+    except OSError as exc:
+        raise MaskxError(f"cannot write TensorBoard logs: {os_error_reason(exc)}", path) from None
 
 
 def train_on_images(model: torch.nn.Module, dataset: torch.utils.data.Dataset, solver: SolverConfig, out: Path, kind: str, extra: dict,

@@ -12,6 +12,10 @@ and its final checkpoint, one plain dict (:func:`pipelines.checkpoint.save_check
   ``set_a``, ``detector_sha256`` (of the detector it was trained against), ``embed_dim`` (width of
   ``w_det``, 0 without T), ``in_channels``, ``iteration`` (+ ``end_to_end``).
 
+Each final checkpoint's SHA-256 is recorded in the manifest when it is written (``checkpoints``:
+file name -> SHA-256, :func:`record_checkpoint`) and checked when it is read
+(:func:`check_recorded_sha256`): a checkpoint damaged or replaced since is refused with one line.
+
 A training stage opens its folder with :func:`training_run`, so that a run folder is always in one
 of three states its manifest names: ``running`` (or killed), ``failed`` (with the error line and a
 checkpoint to resume from) or ``finished``. A run that fails before its first checkpoint leaves
@@ -406,21 +410,50 @@ def load_detector_run(run: str | Path) -> DetectorRun:
     w = read_detector_weights(run)
     model = detector_from_state(w.detector, len(w.categories), w.state, w.checkpoint)
     model.eval().requires_grad_(False)
-    return DetectorRun(w.checkpoint.parent, w.checkpoint, sha256_file(w.checkpoint), w.config, w.categories, model,
+    return DetectorRun(w.checkpoint.parent, w.checkpoint, check_recorded_sha256(w.checkpoint), w.config, w.categories, model,
                        _typed(DataConfig, w.config.get("data")), w.detector)
 
 
-def save_detector(path: str | Path, state: dict, config: dict, categories: list[dict], iteration: int, **extra: Any) -> None:
-    """Write a ``detector`` checkpoint (see the module docstring)."""
-    save_checkpoint(path, "detector", model=state, config=config, categories=categories, iteration=iteration, **extra)
+def record_checkpoint(path: Path, sha256: str) -> None:
+    """Record ``sha256`` of the final checkpoint ``path`` in the manifest of its run folder (if it has one)."""
+    manifest = path.parent / MANIFEST
+    if manifest.is_file():
+        recorded = read_json(manifest, "run manifest").get("checkpoints") or {}
+        update_manifest(path.parent, checkpoints={**recorded, path.name: sha256})
+
+
+def check_recorded_sha256(path: Path) -> str:
+    """The SHA-256 of the checkpoint ``path``, checked against the one its run's manifest recorded when it
+    was written (:func:`record_checkpoint`; nothing to check for a file without such a record).
+
+    Called once a checkpoint has been read and checked for what it holds, so that a file that is
+    unreadable, of the wrong kind or schema is refused for that; this refuses the damage that
+    still loads (bytes zeroed inside a tensor) and a file replaced since."""
+    sha256 = sha256_file(path)
+    manifest = path.parent / MANIFEST
+    recorded = (read_json(manifest, "run manifest").get("checkpoints") or {}).get(path.name) if manifest.is_file() else None
+    if recorded and recorded != sha256:
+        raise MaskxError(f"damaged or replaced since it was written: its SHA-256 is {sha256[:12]}…, {MANIFEST} recorded "
+                         f"{recorded[:12]}… (train or import it again, or restore the file)", path)
+    return sha256
+
+
+def save_detector(path: str | Path, state: dict, config: dict, categories: list[dict], iteration: int, **extra: Any) -> str:
+    """Write a ``detector`` checkpoint (see the module docstring) and record its SHA-256 (returned)."""
+    sha256 = save_checkpoint(path, "detector", model=state, config=config, categories=categories, iteration=iteration, **extra)
+    record_checkpoint(Path(path), sha256)
+    return sha256
 
 
 def save_mask(path: str | Path, side: MaskSide, config: dict, head: HeadConfig, categories: list[dict], set_a: list[int],
-              detector_sha256: str, in_channels: int, iteration: int, **extra: Any) -> None:
-    """Write a ``mask`` checkpoint of ``side`` (see the module docstring)."""
+              detector_sha256: str, in_channels: int, iteration: int, **extra: Any) -> str:
+    """Write a ``mask`` checkpoint of ``side`` (see the module docstring) and record its SHA-256 (returned)."""
     embed_dim = int(side.predictor.w_det.shape[1]) if isinstance(side.predictor, TransferPredictor) else 0
-    save_checkpoint(path, "mask", model=side.state_dict(), config=config, head=to_dict(head), categories=categories, set_a=set_a,
-                    detector_sha256=detector_sha256, embed_dim=embed_dim, in_channels=in_channels, iteration=iteration, **extra)
+    sha256 = save_checkpoint(path, "mask", model=side.state_dict(), config=config, head=to_dict(head), categories=categories,
+                             set_a=set_a, detector_sha256=detector_sha256, embed_dim=embed_dim, in_channels=in_channels,
+                             iteration=iteration, **extra)
+    record_checkpoint(Path(path), sha256)
+    return sha256
 
 
 def mask_checkpoint_path(run: str | Path) -> Path:
@@ -441,6 +474,7 @@ def load_mask_run(run: str | Path, det: DetectorRun | None = None) -> MaskRun:
     head = _mask_head_config(ckpt)
     side = build_mask_side(head, len(ckpt["categories"]), ckpt["in_channels"], embed_dim=ckpt["embed_dim"])
     load_state(side, ckpt["model"], path)
+    check_recorded_sha256(path)
     side.eval().requires_grad_(False)
     return MaskRun(path, side, head, list(ckpt["set_a"]), ckpt["categories"], _typed(DataConfig, ckpt["config"]["data"]),
                    ckpt["detector_sha256"], ckpt["iteration"], bool(ckpt.get("end_to_end", False)), ckpt["in_channels"])
@@ -513,7 +547,8 @@ def read_run_checkpoints(detector: Path, mask: Path) -> RunCheckpoints:
 def write_float16_copy(pair: RunCheckpoints, out: Path, written: list[Path]) -> list[str]:
     """``out/model_final.pth`` and ``out/mask_final.pth``: the checkpoints of ``pair`` with their float32
     tensors in float16 (``precision: float16``, :func:`~pipelines.checkpoint.half_precision`), the mask's
-    ``detector_sha256`` that of the copied detector. Each path goes to ``written`` before it is written;
+    ``detector_sha256`` that of the copied detector, each copy's SHA-256 recorded in ``out``'s manifest
+    (:func:`record_checkpoint`). Each path goes to ``written`` before it is written;
     returns the names of the tensors kept in float32 (beyond float16's range)."""
     kept: list[str] = []
     for path, ckpt in ((out / DETECTOR_CKPT, pair._det), (out / MASK_CKPT, pair._mask)):
@@ -523,7 +558,8 @@ def write_float16_copy(pair: RunCheckpoints, out: Path, written: list[Path]) -> 
         kept += left
         payload = {k: v for k, v in ckpt.items() if k not in ("format", "kind")}
         written.append(path)
-        save_checkpoint(path, ckpt["kind"], **{**payload, "model": state, "precision": "float16", "float32_kept": left})
+        record_checkpoint(path, save_checkpoint(path, ckpt["kind"], **{**payload, "model": state, "precision": "float16",
+                                                                     "float32_kept": left}))
     return kept
 
 

@@ -60,10 +60,13 @@ class EvalData:
 
 
 def load_validation(det: DetectorRun, val_json: str | Path | None, val_images: str | Path | None,
-                    max_images: int = 0) -> EvalData:
+                    max_images: int = 0, warnings: list[str] | None = None) -> EvalData:
     """The validation ground truth and its images (the first ``max_images``; 0 = all), checked against
-    the detector's classes. Box-only instances are valid: mask AP leaves their classes out, box AP keeps them."""
-    gt, _ = load_split(str(val_json) if val_json else "", "val")
+    the detector's classes. Box-only instances are valid: mask AP leaves their classes out, box AP keeps them.
+    What loading skipped (boxes of zero area, ...; counted, one line each) is added to ``warnings``."""
+    gt, report = load_split(str(val_json) if val_json else "", "val")
+    if warnings is not None:
+        warnings.extend(report.warnings(val_json))
     check_same_categories(det.categories, gt["categories"], "the detector's classes", val_json)
     dataset = CocoDataset(gt, val_images or "", with_masks=False, max_images=max_images)
     if len(dataset) == 0:
@@ -119,11 +122,11 @@ class HeadPredictions:
         loader = torch.utils.data.DataLoader(data.dataset, batch_size=self.batch_images, collate_fn=collate, num_workers=0)
         for images, targets in loader:
             per_head = detect_and_segment(model, roi_pool, self.heads, list(images), device, self.mask_threshold,
-                                          given=list(targets) if self.gt_boxes else None)
+                                          given=list(targets) if self.gt_boxes else None, paste=False)
             for name, dets in per_head.items():
-                for d, t in zip(dets, targets):
+                for d, t in zip(dets, targets):  # each mask pasted and encoded in turn: one full-size mask at a time
                     results[name].extend(to_coco_results(int(t["image_id"]), d["boxes"].numpy(), d["scores"].numpy(),
-                                                         cat_ids[d["labels"] - 1].numpy(), d["masks"].numpy()))
+                                                         cat_ids[d["labels"] - 1].numpy(), d["masks"]))
             task.advance(len(images))
         task.close()
         return results

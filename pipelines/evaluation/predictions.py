@@ -47,12 +47,13 @@ class Predictor:
     detector: Path  # the detector's checkpoint file
 
     def run(self, images: list[torch.Tensor], mask_threshold: float = 0.5, only_labels: torch.Tensor | None = None,
-            given: list[dict] | None = None) -> list[dict]:
+            given: list[dict] | None = None, paste: bool = True) -> list[dict]:
         """Detections of ``images`` (float32 ``[3, H_i, W_i]`` in [0, 1]), one dict per image: ``boxes``
         float32 ``[N, 4]``, ``scores`` ``[N]``, ``labels`` int64 ``[N]`` (1..K), ``masks`` uint8
-        ``[N, H_i, W_i]``; ``only_labels`` and ``given`` as :func:`detect_and_segment` takes them."""
+        ``[N, H_i, W_i]`` (``paste=False``: pasted one at a time when read); ``only_labels``, ``given``
+        and ``paste`` as :func:`detect_and_segment` takes them."""
         return detect_and_segment(self.model, self.roi_pool, {"mask": self.head}, images, self.device, mask_threshold,
-                                  only_labels, given)["mask"]
+                                  only_labels, given, paste)["mask"]
 
 
 def load_predictor(mask_run: str | Path, detector: str | Path | None = None, device: str = "auto",
@@ -105,10 +106,11 @@ def picture_name(path: Path, used: set[str]) -> str:
 def save_picture(path: Path, image: torch.Tensor, d: dict, names: list[str], in_a: list[bool], scale: int,
                  max_drawn: int = MAX_DRAWN) -> int:
     """``image`` float32 [3, H, W] with detections ``d`` (``boxes`` [N, 4], ``scores`` [N], ``masks``
-    [N, H, W]) drawn (set A green, set B red, the ``max_drawn`` highest scores, a legend below), as a PNG
-    written atomically. Returns how many detections were left out of the picture."""
+    [N, H, W] or pasted one at a time) drawn (set A green, set B red, the ``max_drawn`` highest scores, a
+    legend below), as a PNG written atomically. Returns how many detections were left out of the picture."""
     rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    drawing = draw_predictions(rgb, d["boxes"].numpy(), names, d["scores"].numpy(), d["masks"].numpy(), in_a, scale=scale,
+    masks = d["masks"].numpy() if isinstance(d["masks"], torch.Tensor) else d["masks"]
+    drawing = draw_predictions(rgb, d["boxes"].numpy(), names, d["scores"].numpy(), masks, in_a, scale=scale,
                                max_drawn=max_drawn)
     with atomic_path(path) as tmp:
         drawing.image.save(tmp, format="PNG")
@@ -143,7 +145,7 @@ class PredictionWriter:
         """
         cats = [self.categories[i - 1] for i in d["labels"].tolist()]
         ids = np.array([c["id"] for c in cats], dtype=np.int64) if category_ids is None else np.asarray(category_ids)
-        rows = to_coco_results(image_id, d["boxes"].numpy(), d["scores"].numpy(), ids, d["masks"].numpy())
+        rows = to_coco_results(image_id, d["boxes"].numpy(), d["scores"].numpy(), ids, d["masks"])
         for r, c in zip(rows, cats):
             r["file_name"] = str(path)
             r["category_name"] = c["name"]

@@ -48,15 +48,17 @@ def to_coco_results(
     boxes: np.ndarray,
     scores: np.ndarray,
     category_ids: np.ndarray,
-    masks: np.ndarray | None,
+    masks: np.ndarray | Iterable[np.ndarray] | None,
 ) -> list[dict]:
     """COCO result dicts of one image's detections.
 
     ``boxes`` float ``[N, 4]`` (x1, y1, x2, y2, pixels), ``scores`` float ``[N]``, ``category_ids``
     int ``[N]`` (dataset category ids, not contiguous labels), ``masks`` bool/uint8 ``[N, H, W]``
-    (binary, full image) or None. Returns ``N`` dicts with ``image_id``, ``category_id``,
-    ``score``, ``bbox`` as ``[x, y, w, h]`` and, if masks are given, ``segmentation`` (see
-    :func:`encode_masks`). All values are plain Python numbers.
+    (binary, full image), or ``N`` such ``[H, W]`` masks one after another (e.g. a
+    :class:`~pipelines.modeling.maskx_rcnn.PastedMasks`: each is encoded as it comes, so only one
+    full-size mask is held at a time), or None. Returns ``N`` dicts with ``image_id``,
+    ``category_id``, ``score``, ``bbox`` as ``[x, y, w, h]`` and, if masks are given,
+    ``segmentation`` (see :func:`encode_masks`). All values are plain Python numbers.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -68,7 +70,10 @@ def to_coco_results(
     xywh[:, 2:] -= xywh[:, :2]
     rles = None
     if masks is not None:
-        rles = encode_masks(masks)
+        if hasattr(masks, "ndim") or isinstance(masks, np.ndarray):
+            rles = encode_masks(masks)
+        else:
+            rles = [rle for m in masks for rle in encode_masks(np.asarray(m)[None])]
         if len(rles) != n:
             raise ValueError(f"{n} boxes but {len(rles)} masks")
     out = []

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.roi_heads import project_masks_on_boxes
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, project_masks_on_boxes
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -225,10 +225,64 @@ def build_maskx_rcnn(detector: FasterRCNN, mask_side: MaskSide, roi_size: int, e
     return detector
 
 
+class PastedMasks:
+    """The masks of one image's detections, pasted into the image one at a time when read.
+
+    ``probs`` float ``[N, M, M]`` (mask probabilities in each detection's box), ``boxes`` float
+    ``[N, 4]`` (x1, y1, x2, y2 in the image's pixels), ``size`` the image's (H, W). Iterating gives
+    each mask as uint8 ``[H, W]`` (probability >= ``threshold``), the pixels torchvision's
+    ``paste_masks_in_image`` gives, thresholded; ``masks[i]`` pastes mask ``i`` alone. Only one
+    full-size mask exists at a time, so memory does not grow with the number of detections.
+    :meth:`numpy` stacks them all (uint8 ``[N, H, W]``).
+    """
+
+    def __init__(self, probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], threshold: float):
+        self.probs, self.boxes, self.size, self.threshold = probs, boxes, (int(size[0]), int(size[1])), threshold
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def __getitem__(self, i: int):
+        """Mask ``i`` pasted: uint8 ``[H, W]`` (a numpy array)."""
+        return paste_mask(self.probs[i], self.boxes[i], self.size, self.threshold).cpu().numpy()
+
+    def __iter__(self):
+        for i in range(len(self.probs)):
+            yield self[i]
+
+    def numpy(self):
+        import numpy as np
+
+        out = np.empty((len(self), *self.size), dtype=np.uint8)
+        for i, mask in enumerate(self):
+            out[i] = mask
+        return out
+
+
+def paste_mask(prob: torch.Tensor, box: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """One mask ``prob`` float ``[M, M]`` of the box ``box`` ``[4]`` pasted into an image of ``size`` (H, W)
+    as uint8 ``[H, W]`` (probability >= ``threshold``).
+
+    torchvision's ``paste_masks_in_image`` (padding 1: the mask and its box grown by one cell, the
+    box rounded to whole pixels, the mask resized to it bilinearly) for one mask, written straight
+    into a uint8 image: the float resize covers the box only, never the whole image.
+    """
+    height, width = size
+    padded, scale = expand_masks(prob[None, None].float(), padding=1)
+    x0, y0, x1, y1 = (int(v) for v in expand_boxes(box[None].float(), scale).to(torch.int64)[0])
+    w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+    resized = F.interpolate(padded, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    out = torch.full((height, width), int(0.0 >= threshold), dtype=torch.uint8, device=prob.device)
+    cx0, cx1, cy0, cy1 = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+    if cx1 > cx0 and cy1 > cy0:
+        out[cy0:cy1, cx0:cx1] = (resized[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] >= threshold).to(torch.uint8)
+    return out
+
+
 @torch.no_grad()
 def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: dict[str, nn.Module], images: list[torch.Tensor],
                        device: torch.device, mask_threshold: float = 0.5, only_labels: torch.Tensor | None = None,
-                       given: list[dict] | None = None) -> dict[str, list[dict]]:
+                       given: list[dict] | None = None, paste: bool = True) -> dict[str, list[dict]]:
     """Run the detector once on a batch of images, then every mask side on the same detections.
 
     ``model`` is a torchvision Faster R-CNN in eval mode on ``device``; ``roi_pool`` the mask RoIAlign
@@ -243,7 +297,9 @@ def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: d
 
     Returns head name -> one dict per image, on the CPU: ``boxes`` float32 ``[N, 4]`` (x1, y1, x2, y2
     in the image's pixels), ``scores`` float32 ``[N]``, ``labels`` int64 ``[N]`` (1..K) and ``masks``
-    uint8 ``[N, H_i, W_i]`` (mask probability >= ``mask_threshold``).
+    (mask probability >= ``mask_threshold``): uint8 ``[N, H_i, W_i]``, or with ``paste=False`` a
+    :class:`PastedMasks` that pastes them one at a time when read (for large images: memory of one
+    full-size mask, not of ``N``).
     """
     original_sizes = [tuple(im.shape[-2:]) for im in images]
     image_list, _ = model.transform([im.to(device) for im in images])
@@ -261,6 +317,9 @@ def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: d
     labels = torch.cat([d["labels"] for d in detections])
     counts = [len(b) for b in boxes]
     roi_features = roi_pool(features, boxes, image_list.image_sizes) if sum(counts) else None
+    # boxes in the original images' pixels (torchvision's postprocess without masks)
+    dets = model.transform.postprocess([{k: v for k, v in d.items() if k != "masks"} for d in detections],
+                                       image_list.image_sizes, original_sizes)
     out: dict[str, list[dict]] = {}
     for name, head in heads.items():
         if roi_features is not None:
@@ -268,8 +327,9 @@ def detect_and_segment(model: FasterRCNN, roi_pool: MultiScaleRoIAlign, heads: d
         else:
             m = 2 * roi_pool.output_size[0]
             probs = features[FPN_LEVELS[0]].new_zeros((0, m, m))
-        dets = [{**d, "masks": p[:, None]} for d, p in zip(detections, probs.split(counts))]
-        dets = model.transform.postprocess(dets, image_list.image_sizes, original_sizes)
-        out[name] = [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(), "labels": d["labels"].cpu(),
-                      "masks": (d["masks"][:, 0] >= mask_threshold).to(torch.uint8).cpu()} for d in dets]
+        out[name] = []
+        for d, p, size in zip(dets, probs.split(counts), original_sizes):
+            masks = PastedMasks(p.float(), d["boxes"].float(), size, mask_threshold)  # pasted on the device, one at a time
+            out[name].append({"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(), "labels": d["labels"].cpu(),
+                              "masks": masks if not paste else torch.from_numpy(masks.numpy())})
     return out

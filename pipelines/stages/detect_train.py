@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipelines.config import DetectTrainConfig, to_dict
 from pipelines.data.coco import CocoDataset, load_split
 from pipelines.data.transforms import training_images
 from pipelines.engine import distributed as dist
-from pipelines.engine.loop import TrainStats, seed_everything, train_on_images
+from pipelines.engine.loop import TrainStats, stage_process, train_on_images
 from pipelines.engine.run_dir import (DETECTOR_CKPT, check_not_finished, prepare_run_dir, save_detector, training_run,
                                       update_manifest, write_recipe)
 from pipelines.engine.solver import check_solver
@@ -51,16 +53,12 @@ def detect_train(cfg: DetectTrainConfig, out: str | Path, progress: Progress = N
     out = Path(out)
     if not resume:
         check_not_finished(out, DETECTOR_CKPT, "detector")
-    with training_run(out, resume, (DETECTOR_CKPT,)):
-        return _detect_train(cfg, out, progress, resume, recipe)
+    with training_run(out, resume, (DETECTOR_CKPT,)), stage_process(cfg.solver, progress) as proc:
+        return _detect_train(cfg, out, proc.progress, resume, recipe, proc.device)
 
 
-def _detect_train(cfg: DetectTrainConfig, out: Path, progress: Progress, resume: bool, recipe: str | Path | None) -> DetectTrainResult:
-    device = dist.setup(cfg.solver.device, cfg.solver.batch_size)
-    seed_everything(cfg.solver.seed + dist.rank())
-    if not dist.is_main():
-        progress = NULL_PROGRESS  # one set of progress bars, from rank 0
-
+def _detect_train(cfg: DetectTrainConfig, out: Path, progress: Progress, resume: bool, recipe: str | Path | None,
+                  device: torch.device) -> DetectTrainResult:
     data, report = load_split(cfg.data.train_json, "train")
     dataset = CocoDataset(data, cfg.data.train_images, with_masks=False, max_images=cfg.data.max_train_images, drop_empty=True)
     if len(dataset) == 0:

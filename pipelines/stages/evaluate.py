@@ -61,8 +61,10 @@ def evaluate_heads(mask_runs: dict[str, str | Path], cfg: EvalConfig | None = No
     runs = {name: load_mask_run(run, det) for name, run in mask_runs.items()}
     run_data = next(iter(runs.values())).data
     val_json = val_json or run_data.val_json
-    data = load_validation(det, val_json, val_images or run_data.val_images, cfg.max_images)
+    skipped: list[str] = []
+    data = load_validation(det, val_json, val_images or run_data.val_images, cfg.max_images, skipped)
     sets, warnings = run_class_sets(cfg.split, data.gt["categories"], {name: run.set_a for name, run in runs.items()})
+    warnings = skipped + warnings
     inference = inference_on_dataset(HeadPredictions.of_runs(det, runs, cfg.gt_boxes), data,
                                       {name: (name, sets) for name in runs}, cfg, progress)
     protocol = protocol_of(data.gt)

@@ -20,9 +20,8 @@ from pipelines.data.coco import CocoDataset, check_same_categories, load_split
 from pipelines.data.splits import label_table, training_sets
 from pipelines.data.transforms import FlippedCopies
 from pipelines.engine import distributed as dist
-from pipelines.engine.cache import DetectorRoIs, StreamingRoIs, cache_source, check_cache_config, ensure_cache
 from pipelines.engine.device import autocast
-from pipelines.engine.loop import Trainer, TrainStats, rng_state, seed_everything, set_rng_state
+from pipelines.engine.loop import Trainer, TrainStats, rng_state, set_rng_state, stage_process
 from pipelines.engine.run_dir import (MASK_CKPT, DetectorRun, check_embeddings_fit, check_not_finished, load_detector_run,
                                       prepare_run_dir, save_mask, training_run, update_manifest)
 from pipelines.engine.solver import check_solver
@@ -31,6 +30,9 @@ from pipelines.modeling.embeddings import class_embedding_table, read_embeddings
 from pipelines.modeling.mask_heads import MaskSide, trains_every_class
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool, build_mask_side, check_head, mask_loss
 from pipelines.progress import NULL_PROGRESS, Progress
+from pipelines.rois.ensure import check_cache_config, ensure_cache
+from pipelines.rois.sources import DetectorRoIs, cache_source
+from pipelines.rois.streaming import StreamingRoIs
 
 
 @dataclass
@@ -81,12 +83,12 @@ def mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pat
     out = Path(out)
     if not resume:
         check_not_finished(out, MASK_CKPT, "mask head")
-    with training_run(out, resume, (MASK_CKPT,)):
-        return _mask_train(cfg, detector, embeddings, out, progress, resume, mask_side)
+    with training_run(out, resume, (MASK_CKPT,)), stage_process(cfg.solver, progress) as proc:
+        return _mask_train(cfg, detector, embeddings, out, proc.progress, resume, mask_side, proc.device)
 
 
 def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Path, out: Path, progress: Progress,
-                resume: bool, mask_side: MaskSide | None) -> MaskTrainResult:
+                resume: bool, mask_side: MaskSide | None, device: torch.device) -> MaskTrainResult:
     det = load_detector_run(detector)
     emb = read_embeddings(embeddings)
     check_embeddings_fit(emb, det)
@@ -96,10 +98,6 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     categories = det.categories
     sets = training_sets(cfg.data.mask_classes, trains_every_class(cfg.head.head), categories, data, cfg.data.train_json)
     set_a, train_classes = sets.set_a, sets.train_classes
-    device = dist.setup(cfg.solver.device, cfg.solver.batch_size)
-    if not dist.is_main():
-        progress = NULL_PROGRESS  # one set of progress bars, from rank 0
-    seed_everything(cfg.solver.seed + dist.rank())
 
     w_det, missing = class_embedding_table(cfg.head, emb.w_cls, emb.w_box, emb.class_names, cfg.solver.seed)
     fpn_channels = det.model.backbone.out_channels
@@ -124,7 +122,7 @@ def _mask_train(cfg: MaskTrainConfig, detector: str | Path, embeddings: str | Pa
     def step(iteration: int) -> dict[str, torch.Tensor]:
         rois = source.batch(iteration)  # this process's share of the global batch
         with autocast(device, cfg.solver.amp):
-            logits = wrapped(rois.features.to(device, torch.float32), rois.labels.to(device))
+            logits = wrapped(rois.features_on(device), rois.labels.to(device))
             return {"loss_mask": mask_loss(logits, rois.masks.to(device))}
 
     try:
@@ -162,7 +160,8 @@ def _roi_source(cfg: MaskTrainConfig, det: DetectorRun, data: dict, dataset: Coc
     # (or finds) it, the other ranks then open the finished file. Building it must not shift the
     # random stream (dropout of T): a run gives the same weights whether the cache was built now or found.
     before = rng_state()
-    prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, train_classes))
+    prepared = dist.main_first(lambda: ensure_cache(det, data, cfg.data, cfg.cache, cfg.head.roi_size, progress, train_classes,
+                                                     visits=cfg.solver.iterations * cfg.solver.batch_size))
     set_rng_state(before)
     source = cache_source(prepared.cache, mask_labels, *batch_args, cfg.cache, dist.rank(), dist.world_size())
     if isinstance(source, StreamingRoIs):

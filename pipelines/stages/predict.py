@@ -9,12 +9,20 @@ Outputs in ``out``:
 - ``predictions.json``: COCO results (one dict per detection: ``image_id`` (1..N in reading order, or
   with ``gt`` the ground truth's id of the image of that file name), ``file_name``,
   ``category_id``, ``category_name``, ``score``, ``bbox`` [x, y, w, h], ``segmentation`` as
-  compressed RLE), written atomically; ``pycocotools``' ``loadRes`` reads it as is.
+  compressed RLE); ``pycocotools``' ``loadRes`` reads it as is.
 - ``images.json``: the images read (``id``, ``file_name``, ``width``, ``height``, and
   ``exif_orientation`` where the file has one other than 1) and those skipped with the reason.
 - with ``visualize``: ``<image stem>.png`` per image, the input's size times ``scale``, set-A
   classes green, set-B classes red, ``name score`` labels (the paper's figures), the ``max_drawn``
   highest-scoring detections of the image, and a legend strip below (``pipelines.visualize``).
+
+The files are all written or none is: they are written into a hidden staging folder in ``out``
+and moved into ``out`` once every one is complete (:func:`pipelines.io.all_or_nothing`), so a
+full disk met on the last picture or on ``predictions.json`` leaves ``out`` as it was.
+
+Memory: one image at a time is held at full resolution (as float32), and each detection's mask is
+pasted into it, encoded (and drawn) one at a time, so memory grows with the image's pixels, not
+with its number of detections (docs/benchmarks.md, "Large images").
 
 Images that cannot be read are reported and skipped; the others are written. With ``gt`` (a COCO
 file of the same classes) an image is matched to its record by file name and takes its id, so
@@ -36,8 +44,8 @@ import torch
 from pipelines.data.coco import check_same_categories, exif_orientation, load_coco
 from pipelines.engine.run_dir import make_output_dir
 from pipelines.errors import MaskxError
-from pipelines.evaluation.predictions import PredictionWriter, load_predictor, read_listed_image
-from pipelines.io import write_json
+from pipelines.evaluation.predictions import PREDICTIONS, PredictionWriter, load_predictor, read_listed_image
+from pipelines.io import all_or_nothing, staged_path, write_json
 from pipelines.progress import NULL_PROGRESS, Progress
 from pipelines.visualize import MAX_DRAWN, check_picture_settings
 
@@ -173,14 +181,30 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
         known = GroundTruthImages(gt_data)
     keep = class_filter(categories, pred.set_a, classes, only)
     out = make_output_dir(out)
-    writer = PredictionWriter(out, categories, pred.set_a, visualize, scale, max_drawn)
+    with all_or_nothing(out) as staging:  # every file of this call, or none
+        writer = PredictionWriter(staging, categories, pred.set_a, visualize, scale, max_drawn)
+        image_records, skipped = _predict_images(pred, files, known, gt, keep, mask_threshold, batch_images, writer, progress)
+        writer.write()
+        in_a = set(pred.set_a)
+        write_json(staging / IMAGES, {"images": image_records, "skipped": [{"file_name": p, "reason": r} for p, r in skipped],
+                                      "categories": [{**c, "set": "A" if c["id"] in in_a else "B"} for c in categories],
+                                      "detector": str(pred.detector), "mask": str(mask_run), "score_thresh": score_thresh})
+    predictions, pictures = out / PREDICTIONS, [staged_path(staging, out, p) for p in writer.pictures]
+    turned = [r["file_name"] for r in image_records if "exif_orientation" in r]
+    return PredictResult(out, predictions, len(image_records), len(writer.results), skipped, pictures,
+                         time.perf_counter() - t0, turned, writer.not_drawn)
 
+
+def _predict_images(pred, files: list[Path], known: GroundTruthImages | None, gt, keep: torch.Tensor, mask_threshold: float,
+                    batch_images: int, writer: PredictionWriter, progress: Progress) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Predict every readable image of ``files`` into ``writer``, ``batch_images`` at a time, each
+    image's masks pasted and encoded one at a time; returns (``images.json`` records, skipped files)."""
     image_records: list[dict] = []
     skipped: list[tuple[str, str]] = []
     task = progress.task("predict", len(files))
 
     def run_batch(batch: list[tuple[int, Path, torch.Tensor]]) -> None:
-        dets = pred.run([im for _, _, im in batch], mask_threshold, keep)
+        dets = pred.run([im for _, _, im in batch], mask_threshold, keep, paste=False)
         for (image_id, path, image), d in zip(batch, dets):
             writer.add(image_id, path, image, d)
         task.advance(len(batch))
@@ -199,12 +223,4 @@ def predict(mask_run: str | Path, inputs: list[str | Path], out: str | Path, det
     task.close()
     if not image_records:
         raise MaskxError(f"none of the {len(files)} image file(s) could be read (first: {skipped[0][1]})", skipped[0][0])
-
-    predictions = writer.write()
-    in_a = set(pred.set_a)
-    write_json(out / IMAGES, {"images": image_records, "skipped": [{"file_name": p, "reason": r} for p, r in skipped],
-                              "categories": [{**c, "set": "A" if c["id"] in in_a else "B"} for c in categories],
-                              "detector": str(pred.detector), "mask": str(mask_run), "score_thresh": score_thresh})
-    turned = [r["file_name"] for r in image_records if "exif_orientation" in r]
-    return PredictResult(out, predictions, len(image_records), len(writer.results), skipped, writer.pictures,
-                         time.perf_counter() - t0, turned, writer.not_drawn)
+    return image_records, skipped

@@ -26,13 +26,11 @@ from pipelines.data.coco import CocoDataset, check_same_categories, load_split
 from pipelines.data.splits import label_table, training_sets
 from pipelines.data.transforms import training_images
 from pipelines.engine import distributed as dist
-from pipelines.engine.loop import TrainStats, seed_everything, train_on_images
-from pipelines.engine.run_dir import (DETECTOR_CKPT, MASK_CKPT, check_not_finished, file_record,
-                                      prepare_run_dir, read_detector_weights, save_detector, save_mask, training_run,
-                                      update_manifest)
+from pipelines.engine.loop import TrainStats, stage_process, train_on_images
+from pipelines.engine.run_dir import (DETECTOR_CKPT, MASK_CKPT, check_not_finished, file_record, prepare_run_dir,
+                                      read_detector_weights, save_detector, save_mask, training_run, update_manifest)
 from pipelines.engine.solver import check_solver
 from pipelines.errors import MaskxError
-from pipelines.io import sha256_file
 from pipelines.modeling.detector import build_detector, detection_weights, detector_from_state
 from pipelines.modeling.embeddings import class_embedding_table, detector_embedding
 from pipelines.modeling.mask_heads import trains_every_class, uses_transfer
@@ -85,19 +83,16 @@ def train_e2e(cfg: TrainE2EConfig, out: str | Path, progress: Progress = NULL_PR
     out = Path(out)
     if not resume:
         check_not_finished(out, MASK_CKPT, "end-to-end run")
-    with training_run(out, resume, (DETECTOR_CKPT, MASK_CKPT)):
-        return _train_e2e(cfg, out, progress, resume)
+    with training_run(out, resume, (DETECTOR_CKPT, MASK_CKPT)), stage_process(cfg.solver, progress) as proc:
+        return _train_e2e(cfg, out, proc.progress, resume, proc.device)
 
 
-def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool) -> TrainE2EResult:
+def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool, device: torch.device) -> TrainE2EResult:
     data, report = load_split(cfg.data.train_json, "train")
     categories = data["categories"]
     sets = training_sets(cfg.data.mask_classes, trains_every_class(cfg.head.head), categories, data, cfg.data.train_json)
     set_a, train_classes = sets.set_a, sets.train_classes
     init_state, init_path = _initial_detector(cfg, categories)
-
-    device = dist.setup(cfg.solver.device, cfg.solver.batch_size)
-    seed_everything(cfg.solver.seed + dist.rank())
     dataset = CocoDataset(data, cfg.data.train_images, with_masks=True, mask_category_ids=train_classes,
                           max_images=cfg.data.max_train_images, drop_empty=True)
     if len(dataset) == 0:
@@ -116,29 +111,29 @@ def _train_e2e(cfg: TrainE2EConfig, out: Path, progress: Progress, resume: bool)
                              mask_targets=cfg.head.e2e_mask_targets).to(device)
 
     inputs = {"train_json": cfg.data.train_json, **({"init_detector": init_path} if init_path is not None else {})}
-    if dist.is_main():
-        prepare_run_dir(out, "train-e2e", to_dict(cfg), inputs, extra={"set_a": set_a, "train_classes": len(train_classes),
-                                                                        "set_a_unmasked_annotations": len(sets.unmasked)})
-    dist.barrier()
+    dist.main_first(lambda: prepare_run_dir(out, "train-e2e", to_dict(cfg), inputs, extra={
+        "set_a": set_a, "train_classes": len(train_classes), "set_a_unmasked_annotations": len(sets.unmasked)}), others=False)
     stats = train_on_images(model, training_images(dataset, cfg.data.hflip), cfg.solver, out, "train-e2e", {"config": to_dict(cfg), "categories": categories},
                             device, progress, resume, f"train e2e [{cfg.head.head}{'+mlp' if cfg.head.mlp else ''}]",
                             target_keys=("boxes", "labels", "masks", "has_mask"))
 
     det_path, mask_path = out / DETECTOR_CKPT, out / MASK_CKPT
-    if dist.is_main():
+
+    def finish() -> None:
         det_config = {"data": to_dict(cfg.data), "detector": to_dict(cfg.detector), "solver": to_dict(cfg.solver)}
         det_state = {k: v for k, v in model.state_dict().items() if not k.startswith(MASK_PREFIXES)}
-        save_detector(det_path, det_state, det_config, categories, cfg.solver.iterations, end_to_end=True)
+        det_sha256 = save_detector(det_path, det_state, det_config, categories, cfg.solver.iterations, end_to_end=True)
         if live:  # freeze the final class table into the stand-alone mask side (what eval reads)
             final_cls, final_box, _, _ = detection_weights(model.roi_heads.box_predictor)
             with torch.no_grad():
                 side.predictor.w_det.copy_(detector_embedding(cfg.head.input, final_cls, final_box))
         mask_cfg = MaskTrainConfig(data=cfg.data, head=cfg.head, solver=cfg.solver)
-        save_mask(mask_path, side, to_dict(mask_cfg), cfg.head, categories, set_a, sha256_file(det_path),
+        save_mask(mask_path, side, to_dict(mask_cfg), cfg.head, categories, set_a, det_sha256,
                   cfg.detector.fpn_channels, cfg.solver.iterations, end_to_end=True)
         update_manifest(out, status="finished", inputs={**{k: file_record(v) for k, v in inputs.items()}, "detector": file_record(det_path)},
                         train_images=len(dataset), degenerate_boxes_skipped=report.degenerate_boxes,
                         seconds=round(stats.seconds, 1), world_size=dist.world_size(), missing_glove=missing)
-    dist.barrier()
+
+    dist.main_first(finish, others=False)  # rank 0 writes; the others wait for it
     return TrainE2EResult(out, det_path, mask_path, cfg.head.head, set_a, len(dataset), stats, missing,
                           report.warnings(cfg.data.train_json) + sets.warnings, categories)

@@ -336,3 +336,40 @@ def test_extra_class_takes_the_first_hand_candidate_vg_uses():
     matched, unmatched = align_coco_to_synsets(cats, ["person.n.01"], hand, {"person.n.01", "hydrant.n.01"})
     # a candidate among the classes would win; none is, so the first one VG uses, else the first one
     assert matched == {11: ("hydrant.n.01", "extra"), 52: ("hotdog.n.01", "extra")} and unmatched == []
+
+
+def test_a_full_disk_on_the_third_file_leaves_none_of_the_six(tmp_path, monkeypatch):
+    """Was: prepare-vg on a full disk left 2 of its 6 files."""
+    import errno
+    import os
+
+    import pipelines.data.visual_genome as vgmod
+    from pipelines.io import atomic_path
+
+    vg = vg_files(tmp_path)
+    coco_files(tmp_path)
+    out = tmp_path / "out"
+    written = []
+    real = vgmod._write_compact_json
+
+    def fills_on_third(path, obj):
+        if len(written) == 2:
+            with atomic_path(path) as tmp:
+                tmp.write_text("{")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(path.name)
+        real(path, obj)
+
+    monkeypatch.setattr(vgmod, "_write_compact_json", fills_on_third)
+    args = ["data", "prepare-vg", "--vg", str(vg), "--coco", str(tmp_path / "coco"), "--out", str(out), "--num-classes", "8"]
+    res = _run(args)
+    assert res.exit_code == 2, res.output
+    assert written == ["vg_train.json", "vg_val.json"]
+    assert [s for s in res.output.splitlines() if s.startswith("error:")] == [
+        f"error: {out / 'coco_masks_train.json'}: could not be written: No space left on device"]
+    assert list(out.iterdir()) == []  # none of the six, no staging folder
+    monkeypatch.undo()
+    assert _run(args).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(vgmod.OUTPUT_FILES.values())
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["result"]["files"]["classes"] == str(out / "classes.tsv")  # the files' final places

@@ -22,17 +22,23 @@ from pipelines.data.coco import CocoDataset, load_split
 from pipelines.data.splits import mask_classes, resolve_split
 from pipelines.data.synthetic import SynthConfig, generate
 from pipelines.data.transforms import FlippedCopies
-from pipelines.engine import cache as cache_mod
-from pipelines.engine.cache import (DetectorRoIs, InMemoryRoIs, StreamingRoIs, build_cache, cache_dataset, cache_source, ensure_cache,
-                                    kept_rows, open_cache)
-from pipelines.engine.roi_sampling import sample_detectron, sample_instance
+from pipelines.rois import build as build_mod
+from pipelines.rois import ensure as ensure_mod
+from pipelines.rois import plan as plan_mod
+from pipelines.rois.build import build_cache
+from pipelines.rois.ensure import ensure_cache
+from pipelines.rois.instances import cache_dataset, instance_counts
+from pipelines.rois.sampling import sample_detectron, sample_instance
+from pipelines.rois.sources import DetectorRoIs, InMemoryRoIs, cache_source, kept_rows
+from pipelines.rois.store import open_cache
+from pipelines.rois.streaming import StreamingRoIs
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.engine.run_dir import load_detector_run
 from pipelines.errors import MaskxError
 from pipelines.io import write_yaml
 from pipelines.modeling.detector import build_detector
 from pipelines.modeling.maskx_rcnn import build_mask_roi_pool
-from pipelines.progress import NullProgress
+from pipelines.progress import NULL_PROGRESS, NullProgress
 from pipelines.stages.export_embeddings import export_embeddings
 from pipelines.stages.mask_train import mask_train
 
@@ -85,7 +91,7 @@ def _copy_in(src: Path, tmp_path: Path) -> Path:
 def _ensure(world: World, cfg: CacheConfig, det_dir: Path | None = None, data=None, data_cfg=None, class_ids=None, progress=None):
     det = load_detector_run(det_dir or world.det_dir)
     return ensure_cache(det, data or world.data, data_cfg or world.data_cfg, cfg, ROI,
-                        progress or cache_mod.NULL_PROGRESS, class_ids)
+                        progress or NULL_PROGRESS, class_ids)
 
 
 def _cfg(tmp_path: Path, **kw) -> CacheConfig:
@@ -173,7 +179,7 @@ def test_tmp_leftover_is_never_read_and_a_failed_build_leaves_nothing(world, gt_
 
     # a build that fails halfway leaves neither the final file nor a temporary one (besides the old leftover)
     calls = {"n": 0}
-    real = cache_mod.extract_rois
+    real = build_mod.extract_rois
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -181,7 +187,7 @@ def test_tmp_leftover_is_never_read_and_a_failed_build_leaves_nothing(world, gt_
             raise RuntimeError("detector died")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_mod, "extract_rois", failing)
+    monkeypatch.setattr(build_mod, "extract_rois", failing)
     det = load_detector_run(world.det_dir)
     with pytest.raises(RuntimeError, match="detector died"):
         build_cache(det.model, build_mask_roi_pool(ROI), cache_dataset(world.data, world.data_cfg), cfg,
@@ -216,10 +222,10 @@ def test_size_bounds_of_each_sampling():
     lies between the GT boxes of set A (always foreground) and the foreground cap."""
     counts = [(3, 5), (0, 4), (200, 210)]
     inst = CacheConfig(sampling="instance", proposals_per_instance=2)
-    assert cache_mod.estimate_rows(counts, inst, 100) == cache_mod.minimum_rows(counts, inst) == 203 * 3
+    assert plan_mod.estimate_rows(counts, inst, 100) == plan_mod.minimum_rows(counts, inst) == 203 * 3
     det = CacheConfig(sampling="detectron", rois_per_image=512, fg_fraction=0.25)
-    assert cache_mod.estimate_rows(counts, det, 100) == min(128, 105) + 128
-    assert cache_mod.minimum_rows(counts, det) == 3 + 128
+    assert plan_mod.estimate_rows(counts, det, 100) == min(128, 105) + 128
+    assert plan_mod.minimum_rows(counts, det) == 3 + 128
 
 
 class _Log(NullProgress):
@@ -238,15 +244,15 @@ def test_detectron_cache_is_refused_below_its_least_size_and_warned_below_its_mo
         _ensure(world, cfg)
     assert not any((tmp_path / "cache").iterdir())
     # room for every set-A GT box but not for the foreground cap of every image: built, with a warning
-    counts = cache_mod.instance_counts(cache_dataset(world.data, world.data_cfg))
-    per_row = cache_mod.disk_row_bytes(16, ROI, cfg.dtype)
-    least = cache_mod.minimum_rows(counts, cfg) * per_row
-    most = cache_mod.estimate_rows(counts, cfg, DET.rpn_post_nms_top_n_test) * per_row
+    counts = instance_counts(cache_dataset(world.data, world.data_cfg))
+    per_row = plan_mod.disk_row_bytes(16, ROI, cfg.dtype)
+    least = plan_mod.minimum_rows(counts, cfg) * per_row
+    most = plan_mod.estimate_rows(counts, cfg, DET.rpn_post_nms_top_n_test) * per_row
     assert least < most
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, (least + most) // 2))
     log = _Log()
     built = _ensure(world, cfg, progress=log)
-    assert built.built and built.rois >= cache_mod.minimum_rows(counts, cfg)
+    assert built.built and built.rois >= plan_mod.minimum_rows(counts, cfg)
     assert any(line.startswith("the cache may not fit: at least") for line in log.lines)
     built.cache.close()
 
@@ -606,7 +612,7 @@ def test_concurrent_runs_build_a_cache_once_the_second_waits_and_reuses_it(world
     cfg = _cfg(tmp_path, proposals_per_instance=0)
     started, release, waiting = threading.Event(), threading.Event(), threading.Event()
     builds = []
-    real = cache_mod.build_cache
+    real = ensure_mod.build_cache
 
     def slow_build(*args, **kwargs):
         builds.append(1)
@@ -619,7 +625,7 @@ def test_concurrent_runs_build_a_cache_once_the_second_waits_and_reuses_it(world
             if "another process is building this feature cache" in message:
                 waiting.set()
 
-    monkeypatch.setattr(cache_mod, "build_cache", slow_build)
+    monkeypatch.setattr(ensure_mod, "build_cache", slow_build)
     results = {}
     first = threading.Thread(target=lambda: results.setdefault("first", _ensure(world, cfg)))
     first.start()
@@ -641,7 +647,7 @@ def test_concurrent_runs_build_a_cache_once_the_second_waits_and_reuses_it(world
 def test_row_file_reads_survive_short_reads_and_scatter_rows_into_place(world, gt_cache, tmp_path, monkeypatch):
     import os as os_mod
 
-    from pipelines.engine import rowfile
+    from pipelines.rois import rowfile
 
     path = _copy_in(gt_cache, tmp_path)
     cache = open_cache(path, None)

@@ -100,7 +100,9 @@ SHARD_DRIVER = textwrap.dedent('''
     import torch
     from pipelines.config import MaskTrainConfig, load_config
     from pipelines.engine import distributed as dist
-    from pipelines.engine.cache import StreamingRoIs, kept_rows, open_cache
+    from pipelines.rois.sources import kept_rows
+    from pipelines.rois.store import open_cache
+    from pipelines.rois.streaming import StreamingRoIs
     from pipelines.errors import MaskxError
     import pipelines.stages.mask_train as mt
 

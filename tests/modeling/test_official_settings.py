@@ -13,7 +13,8 @@ from torch import nn
 
 from pipelines.config import DetectorConfig, DetectTrainConfig, HeadConfig, MaskTrainConfig, TrainE2EConfig, load_config
 from pipelines.config import CacheConfig
-from pipelines.engine.cache import extract_rois, rpn_keeping, sampling_settings
+from pipelines.rois.extract import extract_rois, rpn_keeping
+from pipelines.rois.sampling import sampling_settings
 from pipelines.engine.solver import build_optimizer, build_scheduler
 from pipelines.modeling.embeddings import class_embedding_table
 from pipelines.modeling.detector import BoxRoIHeads, box_losses, build_box_predictor, build_detector

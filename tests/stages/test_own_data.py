@@ -22,7 +22,7 @@ from maskx_cli.main import app
 from pipelines.config import MaskTrainConfig
 from pipelines.data.annotations import annotated_classes, has_usable_mask
 from pipelines.data.coco import load_coco
-from pipelines.engine.cache import open_cache
+from pipelines.rois.store import open_cache
 from pipelines.engine.run_dir import load_mask_run, load_stage_config, read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from maskx_cli.main import app
 from pipelines.config import EvalConfig, MaskTrainConfig, load_config
 from pipelines.errors import MaskxError
 from pipelines.io import sha256_file
-from pipelines.engine.run_dir import load_detector_run, load_eval_config, load_mask_run
+from pipelines.engine.run_dir import load_detector_run, load_eval_config, load_mask_run, record_checkpoint
 from pipelines.modeling.embeddings import read_embeddings
 from pipelines.stages.evaluate import evaluate_heads
 from pipelines.stages.export_embeddings import export_embeddings
@@ -109,8 +109,9 @@ def test_embeddings_from_another_detector(tiny_pipeline, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_pipeline["detector"], other)
     ckpt = torch.load(other / "model_final.pth", weights_only=True)
-    ckpt["iteration"] = 999  # another checkpoint: another hash
+    ckpt["iteration"] = 999  # another checkpoint: another hash, recorded in its run's manifest as a run writes it
     torch.save(ckpt, other / "model_final.pth")
+    record_checkpoint(other / "model_final.pth", sha256_file(other / "model_final.pth"))
     with pytest.raises(MaskxError, match="another detector"):
         mask_train(_mask_cfg(tiny_pipeline), other, tiny_pipeline["embeddings"], tmp_path / "m")
     assert not (tmp_path / "m").exists(), "nothing written before the inputs were checked"
@@ -246,3 +247,22 @@ def test_the_default_recipe_is_the_detector_runs_for_library_callers_too(tmp_pat
         assert (cfg.score_thresh, cfg.split, cfg.max_images) == (0.3, "voc", 2)
     assert load_eval_config("synthetic", det_dir) == load_config(EvalConfig, "synthetic")
     assert load_eval_config(None, None) == EvalConfig()
+
+
+def test_eval_of_a_run_warns_counted_about_zero_area_ground_truth_boxes(tiny_pipeline, tiny_world, tmp_path):
+    """Was: skipped silently by 'maskx eval RUN' (detect-train, mask-train and eval --results warn)."""
+    gt = json.loads(tiny_world.val_json.read_text())
+    zeroed = [gt["annotations"][0]["id"], gt["annotations"][3]["id"]]
+    for a in gt["annotations"]:
+        if a["id"] in zeroed:
+            a["bbox"][2] = 0.0
+    bad = tmp_path / "val_zero.json"
+    bad.write_text(json.dumps(gt))
+    out = tmp_path / "m.json"
+    r = runner.invoke(app, ["eval", str(tiny_pipeline["runs"]["transfer"]), "--gt", str(bad), "--images", str(tiny_world.val_dir),
+                            "--max-images", "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    line = (f"{bad}: skipped 2 annotation(s) with a zero-area, negative or out-of-image box (annotation id "
+            f"{zeroed[0]}, {zeroed[1]})")
+    assert [s for s in r.output.splitlines() if s.startswith("warning:")] == [f"warning: {line}"]
+    assert json.loads(out.read_text())["warnings"] == [line]

@@ -168,3 +168,62 @@ def test_missing_input_and_no_images(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(MaskxError, match="no image files found"):
         find_images([tmp_path])
+
+
+def test_a_full_disk_on_predictions_json_leaves_no_pictures_and_nothing_else(trained, tmp_path, monkeypatch):
+    """Was: the pictures written before the disk filled stayed, with no predictions.json beside them."""
+    import errno
+    import os
+
+    import pipelines.evaluation.predictions as predictions
+    from pipelines.io import atomic_path
+
+    root, inputs = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")  # what the folder held before stays as it was
+
+    def full_disk(path, text):  # the disk fills while predictions.json is written, after the three pictures
+        with atomic_path(path) as tmp:
+            tmp.write_text(text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(predictions, "write_text", full_disk)
+    args = ["predict", str(inputs), "--mask", str(root / "mask"), "--out", str(out), "--visualize", "--score-thresh", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert [s for s in result.output.splitlines() if s.startswith("error:")] == [
+        f"error: {out / 'predictions.json'}: could not be written: No space left on device"]
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]  # no picture, no JSON, no staging folder
+
+    monkeypatch.undo()
+    assert CliRunner().invoke(app, args).exit_code == 0  # a clean rerun writes every file
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["mine.txt", "predictions.json", "images.json"] + [p.stem + ".png" for p in inputs.iterdir() if p.name != "broken.png"])
+
+
+def test_predict_pastes_each_mask_on_its_own(trained, tmp_path, monkeypatch):
+    """Masks are pasted, encoded and drawn one at a time (a large image held N full-size float masks at once:
+    16.8 GB for one 8000 x 8000 image), with the same results as torchvision's paste of them all."""
+    import torchvision.models.detection.transform as tv_transform
+
+    from pipelines.modeling import maskx_rcnn
+    from pipelines.visualize import MAX_DRAWN
+
+    root, inputs = trained
+    full = tmp_path / "full"
+    one_by_one = tmp_path / "one"
+    predict(root / "mask", [inputs], full, score_thresh=0.0)  # as before: uint8 [N, H, W] stacked ...
+    expected = json.loads((full / "predictions.json").read_text())
+    pasted = []
+    real = maskx_rcnn.paste_mask
+    monkeypatch.setattr(maskx_rcnn, "paste_mask", lambda *a: pasted.append(a[2]) or real(*a))
+    monkeypatch.setattr(tv_transform, "paste_masks_in_image", lambda *a, **k: pytest.fail("all masks pasted at once"))
+    predict(root / "mask", [inputs], one_by_one, score_thresh=0.0, visualize=True)
+    assert json.loads((one_by_one / "predictions.json").read_text()) == expected
+    per_image: dict[str, int] = {}
+    for d in expected:
+        per_image[d["file_name"]] = per_image.get(d["file_name"], 0) + 1
+    drawn = sum(min(n, MAX_DRAWN) for n in per_image.values())  # the pictures paste the masks they draw
+    assert len(pasted) == len(expected) + drawn and len(expected) > 0
+    assert set(pasted) == {(64, 64)}

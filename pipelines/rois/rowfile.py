@@ -114,9 +114,15 @@ class RowFile:
                     group = [group[0][got:]] + group[1:]
         return total
 
-    def submit_scatter(self, start: int, dests: list[list[memoryview] | None]) -> Future:
-        """:meth:`scatter_into` on the reader threads."""
-        return self._executor().submit(self.scatter_into, start, dests)
+    def submit_scatter(self, start: int, dests: list[list[memoryview] | None], after=None) -> Future:
+        """:meth:`scatter_into` on the reader threads, then ``after(start, dests)`` there (e.g. a check of the rows)."""
+        return self._executor().submit(self._scatter_then, start, dests, after)
+
+    def _scatter_then(self, start: int, dests: list[list[memoryview] | None], after) -> int:
+        done = self.scatter_into(start, dests)
+        if after is not None:
+            after(start, dests)
+        return done
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start .. stop`` as a new uint8[stop - start, record_bytes] tensor."""

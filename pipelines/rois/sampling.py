@@ -15,7 +15,9 @@ are kept, the RoIs of a class do not depend on which other classes a cache holds
   highest IoU with a ground-truth box is >= ``min_iou`` (``TRAIN.FG_THRESH``) and is matched to that
   box; at most ``round(fg_fraction * rois_per_image)`` foreground candidates are drawn at random
   without replacement (``TRAIN.FG_FRACTION`` x ``TRAIN.BATCH_SIZE_PER_IM`` = 0.25 x 512 = 128).
-  Background RoIs carry no mask target and are not cached.
+  Background RoIs carry no mask target and are not cached. Of the drawn RoIs of the cached classes,
+  at most :func:`kept_per_image` are kept per image copy (``cache.fg_per_image``, or what the disk
+  budget ``cache.max_gb`` allows), a random subset: the official draw when it is 128.
 
 :func:`image_generator` gives each image (and its flipped copy) its own random stream, so a
 cache's content does not depend on how its images were batched or on DataLoader workers.
@@ -26,7 +28,19 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_iou
 
+from pipelines.config import CacheConfig
+
 SAMPLINGS = ("instance", "detectron")
+
+
+def sampling_settings(cfg: CacheConfig) -> dict:
+    """The settings that decide which RoIs are drawn (only those of the chosen sampling; ``rpn_proposals``
+    only when set, so the keys of caches built with the detector's own proposal count stay as they were)."""
+    rpn = {"rpn_proposals": cfg.rpn_proposals} if cfg.rpn_proposals else {}
+    if cfg.sampling == "detectron":
+        return {"sampling": "detectron", "rois_per_image": cfg.rois_per_image, "fg_fraction": cfg.fg_fraction, "min_iou": cfg.min_iou,
+                "fg_per_image": kept_per_image(cfg), **rpn}
+    return {"sampling": "instance", "proposals_per_instance": cfg.proposals_per_instance, "min_iou": cfg.min_iou, **rpn}
 
 
 def image_generator(seed: int, image_id: int | str, flipped: bool = False) -> torch.Generator:
@@ -38,6 +52,20 @@ def image_generator(seed: int, image_id: int | str, flipped: bool = False) -> to
 def fg_per_image(rois_per_image: int, fg_fraction: float) -> int:
     """Detectron's cap of foreground RoIs per image: ``int(round(fg_fraction * rois_per_image))``."""
     return int(round(fg_fraction * rois_per_image))
+
+
+def kept_per_image(cfg: CacheConfig) -> int:
+    """detectron sampling: foreground RoIs of the cached classes kept per image copy at most -- the official
+    draw's cap (:func:`fg_per_image`), or ``cache.fg_per_image`` when that is set and smaller."""
+    cap = fg_per_image(cfg.rois_per_image, cfg.fg_fraction)
+    return min(cap, cfg.fg_per_image) if cfg.fg_per_image > 0 else cap
+
+
+def keep_at_most(n: int, k: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Positions (sorted) of ``k`` of ``n`` drawn RoIs chosen at random, or None when ``n <= k`` (keep all)."""
+    if n <= k:
+        return None
+    return torch.randperm(n, generator=generator)[:k].sort().values
 
 
 def _empty(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
