@@ -6,10 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the machine's cores: one compute thread each (docs/benchmarks.md,
+    # "Several processes on one machine"), set before torch starts its thread pool
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 os.environ.setdefault("MASKX_CONSOLE_WIDTH", "200")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
