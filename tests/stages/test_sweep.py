@@ -174,6 +174,20 @@ def test_figure_3_1_compares_the_heads_without_mlp_branch():
     assert all("extra row" in name for name, r in rows.items() if _mlp_of(r))
 
 
+def test_table_3_1_randn_row_is_the_official_unit_300d_input():
+    """randn_2_layer.yaml: fixed 300-d rows; maskx's form of them is ``head.randn=unit`` (rows of norm 1)."""
+    import torch
+
+    from pipelines.modeling.embeddings import RANDN_FORMS
+
+    row = next(r for r in load_spec("table_3_1").rows if "randn" in r.name)
+    sets = dict(item.split("=", 1) for item in row.set)
+    assert (sets["head.input"], sets["head.randn"]) == ("randn", "unit")
+    table = RANDN_FORMS[sets["head.randn"]].table(80, 1024, seed=0)
+    assert table.shape == (80, 300)
+    assert torch.allclose(table.norm(dim=1), torch.ones(80), atol=1e-5)
+
+
 def test_table_3_5_baselines_have_no_mlp_branch():
     rows = {r.name: r for r in load_spec("table_3_5").rows if r.train == "e2e"}
     assert {name: _mlp_of(r) for name, r in rows.items()} == {
