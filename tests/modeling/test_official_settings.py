@@ -56,9 +56,12 @@ def test_a_whole_recipe_detector_has_detectron_predictor_and_box_loss():
     assert torch.count_nonzero(pred.cls_score.bias) == 0 and torch.count_nonzero(pred.bbox_pred.bias) == 0
 
 
-def test_torchvision_init_and_beta_are_one_setting_away_and_the_synthetic_recipes():
+def test_torchvision_init_and_beta_are_one_setting_away_and_the_synthetic_recipe_has_detectrons():
     syn = load_config(DetectTrainConfig, "synthetic", section="detect_train").detector
-    assert (syn.predictor_init, syn.box_loss_beta) == ("torchvision", 1 / 9)
+    assert (syn.predictor_init, syn.box_loss_beta) == ("detectron", 1.0)  # measured on world seed 0 (docs/parity.md)
+    old = load_config(DetectTrainConfig, "synthetic", ["detector.predictor_init=torchvision",
+                                                       f"detector.box_loss_beta={1 / 9}"], section="detect_train").detector
+    assert (old.predictor_init, old.box_loss_beta) == ("torchvision", pytest.approx(1 / 9))
     cfg = load_config(DetectTrainConfig, "coco_voc_r50", ["detector.predictor_init=torchvision"], section="detect_train").detector
     torch.manual_seed(0)
     pred = build_box_predictor(cfg, 80)
@@ -189,11 +192,13 @@ def test_bias_step_by_hand_and_through_the_schedule():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.002, 0.004])
 
 
-def test_synthetic_recipe_keeps_one_group_and_a_detector_puts_its_biases_apart():
+def test_synthetic_recipe_puts_biases_apart_one_group_one_setting_away_and_a_detector_puts_its_biases_apart():
     for solver in (load_config(DetectTrainConfig, "synthetic", section="detect_train").solver,
                    load_config(MaskTrainConfig, "synthetic").solver):
-        assert (solver.bias_lr_factor, solver.bias_weight_decay_factor) == (1.0, 1.0)
-        assert len(build_optimizer(_toy_model(), solver).param_groups) == 1
+        assert (solver.bias_lr_factor, solver.bias_weight_decay_factor) == (2.0, 0.0)  # measured on world seed 0
+        assert len(build_optimizer(_toy_model(), solver).param_groups) == 2
+    one = load_config(MaskTrainConfig, "synthetic", ["solver.bias_lr_factor=1", "solver.bias_weight_decay_factor=1"]).solver
+    assert len(build_optimizer(_toy_model(), one).param_groups) == 1
     cfg = load_config(DetectTrainConfig, "coco_voc_r50", section="detect_train")
     model = build_detector(_toy_detector_config(1.0), 5)
     weights, biases = build_optimizer(model, cfg.solver).param_groups
