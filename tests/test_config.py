@@ -21,7 +21,7 @@ def test_shipped_recipe_sections():
     assert det.data.mask_classes == "voc"  # the shared data section
     mask = load_config(MaskTrainConfig, "synthetic", ["data.mask_classes=random:40:0"], section="mask_train")
     assert mask.data.mask_classes == "random:40:0" and mask.head.input == "cls"  # the recipe's documented choice
-    # the settings that let transfer beat the class-agnostic head (docs/results.md, "What made transfer win")
+    # the settings that let transfer beat the class-agnostic head (docs/results_history.md, "What made transfer win")
     assert det.solver.iterations == 1000 and det.solver.amp == "bf16-native"  # the quick start in 10 minutes (docs/benchmarks.md)
     assert (det.detector.rpn_batch_size_per_image, det.detector.box_batch_size_per_image) == (64, 32)
     assert (mask.head.num_convs, mask.head.input_dropout, mask.head.normalize_output) == (1, 0.7, False)
