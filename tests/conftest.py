@@ -34,6 +34,10 @@ def tiny_overrides(world) -> list[str]:
         f"data.val_json={world.val_json}", f"data.val_images={world.val_dir}",
         "detector.min_size=96", "detector.max_size=96", "detector.fpn_channels=32", "detector.box_representation=64",
         "detector.rpn_post_nms_top_n_train=100", "detector.box_batch_size_per_image=32",
+        # a detector of a few iterations: torchvision's init and biases trained as weights give it spread-out
+        # scores; the recipe's official settings (Detectron's init: std 0.01, zero biases; biases at 2x the LR) leave
+        # its scores nearly equal after 3 steps, where the top-N and float16 comparisons of the tests tie
+        "detector.predictor_init=torchvision", "solver.bias_lr_factor=1.0", "solver.bias_weight_decay_factor=1.0",
     ]
 
 
