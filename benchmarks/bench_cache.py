@@ -16,6 +16,12 @@ permitted the file's own pages are evicted with ``posix_fadvise(DONTNEED)`` and 
 Targets: stream cold >= 0.8 x dd cold; 2 processes ~ 2x one process's rows/s when the disk is not
 the limit (warm).
 
+Each stream route is also reported from the batch on which the reader's batch buffers are reused
+(``steady``): a fresh buffer costs a page fault per 4 KiB on first touch (~50 us per float16 RoI on
+the 2-core benchmark machine), paid once per buffer of the pool (about 9 batches) in a training run
+but on most of the batches of a short benchmark epoch. Use ``--gb 2`` or more so that the steady part
+is long enough.
+
 Build (``--build-images`` synthetic images of ``--size`` px in the real COCO format, R-50-FPN with
 random weights, ``--build-batch`` images per detector batch):
 
@@ -100,14 +106,20 @@ def stream_epoch(cache_path: Path, batch: int, threads: int, rank: int = 0, worl
     src = StreamingRoIs(cache, rows, batch * world, 10**9, seed=0, rank=rank, world_size=world)
     iters = src.epoch_length(0) // batch
     src.iterations = iters
+    warm = src._buffers.keep  # batches after which every batch buffer has been touched once
     t0 = time.perf_counter()
-    n = 0
+    n, done = 0, []
     for i in range(iters):
         n += src.batch(i).labels.shape[0]
+        done.append(time.perf_counter())
     dt = time.perf_counter() - t0
     src.close()
     out = {"rank": rank, "world_size": world, "rows": n, "bytes_read": src.bytes_read, "seconds": dt,
            "rows_per_s": n / dt, "mb_per_s": src.bytes_read / dt / 1e6}
+    if iters > warm + 1:  # the rate once the batch buffers are reused, as through a training run
+        rows, secs = (iters - 1 - warm) * batch, done[-1] - done[warm]
+        out["steady"] = {"from_batch": warm + 1, "rows": rows, "seconds": secs, "rows_per_s": rows / secs,
+                         "mb_per_s": rows * cache.record_bytes / secs / 1e6}
     cache.close()
     return out
 
@@ -127,8 +139,11 @@ def stream_two(cache_path: Path, batch: int, threads: int) -> dict:
         res.append(json.loads(out.strip().splitlines()[-1]))
     wall = max(r["seconds"] for r in res)
     rows = sum(r["rows"] for r in res)
-    return {"processes": res, "rows": rows, "bytes_read": sum(r["bytes_read"] for r in res), "seconds": wall,
-            "rows_per_s": rows / wall, "mb_per_s": sum(r["bytes_read"] for r in res) / wall / 1e6}
+    out = {"processes": res, "rows": rows, "bytes_read": sum(r["bytes_read"] for r in res), "seconds": wall,
+           "rows_per_s": rows / wall, "mb_per_s": sum(r["bytes_read"] for r in res) / wall / 1e6}
+    if all("steady" in r for r in res):  # both at once: the sum of each one's steady rate
+        out["steady"] = {k: sum(r["steady"][k] for r in res) for k in ("rows_per_s", "mb_per_s")}
+    return out
 
 
 def reader(args, work: Path) -> dict:
@@ -155,6 +170,8 @@ def reader(args, work: Path) -> dict:
     report["two_cold"] = stream_two(path, args.batch, args.threads)
     report["two_warm"] = stream_two(path, args.batch, args.threads)
     report["ratio_cold_to_dd"] = report["stream_cold"]["mb_per_s"] / report["dd_cold"]["mb_per_s"]
+    if "steady" in report["stream_cold"]:
+        report["ratio_cold_steady_to_dd"] = report["stream_cold"]["steady"]["mb_per_s"] / report["dd_cold"]["mb_per_s"]
     for k in ("two_cold", "two_warm"):
         one = report["stream_cold" if k == "two_cold" else "stream_warm"]["rows_per_s"]
         report[k]["ratio_to_one_process"] = report[k]["rows_per_s"] / one
@@ -259,6 +276,12 @@ def main() -> None:
             r = reader(args, Path(tmp))
             report["reader"] = r
             one = lambda x: [x["rows_per_s"], x["mb_per_s"]]  # noqa: E731
+            dd = r["dd_cold"]["mb_per_s"]
+            steady = [[f"  {name}, from batch {r[k]['steady'].get('from_batch', r['stream_cold']['steady']['from_batch'])} "
+                       f"(batch buffers reused)", *one(r[k]["steady"]), r[k]["steady"]["mb_per_s"] / dd]
+                      for k, name in (("stream_cold", "stream, cold, 1 process"), ("stream_warm", "stream, page cache, 1 process"),
+                                      ("two_cold", "stream, cold, 2 processes"), ("two_warm", "stream, page cache, 2 processes"))
+                      if "steady" in r[k] and "steady" in r["stream_cold"]]
             print_table(f"cache reader: {r['file_bytes'] / 1e9:.1f} GB, {r['rows']} RoIs of {r['record_bytes']} bytes ({args.dtype}), "
                         f"{args.threads} threads, "
                         f"page cache emptied by {r['page_cache']}",
@@ -271,7 +294,7 @@ def main() -> None:
                          [f"stream, cold, 2 processes ({r['two_cold']['ratio_to_one_process']:.2f}x one)", *one(r["two_cold"]),
                           r["two_cold"]["mb_per_s"] / r["dd_cold"]["mb_per_s"]],
                          [f"stream, page cache, 2 processes ({r['two_warm']['ratio_to_one_process']:.2f}x one)",
-                          *one(r["two_warm"]), r["two_warm"]["mb_per_s"] / r["dd_cold"]["mb_per_s"]]])
+                          *one(r["two_warm"]), r["two_warm"]["mb_per_s"] / r["dd_cold"]["mb_per_s"]], *steady])
         if "build" not in skip:
             b = builder(args, Path(tmp), device)
             report["build"] = b

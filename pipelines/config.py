@@ -234,7 +234,8 @@ class CacheConfig:
     ram_budget_gb: float = 4.0
     # Streaming shuffle: random order of chunks per epoch, RoIs shuffled within this many chunks.
     shuffle_window: int = 8
-    # RoIs per chunk, the unit a streamed cache is read and shuffled in (0: the cache's own, 64).
+    # RoIs per chunk, the unit a streamed cache is read and shuffled in (0: the cache's own chunks, doubled until a
+    # read is >= 16 MiB while 64 chunks remain: 256 COCO float16 RoIs, 512 int8; docs/cache.md).
     stream_chunk_rows: int = 0
     reader_threads: int = 4  # parallel reads of a streamed (or loaded) cache
     workers: int = 2  # DataLoader workers decoding images and masks while a cache is built

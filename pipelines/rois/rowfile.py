@@ -95,10 +95,10 @@ class RowFile:
             self._scratch = memoryview(bytearray(self.record_bytes))
         iov = [v for d in dests for v in (d if d is not None else [self._scratch])]
         offset, total = start * self.record_bytes, 0
-        while iov:
-            group, iov = iov[:IOV_MAX], iov[IOV_MAX:]
-            want = sum(len(v) for v in group)
-            while group:
+        for g in range(0, len(iov), IOV_MAX):
+            group = iov[g : g + IOV_MAX]
+            want = sum(map(len, group))
+            while True:
                 fd = self._fd
                 if fd < 0:
                     raise OSError(errno.EBADF, "row file is closed", str(self.path))
@@ -107,11 +107,13 @@ class RowFile:
                     raise OSError(errno.EIO, f"unexpected end of file at byte {offset} (file shorter than its rows)",
                                   str(self.path))
                 offset, total, want = offset + got, total + got, want - got
-                while group and got >= len(group[0]):  # a short read: go on from where it stopped
-                    got -= len(group[0])
-                    group = group[1:]
-                if group and got:
-                    group = [group[0][got:]] + group[1:]
+                if want == 0:
+                    break
+                i = 0  # a short read: go on from where it stopped
+                while got >= len(group[i]):
+                    got -= len(group[i])
+                    i += 1
+                group = [group[i][got:], *group[i + 1 :]]
         return total
 
     def submit_scatter(self, start: int, dests: list[list[memoryview] | None], after=None) -> Future:

@@ -662,3 +662,43 @@ def test_row_file_reads_survive_short_reads_and_scatter_rows_into_place(world, g
     cache.close()
     with pytest.raises(OSError):
         cache.rowfile.read(0, 1)  # closed
+
+
+def test_row_file_scatters_more_buffers_than_one_preadv_takes(tmp_path, monkeypatch):
+    """3,000 rows of 10 bytes, each read into two slots (6,000 buffers: more than IOV_MAX a call), whole and
+    through short reads that stop inside a buffer; rows given no slot are read and dropped."""
+    import os as os_mod
+
+    from pipelines.rois import rowfile
+
+    data = np.random.default_rng(0).integers(0, 256, (3000, 10), dtype=np.uint8)
+    (tmp_path / "r.rows").write_bytes(data.tobytes())
+    rf = rowfile.RowFile(tmp_path / "r.rows", 10)
+    for short in (False, True):
+        if short:
+            real = os_mod.preadv
+            monkeypatch.setattr(rowfile.os, "preadv", lambda fd, bufs, off: real(fd, bufs, off) if len(bufs) < 3 else
+                                real(fd, [bufs[0], bufs[1], bufs[2][:3]], off))  # at most two buffers and 3 bytes a call
+        out = np.zeros((3000, 10), np.uint8)
+        dests = [None if i % 7 == 3 else [memoryview(out[i, :4]), memoryview(out[i, 4:])] for i in range(3000)]
+        assert 2 * sum(d is not None for d in dests) > rowfile.IOV_MAX
+        assert rf.scatter_into(0, dests) == 30000
+        wanted = np.arange(3000) % 7 != 3
+        np.testing.assert_array_equal(out[wanted], data[wanted])
+        assert not out[~wanted].any()
+    rf.close()
+
+
+def test_streamed_reads_are_large_on_large_caches_and_the_caches_chunks_on_small_ones():
+    from pipelines.rois.streaming import READ_BYTES, default_chunk_rows
+
+    # COCO voc->nonvoc at the default budget: 2,345,320 RoIs; float16 and int8 records of R-50-FPN at 14 x 14
+    assert default_chunk_rows(2_345_320, 64, 101_136) == 256  # 25.9 MB reads
+    assert default_chunk_rows(4_690_640, 64, 51_984) == 512  # 26.6 MB
+    assert default_chunk_rows(2_345_320, 64, 202_000) == 128  # float32
+    for rows, rec in ((2_345_320, 101_136), (4_690_640, 51_984), (10**6, 3_000)):
+        c = default_chunk_rows(rows, 64, rec)
+        assert c * rec >= READ_BYTES > c // 2 * rec and c % 64 == 0
+    assert default_chunk_rows(3_000, 64, 101_136) == 64  # too few chunks to grow: the cache's own
+    assert default_chunk_rows(500, 4, 1_000) == 4
+    assert default_chunk_rows(40_000, 64, 101_136) == 256 and 40_000 // 256 >= 64  # still 156 chunks to shuffle
