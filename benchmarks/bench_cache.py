@@ -106,7 +106,7 @@ def stream_epoch(cache_path: Path, batch: int, threads: int, rank: int = 0, worl
     src = StreamingRoIs(cache, rows, batch * world, 10**9, seed=0, rank=rank, world_size=world)
     iters = src.epoch_length(0) // batch
     src.iterations = iters
-    warm = src._buffers.keep  # batches after which every batch buffer has been touched once
+    warm = src.first_reused_batch - 1  # batches after which every batch buffer has been touched once
     t0 = time.perf_counter()
     n, done = 0, []
     for i in range(iters):

@@ -70,6 +70,8 @@ BENCHMARKS = {  # name -> (script, smoke arguments, full arguments); as benchmar
     "classes": ("bench_classes.py", "--rois 4 --rounds 1 --skip-model --mlp-hidden 16", "--size 800 --rounds 7"),
     "cache": ("bench_cache.py", "--gb 0.01 --batch 8 --drop fadvise --build-images 2 --build-batch 2 --build-rounds 1 "
               "--size 64 --backbone resnet18 --workers 1", "--gb {cache_gb} --build-images 32 --size 800"),
+    # the COCO cache's size table, and at full size its projected build and experiment on this machine's rates
+    "coco_projection": ("coco_cache_sizes.py", "", "--measure"),
 }
 # bf16 autocast on cuda; full precision on CPU, where bf16 autocast is several times slower at the smoke sizes
 AMP = {"cuda": "bf16", "cpu": "off"}

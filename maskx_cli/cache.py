@@ -86,7 +86,8 @@ def plan_cmd(
     parts = lambda d: ", ".join(f"{k} {hours(v)}" for k, v in d.items())  # noqa: E731
     print_paths(plan=p.describe())
     print_paths(rates=f"{t.device}, {t.source}: disk {t.read_mb_s:.0f} MB/s, decode {t.decode_images_s:.1f} images/s per worker, "
-                      f"detector {t.detect_images_s:.2f} images/s, mask side {t.train_rois_s:.0f} RoIs/s",
+                      f"detector {t.detect_images_s:.2f} images/s, mask side {t.train_rois_s:.0f} RoIs/s, "
+                      + (f"streaming reader {t.stream_rois_s:.0f} RoIs/s" if t.stream_rois_s else "streaming reader not measured"),
                 build=f"~{hours(x.build_s)} for {r.image_copies} image copies ({parts(x.build_parts)}): bottleneck {x.build_bottleneck}",
                 training=f"~{hours(x.train_s)} for {p.visits} RoI visits ({parts(x.train_parts)}; "
                          f"{'streamed from disk' if x.streamed else 'read into memory once'}): bottleneck {x.train_bottleneck}")

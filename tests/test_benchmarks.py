@@ -88,10 +88,11 @@ def test_gpu_acceptance_says_what_is_missing_and_skips_what_needs_it(tmp_path):
 
 def test_gpu_check_script_runs_every_benchmark_on_cpu_and_writes_json(tmp_path):
     out, summary = gpu_check(tmp_path, skip="commands")
-    assert summary["ok"] and [s["name"] for s in summary["steps"]] == ["stage2", "inference", "classes", "cache"]
+    names = ["stage2", "inference", "classes", "cache", "coco_projection"]
+    assert summary["ok"] and [s["name"] for s in summary["steps"]] == names
     assert all(s["exit_status"] == 0 for s in summary["steps"])
     assert "torch" in (out / "versions.txt").read_text()
-    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in ("stage2", "inference", "classes", "cache")}
+    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in names}
     for r in reports.values():
         assert r["machine"]["device"] == "cpu" and r["machine"]["torch"]
     routes = [x["route"] for x in reports["stage2"]["settings"][0]["results"]]
@@ -104,6 +105,10 @@ def test_gpu_check_script_runs_every_benchmark_on_cpu_and_writes_json(tmp_path):
     assert reader["two_warm"]["each_row_once"] and reader["two_cold"]["bytes_read"] <= reader["file_bytes"]
     assert build["images"] == 2 and build["inference_images_per_s"] > 0 and build["build_images_per_s"] > 0
     assert not list(out.glob("bench_cache_*"))  # the benchmark's cache files are gone
+    sizes = reports["coco_projection"]  # smoke: the size table's arithmetic only, no rates measured
+    assert sizes["rates"] is None and len(sizes["rows"]) == 12
+    assert [(r["fg_per_image"], r["rois"], r["roi_bytes"]) for r in sizes["rows"][:4]] == [
+        (20, 4_690_640, 52_030), (10, 2_345_320, 101_182), (40, 9_381_280, 52_030), (128, 30_020_096, 101_182)]
 
 
 def test_a_benchmark_asked_for_cuda_without_a_gpu_says_so_in_one_line():

@@ -1,9 +1,10 @@
 """How long a feature cache takes to build and one stage-2 experiment takes to train, from measured rates.
 
-:func:`measure_rates` times, on this machine, the four things a cache's life is made of -- reading
-the disk, decoding an image, the frozen detector (backbone + RPN) on one image, and the mask side
-(forward + backward) on a batch of RoIs -- in seconds, on tiny inputs of the recipe's real shapes
-(random weights: the time does not depend on them). :class:`Rates` can also be read from a JSON file
+:func:`measure_rates` times, on this machine, the five things a cache's life is made of -- reading
+the disk, decoding an image, the frozen detector (backbone + RPN) on one image, the mask side
+(forward + backward) on a batch of RoIs, and the streaming reader's own rate (its CPU work, from the
+page cache) -- in seconds, on tiny inputs of the recipe's real shapes (random weights: the time does
+not depend on them). :class:`Rates` can also be read from a JSON file
 (``maskx cache plan --json`` writes one; ``--rates`` reads it back), e.g. rates measured on a GPU.
 :func:`project` turns a :class:`~pipelines.rois.plan.CachePlan` and rates into times and names the
 bottleneck of each phase.
@@ -12,6 +13,7 @@ bottleneck of each phase.
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.config import DetectorConfig, HeadConfig
+from pipelines.config import CacheConfig, DetectorConfig, HeadConfig
 from pipelines.errors import MaskxError
 from pipelines.rois.plan import CachePlan
 
@@ -34,12 +36,15 @@ class Rates:
     """Per-second rates on one machine: ``read_mb_s`` (the disk, sequential, page cache emptied for the file),
     ``decode_images_s`` (one process decoding JPEGs of COCO's size), ``detect_images_s`` (backbone + RPN of
     the recipe's detector, one image at its input size), ``train_rois_s`` (the recipe's mask side,
-    forward + backward); ``device`` and ``source`` ("measured here in N s" or the file they came from)."""
+    forward + backward), ``stream_rois_s`` (one process's streaming reader from the page cache, in the
+    recipe's storage type: the most a faster disk could give; 0 = not measured, e.g. a rates file written
+    before it was); ``device`` and ``source`` ("measured here in N s" or the file they came from)."""
 
     read_mb_s: float
     decode_images_s: float
     detect_images_s: float
     train_rois_s: float
+    stream_rois_s: float = 0.0
     device: str = "cpu"
     source: str = ""
 
@@ -53,7 +58,11 @@ class Rates:
         if bad:
             raise MaskxError(f"rates file lacks a positive number for {', '.join(bad)} (write one with 'maskx cache plan --json')",
                              source)
-        return cls(*(float(d[k]) for k in rates), device=str(d.get("device", "")), source=str(source))
+        stream = d.get("stream_rois_s", 0.0)
+        if not isinstance(stream, (int, float)) or isinstance(stream, bool) or stream < 0:
+            raise MaskxError(f"rates file's stream_rois_s must be a number >= 0 (0: not measured), got {stream!r}", source)
+        return cls(*(float(d[k]) for k in rates), stream_rois_s=float(stream), device=str(d.get("device", "")),
+                   source=str(source))
 
 
 def _sync(device: torch.device) -> None:
@@ -142,11 +151,61 @@ def measure_train(head: HeadConfig, channels: int, device: torch.device, batch: 
     return batch / _timed(step, 2, device)
 
 
-def measure_rates(det: DetectorConfig, head: HeadConfig, folder: Path, device: torch.device) -> Rates:
-    """All four rates, measured here (a few seconds to a minute on a CPU)."""
+def measure_stream(folder: Path, channels: int, roi_size: int, cache: CacheConfig, batch: int, windows: int = 16) -> float:
+    """RoIs/s one process's streaming reader delivers from the page cache once its batch buffers are reused.
+
+    That is the reader's own limit -- each row's batch slot, its checksum, the copies -- which a faster disk
+    does not raise. Measured on a probe cache written in ``folder`` (removed after): 4 chunks of the rows a
+    large cache streams at a time (``cache.stream_chunk_rows``, 0 = :func:`default_chunk_rows`'s ~16 MiB reads)
+    of the recipe's record shape ``[channels, roi_size, roi_size]`` in ``cache.dtype``, read in batches of
+    ``batch`` with ``cache.reader_threads`` threads and ``cache.shuffle_window``, timed from the first batch
+    into a reused buffer over ``windows`` shuffle windows' rows. A window's batches are completed together
+    and the reader runs up to 2 windows ahead, so a short timing would count batches read before it began;
+    over 16 windows that lead is at most 1/8 of the rows timed (~3 GB read from memory at COCO's records).
+    """
+    from pipelines.rois.store import CHUNK, CacheWriter, layout_of, open_cache
+    from pipelines.rois.streaming import StreamingRoIs, default_chunk_rows
+
+    layout = layout_of(channels, roi_size, cache.dtype)
+    chunk = cache.stream_chunk_rows or default_chunk_rows(2**40, CHUNK, layout.record_bytes)
+    rows, block = 4 * chunk, min(4 * chunk, 256)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(block, channels, roi_size, roi_size, generator=g).relu()
+    masks = (torch.rand(block, 2 * roi_size, 2 * roi_size, generator=g) > 0.5).to(torch.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".maskx-reader-probe-") as tmp:
+        path = Path(tmp) / "features-probe.h5"
+        with CacheWriter(path, "probe", channels, roi_size, cache.dtype, chunk_rows=CHUNK) as w:
+            for a in range(0, rows, block):
+                n = min(block, rows - a)
+                w.append(feats[:n], masks[:n], torch.ones(n, dtype=torch.long))
+            w.attrs.update({"instances": rows})
+        probe = open_cache(path, "probe", cache.reader_threads)
+        if probe is None:
+            raise MaskxError("the reader's probe cache could not be read back", path)
+        src = StreamingRoIs(probe, np.arange(rows), batch, 1, seed=0, window=cache.shuffle_window, chunk_rows=chunk)
+        try:
+            first, steady = src.first_reused_batch, math.ceil(windows * max(1, cache.shuffle_window) * chunk / batch)
+            src.iterations = first + steady
+            for i in range(first):
+                src.batch(i)
+            t0 = time.perf_counter()
+            n = sum(src.batch(i).labels.shape[0] for i in range(first, first + steady))
+            dt = time.perf_counter() - t0
+        finally:
+            src.close()
+            probe.close()
+    return n / dt
+
+
+def measure_rates(det: DetectorConfig, head: HeadConfig, folder: Path, device: torch.device,
+                  cache: CacheConfig | None = None, batch: int = 512) -> Rates:
+    """The rates, measured here (a few seconds to a minute on a CPU); the reader's only with ``cache`` (its
+    storage type, threads and window; ``batch``: RoIs a training step reads)."""
     t0 = time.perf_counter()
+    stream = measure_stream(folder, det.fpn_channels, head.roi_size, cache, batch) if cache is not None else 0.0
     r = Rates(measure_read(folder), measure_decode(), measure_detect(det, device), measure_train(head, det.fpn_channels, device),
-              device=str(device))
+              stream_rois_s=stream, device=str(device))
     r.source = f"measured here in {time.perf_counter() - t0:.0f} s"
     return r
 
@@ -187,13 +246,16 @@ class Projection:
 def project(plan: CachePlan, image_copies: int, rates: Rates, workers: int, ram_budget_gb: float) -> Projection:
     """Times of the build (the image copies decoded in ``workers`` processes, the detector on each, the
     plan's bytes written at the disk's rate) and of training (the plan's RoI visits through the mask side;
-    a cache over ``ram_budget_gb`` is read from disk once per pass, one that fits is read once). The parts
-    of each run side by side (decoding in workers, reads in threads), so the slowest sets the time."""
+    a cache over ``ram_budget_gb`` is read from disk once per pass -- and through the streaming reader, at
+    its own rate when measured --, one that fits is read once). The parts of each run side by side (decoding
+    in workers, reads in threads), so the slowest sets the time."""
     build = {"decode": image_copies / (rates.decode_images_s * max(1, workers)), "compute": image_copies / rates.detect_images_s,
              "disk": plan.bytes / (rates.read_mb_s * 1e6)}
     streamed = plan.rows * plan.roi_bytes > ram_budget_gb * 2**30
     reads = plan.visits if streamed else plan.rows
     train = {"compute": plan.visits / rates.train_rois_s, "disk": reads * plan.roi_bytes / (rates.read_mb_s * 1e6)}
+    if streamed and rates.stream_rois_s > 0:
+        train["reader"] = plan.visits / rates.stream_rois_s
     return Projection(build, train, streamed)
 
 

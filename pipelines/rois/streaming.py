@@ -121,6 +121,13 @@ class StreamingRoIs:
         self._stop = threading.Event()
         self._next = -1
 
+    @property
+    def first_reused_batch(self) -> int:
+        """The first batch drawn into a reused batch buffer. The batches before it each fill fresh memory (the
+        kernel zeroes a page per 4 KiB as rows land), a cost a training run pays once; rates from it on are the
+        reader's steady state."""
+        return self._buffers.keep + 1
+
     def shard(self, epoch: int) -> list[int]:
         """The chunk ids this process reads in ``epoch``, in visiting order."""
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)

@@ -87,7 +87,8 @@ def cache_plan(cfg: MaskTrainConfig, det: DetectorConfig, rates: Rates | None = 
     layout = layout_of(det.fpn_channels, cfg.head.roi_size, cfg.cache.dtype)
     plan = plan_cache(counts, cfg.cache, layout, cfg.cache.rpn_proposals or det.rpn_post_nms_top_n_test,
                       cfg.solver.iterations * cfg.solver.batch_size)
-    rates = rates or measure_rates(det, cfg.head, Path(cfg.cache.dir or folder), resolve_device(cfg.solver.device))
+    rates = rates or measure_rates(det, cfg.head, Path(cfg.cache.dir or folder), resolve_device(cfg.solver.device), cfg.cache,
+                                   cfg.solver.batch_size)
     proj = project(plan, len(counts), rates, cfg.cache.workers, cfg.cache.ram_budget_gb)
     return CachePlanReport(plan, str(cfg.data.train_json), sets.set_a, len(counts), rates, proj,
                            report.warnings(cfg.data.train_json) + sets.warnings)

@@ -255,6 +255,16 @@ def test_cache_plan_prints_rois_bytes_and_the_times_its_rates_give(world, tmp_pa
     assert f"up to {plan.rows} RoIs x {plan.roi_bytes} bytes" in res.output and "bottleneck compute" in res.output
     assert f"build: ~{len(counts) / 2:.0f} s for {len(counts)} image copies" in res.output
     assert "training: ~2 min for 6400 RoI visits" in res.output and "streamed from disk" in res.output
+    assert "streaming reader not measured" in res.output  # a rates file without the reader's rate: no reader part
+    # the streaming reader's rate, when known, is a part of a streamed run: here slower than compute, so the bottleneck
+    (tmp_path / "rates2.json").write_text(json.dumps({"rates": {**rates, "stream_rois_s": 40.0}}))
+    res2 = runner.invoke(app, ["cache", "plan", "--config", "synthetic", "--train-data", world.data_cfg.train_json,
+                               "--rates", str(tmp_path / "rates2.json"), "--json", str(tmp_path / "plan2.json"), *sets])
+    assert res2.exit_code == 0, res2.output
+    x2 = json.loads((tmp_path / "plan2.json").read_text())["projection"]
+    assert x2["train_parts"] == pytest.approx({**x["train_parts"], "reader": 6400 / 40.0})
+    assert x2["train_bottleneck"] == "reader" and "streaming reader 40 RoIs/s" in res2.output
+    assert "training: ~3 min for 6400 RoI visits (compute 2 min, disk" in res2.output and "reader 3 min" in res2.output
     # a rates file without the rates: one line naming it
     (tmp_path / "bad.json").write_text(json.dumps({"read_mb_s": 1.0}))
     bad = runner.invoke(app, ["cache", "plan", "--config", "synthetic", "--train-data", world.data_cfg.train_json,
@@ -263,15 +273,23 @@ def test_cache_plan_prints_rois_bytes_and_the_times_its_rates_give(world, tmp_pa
     assert bad.exit_code == 2 and len(lines) == 1
     assert lines[0] == (f"error: {tmp_path / 'bad.json'}: rates file lacks a positive number for decode_images_s, detect_images_s, "
                         f"train_rois_s (write one with 'maskx cache plan --json')")
+    (tmp_path / "bad2.json").write_text(json.dumps({**rates, "stream_rois_s": -1}))
+    bad2 = runner.invoke(app, ["cache", "plan", "--config", "synthetic", "--train-data", world.data_cfg.train_json,
+                               "--rates", str(tmp_path / "bad2.json")])
+    assert bad2.exit_code == 2 and [x for x in bad2.output.splitlines() if x.strip()] == [
+        f"error: {tmp_path / 'bad2.json'}: rates file's stream_rois_s must be a number >= 0 (0: not measured), got -1"]
 
 
-def test_the_rates_measured_here_are_rates():
-    from pipelines.rois.projection import measure_decode, measure_read
+def test_the_rates_measured_here_are_rates(tmp_path):
+    from pipelines.rois.projection import measure_decode, measure_read, measure_stream
 
     assert measure_decode() > 1.0  # images/s: a 640 x 480 JPEG decodes in well under a second
     assert measure_read(Path(".").resolve() / ".pytest_read_probe", 8 * 2**20) > 1.0  # MB/s
     assert not any((Path(".") / ".pytest_read_probe").iterdir())
     (Path(".") / ".pytest_read_probe").rmdir()
+    for dtype in ("float16", "int8"):  # the streaming reader on a probe of 4 chunks of 64 small rows, batches of 32
+        assert measure_stream(tmp_path, 16, 7, CacheConfig(dtype=dtype, stream_chunk_rows=64), 32, windows=2) > 100.0  # RoIs/s
+    assert list(tmp_path.iterdir()) == []  # the probe cache is removed
 
 
 def test_budget_settings_out_of_range_are_one_line_naming_the_key():
