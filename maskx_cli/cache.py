@@ -45,6 +45,9 @@ def info_cmd(path: Annotated[Path, typer.Argument(help="A cache file (features-<
 
     if not path.is_file():
         raise MaskxError("cache file not found", path)
+    if path.suffix == ".rows":
+        raise MaskxError(f"this is a cache's row file (the rows only): describe its description file instead, "
+                         f"{path.with_suffix('.h5').name}", path)
     cache = open_cache(path, None)
     if cache is None:
         raise MaskxError("not a complete maskx feature cache (partial, corrupt or another format): delete it; "

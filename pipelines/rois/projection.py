@@ -37,14 +37,15 @@ class Rates:
     ``decode_images_s`` (one process decoding JPEGs of COCO's size), ``detect_images_s`` (backbone + RPN of
     the recipe's detector, one image at its input size), ``train_rois_s`` (the recipe's mask side,
     forward + backward), ``stream_rois_s`` (one process's streaming reader from the page cache, in the
-    recipe's storage type: the most a faster disk could give; 0 = not measured, e.g. a rates file written
-    before it was); ``device`` and ``source`` ("measured here in N s" or the file they came from)."""
+    recipe's storage type ``stream_dtype``: the most a faster disk could give; 0 = not measured, e.g. a rates
+    file written before it was); ``device`` and ``source`` ("measured here in N s" or the file they came from)."""
 
     read_mb_s: float
     decode_images_s: float
     detect_images_s: float
     train_rois_s: float
     stream_rois_s: float = 0.0
+    stream_dtype: str = ""
     device: str = "cpu"
     source: str = ""
 
@@ -53,16 +54,22 @@ class Rates:
         """Rates from a mapping (a ``cache plan --json`` report's ``rates``, or the rates themselves) read from
         ``source``; MaskxError naming it when a rate is missing or not a positive number."""
         d = d.get("rates", d) if isinstance(d, dict) else {}
+        d = d if isinstance(d, dict) else {}
         rates = ("read_mb_s", "decode_images_s", "detect_images_s", "train_rois_s")
-        bad = [k for k in rates if not isinstance(d.get(k), (int, float)) or isinstance(d.get(k), bool) or d[k] <= 0]
+        bad = [k for k in rates if not _finite(d.get(k)) or d[k] <= 0]
         if bad:
-            raise MaskxError(f"rates file lacks a positive number for {', '.join(bad)} (write one with 'maskx cache plan --json')",
+            raise MaskxError(f"rates file needs a positive number for {', '.join(bad)} (write one with 'maskx cache plan --json')",
                              source)
         stream = d.get("stream_rois_s", 0.0)
-        if not isinstance(stream, (int, float)) or isinstance(stream, bool) or stream < 0:
+        if not _finite(stream) or stream < 0:
             raise MaskxError(f"rates file's stream_rois_s must be a number >= 0 (0: not measured), got {stream!r}", source)
-        return cls(*(float(d[k]) for k in rates), stream_rois_s=float(stream), device=str(d.get("device", "")),
-                   source=str(source))
+        return cls(*(float(d[k]) for k in rates), stream_rois_s=float(stream), stream_dtype=str(d.get("stream_dtype", "")),
+                   device=str(d.get("device") or "unknown device"), source=str(source))
+
+
+def _finite(x) -> bool:
+    """A real number (not a bool, NaN or infinity)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _sync(device: torch.device) -> None:
@@ -205,7 +212,7 @@ def measure_rates(det: DetectorConfig, head: HeadConfig, folder: Path, device: t
     t0 = time.perf_counter()
     stream = measure_stream(folder, det.fpn_channels, head.roi_size, cache, batch) if cache is not None else 0.0
     r = Rates(measure_read(folder), measure_decode(), measure_detect(det, device), measure_train(head, det.fpn_channels, device),
-              stream_rois_s=stream, device=str(device))
+              stream_rois_s=stream, stream_dtype=cache.dtype if cache is not None else "", device=str(device))
     r.source = f"measured here in {time.perf_counter() - t0:.0f} s"
     return r
 

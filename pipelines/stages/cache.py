@@ -77,7 +77,7 @@ def cache_plan(cfg: MaskTrainConfig, det: DetectorConfig, rates: Rates | None = 
     """
     check_cache_config(cfg.cache)
     if not cfg.data.train_json:
-        raise MaskxError("no annotation file to plan a cache for: give --train-data or data.train_json", key="data.train_json")
+        raise MaskxError("no annotation file to plan a cache for: give data.train_json", key="data.train_json")
     data, report = load_split(cfg.data.train_json, "train")
     sets = training_sets(cfg.data.mask_classes, trains_every_class(cfg.head.head), data["categories"], data, cfg.data.train_json)
     wanted = None if cfg.cache.classes == "all" else sets.train_classes
@@ -90,5 +90,8 @@ def cache_plan(cfg: MaskTrainConfig, det: DetectorConfig, rates: Rates | None = 
     rates = rates or measure_rates(det, cfg.head, Path(cfg.cache.dir or folder), resolve_device(cfg.solver.device), cfg.cache,
                                    cfg.solver.batch_size)
     proj = project(plan, len(counts), rates, cfg.cache.workers, cfg.cache.ram_budget_gb)
-    return CachePlanReport(plan, str(cfg.data.train_json), sets.set_a, len(counts), rates, proj,
-                           report.warnings(cfg.data.train_json) + sets.warnings)
+    warnings = report.warnings(cfg.data.train_json) + sets.warnings
+    if rates.stream_rois_s and rates.stream_dtype and rates.stream_dtype != cfg.cache.dtype:
+        warnings.append(f"{rates.source}: the streaming reader's rate was measured for {rates.stream_dtype} storage, this plan "
+                        f"stores {cfg.cache.dtype}: its reader time is approximate (measure the rates with cache.dtype={cfg.cache.dtype})")
+    return CachePlanReport(plan, str(cfg.data.train_json), sets.set_a, len(counts), rates, proj, warnings)

@@ -271,7 +271,7 @@ def test_cache_plan_prints_rois_bytes_and_the_times_its_rates_give(world, tmp_pa
                               "--rates", str(tmp_path / "bad.json")])
     lines = [x for x in bad.output.splitlines() if x.strip()]
     assert bad.exit_code == 2 and len(lines) == 1
-    assert lines[0] == (f"error: {tmp_path / 'bad.json'}: rates file lacks a positive number for decode_images_s, detect_images_s, "
+    assert lines[0] == (f"error: {tmp_path / 'bad.json'}: rates file needs a positive number for decode_images_s, detect_images_s, "
                         f"train_rois_s (write one with 'maskx cache plan --json')")
     (tmp_path / "bad2.json").write_text(json.dumps({**rates, "stream_rois_s": -1}))
     bad2 = runner.invoke(app, ["cache", "plan", "--config", "synthetic", "--train-data", world.data_cfg.train_json,
@@ -301,3 +301,43 @@ def test_budget_settings_out_of_range_are_one_line_naming_the_key():
         with pytest.raises(MaskxError) as e:
             check_cache_config(CacheConfig(**kw))
         assert e.value.message == line and e.value.key == line.split(" ")[0]
+
+
+def test_rates_files_that_are_not_finite_positive_numbers_are_one_line_and_a_reader_rate_of_another_dtype_is_said(world, tmp_path):
+    from maskx_cli.main import app
+
+    runner = CliRunner(env={"MASKX_CONSOLE_WIDTH": "300"})
+    good = {"read_mb_s": 100.0, "decode_images_s": 10.0, "detect_images_s": 1.0, "train_rois_s": 5.0}
+
+    def plan(rates, *extra):
+        (tmp_path / "r.json").write_text(rates if isinstance(rates, str) else json.dumps(rates))
+        res = runner.invoke(app, ["cache", "plan", "--config", "synthetic", "--train-data", world.data_cfg.train_json,
+                                  "--rates", str(tmp_path / "r.json"), *extra])
+        return res.exit_code, [x for x in res.output.splitlines() if x.strip()]
+
+    need = f"error: {tmp_path / 'r.json'}: rates file needs a positive number for "
+    assert plan({"rates": None}) == (2, [need + "read_mb_s, decode_images_s, detect_images_s, train_rois_s "
+                                                "(write one with 'maskx cache plan --json')"])
+    assert plan('{"read_mb_s": 100, "decode_images_s": 10, "detect_images_s": 1, "train_rois_s": NaN}') == (
+        2, [need + "train_rois_s (write one with 'maskx cache plan --json')"])
+    code, lines = plan({**good, "stream_rois_s": float("inf")})
+    assert code == 2 and lines == [f"error: {tmp_path / 'r.json'}: rates file's stream_rois_s must be a number >= 0 (0: not "
+                                   f"measured), got inf"]
+    code, lines = plan({**good, "stream_rois_s": 1000.0, "stream_dtype": "float16"}, "--set", "cache.dtype=int8")
+    assert code == 0 and lines[0] == (f"warning: {tmp_path / 'r.json'}: the streaming reader's rate was measured for float16 "
+                                      f"storage, this plan stores int8: its reader time is approximate (measure the rates with "
+                                      f"cache.dtype=int8)")
+    assert any(x.startswith(f"rates: unknown device, {tmp_path / 'r.json'}: ") for x in lines)  # no device in the file
+    code, lines = plan({**good, "stream_rois_s": 1000.0, "stream_dtype": "int8"}, "--set", "cache.dtype=int8")
+    assert code == 0 and not any(x.startswith("warning") for x in lines)
+
+
+def test_cache_info_on_the_row_file_names_the_description_file(tmp_path):
+    from maskx_cli.main import app
+
+    rows = tmp_path / "features-0123.rows"
+    rows.write_bytes(b"\0" * 64)
+    res = CliRunner(env={"MASKX_CONSOLE_WIDTH": "300"}).invoke(app, ["cache", "info", str(rows)])
+    assert res.exit_code == 2 and [x for x in res.output.splitlines() if x.strip()] == [
+        f"error: {rows}: this is a cache's row file (the rows only): describe its description file instead, features-0123.h5"]
+    assert rows.read_bytes() == b"\0" * 64  # untouched
