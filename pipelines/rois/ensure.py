@@ -26,7 +26,7 @@ from pipelines.rois.build import build_cache
 from pipelines.rois.extract import proposals_per_image
 from pipelines.rois.instances import cache_dataset, instance_counts
 from pipelines.rois.plan import plan_cache
-from pipelines.rois.sampling import SAMPLINGS, sampling_settings
+from pipelines.rois.sampling import SAMPLINGS, fg_per_image, sampling_settings
 from pipelines.rois.store import STORAGES, VERSION, FeatureCache, inspect_cache, layout_of, open_cache
 
 CACHE_SEED = 0  # RoI sampling of the cache: fixed, so a cache's content is a function of its key
@@ -84,6 +84,10 @@ def check_cache_config(cfg: CacheConfig) -> None:
     for key in ("fg_fraction", "min_iou"):
         if not 0 < getattr(cfg, key) <= 1:
             bad(key, f"must be in (0, 1], got {getattr(cfg, key):g}")
+    draw = fg_per_image(cfg.rois_per_image, cfg.fg_fraction)
+    if cfg.sampling == "detectron" and cfg.fg_per_image > draw:  # the draw never gives more: say so, do not clamp quietly
+        bad("fg_per_image", f"must be at most the foreground RoIs the draw gives an image copy, round(cache.fg_fraction x "
+                            f"cache.rois_per_image) = {draw}, got {cfg.fg_per_image} (raise cache.rois_per_image for more)")
 
 
 def find_superset(folder: Path, settings: str, class_ids: list[int], threads: int = 4) -> FeatureCache | None:

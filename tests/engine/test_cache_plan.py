@@ -297,7 +297,10 @@ def test_budget_settings_out_of_range_are_one_line_naming_the_key():
 
     for kw, line in [({"max_gb": -1.0}, "cache.max_gb must be 0 (no budget) or more, got -1"),
                      ({"fg_per_image": -2}, "cache.fg_per_image must be 0 (as many as cache.max_gb holds) or more, got -2"),
-                     ({"dtype": "int4"}, "cache.dtype must be float16, float32, int8, float8, got 'int4'")]:
+                     ({"dtype": "int4"}, "cache.dtype must be float16, float32, int8, float8, got 'int4'"),
+                     ({"sampling": "detectron", "fg_per_image": 200},
+                      "cache.fg_per_image must be at most the foreground RoIs the draw gives an image copy, round(cache.fg_fraction "
+                      "x cache.rois_per_image) = 128, got 200 (raise cache.rois_per_image for more)")]:
         with pytest.raises(MaskxError) as e:
             check_cache_config(CacheConfig(**kw))
         assert e.value.message == line and e.value.key == line.split(" ")[0]
