@@ -17,10 +17,11 @@ Targets: stream cold >= 0.8 x dd cold; 2 processes ~ 2x one process's rows/s whe
 the limit (warm).
 
 Each stream route is also reported from the batch on which the reader's batch buffers are reused
-(``steady``): a fresh buffer costs a page fault per 4 KiB on first touch (~50 us per float16 RoI on
-the 2-core benchmark machine), paid once per buffer of the pool (about 9 batches) in a training run
-but on most of the batches of a short benchmark epoch. Use ``--gb 2`` or more so that the steady part
-is long enough.
+(``steady``, from ``StreamingRoIs.first_reused_batch``): a fresh buffer costs a page fault per 4 KiB on
+first touch (about 80 against 30 us of CPU per float16 RoI on the 2-core benchmark machine), paid once per
+buffer of the pool (~15 batches at COCO's record size and batch of 512) in a training run but on a large
+share of the batches of a short benchmark epoch. Use ``--gb 2`` or more (4 with two processes) so that the
+steady part is long enough.
 
 Build (``--build-images`` synthetic images of ``--size`` px in the real COCO format, R-50-FPN with
 random weights, ``--build-batch`` images per detector batch):
@@ -53,22 +54,11 @@ import torch
 from _common import ROOT, add_device_arg, machine, pick_device, print_table, sync, write_report  # noqa: E402
 from pipelines.config import CacheConfig, DetectorConfig  # noqa: E402
 from pipelines.rois.build import build_cache  # noqa: E402
-from pipelines.rois.store import CacheWriter, layout_of, open_cache  # noqa: E402
+from pipelines.rois.projection import write_random_cache  # noqa: E402
+from pipelines.rois.store import layout_of, open_cache  # noqa: E402
 from pipelines.rois.streaming import StreamingRoIs  # noqa: E402
 
 C, S = 256, 14  # COCO's FPN channels and RoIAlign size
-
-
-def write_rows(path: Path, rows: int, dtype: str = "float16", block: int = 512) -> None:
-    """A cache of ``rows`` COCO-shaped RoIs stored as ``dtype``; feature bytes are random (as incompressible as real ones)."""
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(block, C, S, S, generator=g).relu().half()
-    masks = (torch.rand(block, 2 * S, 2 * S, generator=g) > 0.5).to(torch.uint8)
-    with CacheWriter(path, "bench", C, S, dtype) as w:
-        for a in range(0, rows, block):
-            n = min(block, rows - a)
-            w.append(feats[:n], masks[:n], torch.randint(1, 81, (n,), generator=g))
-        w.attrs.update({"instances": rows})
 
 
 DROP = {"how": "auto"}
@@ -151,7 +141,7 @@ def reader(args, work: Path) -> dict:
     rows = int(args.gb * 1e9 / rec)
     path = work / "features-bench.h5"
     t0 = time.perf_counter()
-    write_rows(path, rows, args.dtype)
+    write_random_cache(path, "bench", rows, C, S, args.dtype, block=512)
     write_s = time.perf_counter() - t0
     rows_file = path.with_suffix(".rows")
     size = rows_file.stat().st_size

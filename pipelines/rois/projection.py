@@ -158,6 +158,22 @@ def measure_train(head: HeadConfig, channels: int, device: torch.device, batch: 
     return batch / _timed(step, 2, device)
 
 
+def write_random_cache(path: Path, key: str, rows: int, channels: int, roi_size: int, dtype: str, block: int = 256) -> None:
+    """A cache of ``rows`` RoIs of shape ``[channels, roi_size, roi_size]`` stored as ``dtype``, with random features
+    (as incompressible as real ones), random masks and random labels in 1..80: what reading speeds are timed on."""
+    from pipelines.rois.store import CHUNK, CacheWriter
+
+    g = torch.Generator().manual_seed(0)
+    block = min(block, rows)
+    feats = torch.randn(block, channels, roi_size, roi_size, generator=g).relu()
+    masks = (torch.rand(block, 2 * roi_size, 2 * roi_size, generator=g) > 0.5).to(torch.uint8)
+    with CacheWriter(path, key, channels, roi_size, dtype, chunk_rows=CHUNK) as w:
+        for a in range(0, rows, block):
+            n = min(block, rows - a)
+            w.append(feats[:n], masks[:n], torch.randint(1, 81, (n,), generator=g))
+        w.attrs.update({"instances": rows})
+
+
 def measure_stream(folder: Path, channels: int, roi_size: int, cache: CacheConfig, batch: int, windows: int = 16) -> float:
     """RoIs/s one process's streaming reader delivers from the page cache once its batch buffers are reused.
 
@@ -170,23 +186,16 @@ def measure_stream(folder: Path, channels: int, roi_size: int, cache: CacheConfi
     and the reader runs up to 2 windows ahead, so a short timing would count batches read before it began;
     over 16 windows that lead is at most 1/8 of the rows timed (~3 GB read from memory at COCO's records).
     """
-    from pipelines.rois.store import CHUNK, CacheWriter, layout_of, open_cache
+    from pipelines.rois.store import CHUNK, layout_of, open_cache
     from pipelines.rois.streaming import StreamingRoIs, default_chunk_rows
 
     layout = layout_of(channels, roi_size, cache.dtype)
     chunk = cache.stream_chunk_rows or default_chunk_rows(2**40, CHUNK, layout.record_bytes)
-    rows, block = 4 * chunk, min(4 * chunk, 256)
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(block, channels, roi_size, roi_size, generator=g).relu()
-    masks = (torch.rand(block, 2 * roi_size, 2 * roi_size, generator=g) > 0.5).to(torch.uint8)
+    rows = 4 * chunk
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".maskx-reader-probe-") as tmp:
         path = Path(tmp) / "features-probe.h5"
-        with CacheWriter(path, "probe", channels, roi_size, cache.dtype, chunk_rows=CHUNK) as w:
-            for a in range(0, rows, block):
-                n = min(block, rows - a)
-                w.append(feats[:n], masks[:n], torch.ones(n, dtype=torch.long))
-            w.attrs.update({"instances": rows})
+        write_random_cache(path, "probe", rows, channels, roi_size, cache.dtype)
         probe = open_cache(path, "probe", cache.reader_threads)
         if probe is None:
             raise MaskxError("the reader's probe cache could not be read back", path)
